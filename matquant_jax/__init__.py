@@ -1,0 +1,1 @@
+"""Matryoshka Quantization (MatQuant) in JAX/Flax."""

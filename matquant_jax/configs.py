@@ -1,0 +1,63 @@
+"""The base experiment config; every config file starts from it and is checked against it."""
+
+from __future__ import annotations
+
+import ml_collections
+
+RUN_FIELDS = {'name', 'label', 'objective', 'lambdas', 'parent_bits', 'extra_precision'}
+
+
+def optimizer(learning_rate: float, warmup_steps: int) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(learning_rate=learning_rate, warmup_steps=warmup_steps,
+                                        end_lr_fraction=0.1, grad_clip=1.0, weight_decay=0.0))
+
+
+def run(name: str, label: str, objective: str, lambdas=None, parent_bits: int = 8,
+        extra_precision: bool = False) -> dict:
+  """One QAT run of the study; all start from the same pretrained float model."""
+  return dict(name=name, label=label, objective=objective, lambdas=lambdas,
+              parent_bits=parent_bits, extra_precision=extra_precision)
+
+
+def baseline(bits: int) -> dict:
+  """QAT for one precision: a `bits`-bit min-max quantizer (parent_bits = bits)."""
+  return run(f'baseline_int{bits}', 'Baseline', str(bits), (1.0,), parent_bits=bits)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The default study: small Gemma-2 on Shakespeare, baselines 8/4/2 and MatQuant [8,4,2]."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data = dict(name='shakespeare_plays', data_dir='~/.cache/matquant_jax', vocab_size=2048,
+                seq_len=128, batch_size=16, eval_batch_size=16, eval_batches=24)
+  c.model = dict(num_layers=4, embed_dim=128, hidden_dim=512, num_heads=4, head_dim=32,
+                 num_kv_heads=2, sliding_window_size=64, dtype='float32')
+  c.pretrain = dict(steps=800, trainable='all', checkpoint_every=200, log_every=20,
+                    optimizer=optimizer(3e-3, 50))
+  c.qat = dict(steps=250, trainable='ffn', checkpoint_every=250, log_every=10,
+               optimizer=optimizer(3e-4, 25),
+               quant=dict(group_size=None, targets=('ffn',)))
+  c.runs = [baseline(8), baseline(4), baseline(2),
+            run('matquant', 'MatQuant', '8,4,2', (0.1, 0.1, 1.0))]
+  c.eval = dict(bits=(8, 6, 4, 3, 2), mixnmatch={'pyramid': (2, 8, 8, 2), 'pyramid_3bit': (2, 4, 4, 2)})
+  return c
+
+
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first field that the base config does not know."""
+  def walk(got, ref, prefix):
+    for key in got:
+      path = f'{prefix}{key}'
+      if key not in ref:
+        raise ValueError(f'unknown config field {path!r}; known fields here: {sorted(ref)}')
+      if isinstance(ref[key], (dict, ml_collections.ConfigDict)) and key != 'mixnmatch':
+        walk(got[key], ref[key], path + '.')
+  walk(cfg, base_config(), '')
+  names = set()
+  for r in cfg.runs:
+    unknown = set(r) - RUN_FIELDS
+    if unknown:
+      raise ValueError(f'unknown field(s) {sorted(unknown)} in run {r.get("name")!r}; known: {sorted(RUN_FIELDS)}')
+    if r['name'] in names or r['name'] == 'float':
+      raise ValueError(f'run name {r["name"]!r} is repeated or reserved')
+    names.add(r['name'])

@@ -1,0 +1,88 @@
+"""From a TFDS text dataset to deterministic token batches.
+
+Each split is tokenized once into one stream (BOS doc EOS BOS doc EOS ...),
+cached as .npy. Training batches are random windows chosen by (seed, step),
+so a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import sentencepiece as spm
+import tensorflow_datasets as tfds
+
+from matquant_jax.data import shakespeare, tokenizer as tok_lib
+from matquant_jax.models.gemma import BOS_ID, EOS_ID
+
+LOCAL_BUILDERS = {'shakespeare_plays': shakespeare.ShakespearePlays}
+
+
+@dataclasses.dataclass
+class TokenData:
+  train: np.ndarray
+  validation: np.ndarray
+  tokenizer: spm.SentencePieceProcessor
+
+
+def load_split_texts(name: str, data_dir: str, split: str) -> list[str]:
+  """The 'text' field of every example of a TFDS split (prepared as array_record)."""
+  if name in LOCAL_BUILDERS:
+    builder = LOCAL_BUILDERS[name](data_dir=data_dir, file_format='array_record')
+  else:
+    builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
+  tfds.disable_progress_bar()
+  builder.download_and_prepare()
+  source = builder.as_data_source(split=split)
+  texts = [source[i]['text'] for i in range(len(source))]
+  return [t.decode('utf-8') if isinstance(t, bytes) else t for t in texts]
+
+
+def load_tokens(name: str, data_dir: str, vocab_size: int) -> TokenData:
+  """Builds (once) the dataset, the tokenizer on its train split, and token streams."""
+  data_dir = os.path.abspath(os.path.expanduser(data_dir))
+  prefix = os.path.join(data_dir, 'tokens', f'{name.replace("/", "_")}_spm{vocab_size}')
+  texts = {}
+  def texts_of(split):
+    if split not in texts:
+      texts[split] = load_split_texts(name, data_dir, split)
+    return texts[split]
+  sp = tok_lib.train_or_load(prefix + '.model', (t for t in texts_of('train')), vocab_size)
+  streams = {}
+  for split in ('train', 'validation'):
+    path = f'{prefix}_{split}.npy'
+    if not os.path.exists(path):
+      ids = sp.encode(texts_of(split))
+      stream = np.concatenate([np.array([BOS_ID] + d + [EOS_ID], np.int32) for d in ids])
+      tmp = path + '.tmp.npy'
+      np.save(tmp, stream)
+      os.replace(tmp, path)
+    streams[split] = np.load(path)
+  return TokenData(streams['train'], streams['validation'], sp)
+
+
+def train_batch(stream: np.ndarray, step: int, batch_size: int, seq_len: int, seed: int) -> np.ndarray:
+  """[batch_size, seq_len + 1] random windows, a pure function of (seed, step)."""
+  if len(stream) <= seq_len + 1:
+    raise ValueError(f'token stream of {len(stream)} tokens is shorter than seq_len + 1 = {seq_len + 1}')
+  rng = np.random.default_rng([seed, step])
+  starts = rng.integers(0, len(stream) - seq_len - 1, size=batch_size)
+  return np.stack([stream[s:s + seq_len + 1] for s in starts])
+
+
+def eval_batches(stream: np.ndarray, batch_size: int, seq_len: int,
+                 max_batches: int | None = None) -> list[np.ndarray]:
+  """Consecutive non-overlapping [batch_size, seq_len + 1] windows from the start of the stream."""
+  n = (len(stream) - 1) // seq_len // batch_size
+  if max_batches is not None:
+    n = min(n, max_batches)
+  if n == 0:
+    raise ValueError(f'validation stream of {len(stream)} tokens gives no full batch of {batch_size}x{seq_len}')
+  out = []
+  for b in range(n):
+    rows = [stream[(b * batch_size + i) * seq_len:(b * batch_size + i + 1) * seq_len + 1]
+            for i in range(batch_size)]
+    out.append(np.stack(rows))
+  return out

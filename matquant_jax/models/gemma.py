@@ -1,0 +1,240 @@
+"""Gemma-2 in Flax linen, with parameter names and shapes of the official checkpoints.
+
+Read top to bottom: config, RoPE, norm, embedder, attention, feed-forward,
+block, transformer. FFN einsums (and, with QuantSpec.targets, attention
+projections) go through `qeinsum.einsum`, so the precision is chosen per call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from matquant_jax import qeinsum
+from matquant_jax.qeinsum import QuantSpec
+
+PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
+K_MASK = -2.3819763e38  # the official large negative mask value
+
+
+class AttentionType(enum.Enum):
+  GLOBAL = 1
+  LOCAL_SLIDING = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Gemma-2 hyperparameters (names follow the official `TransformerConfig`)."""
+  num_layers: int
+  num_embed: int
+  embed_dim: int
+  hidden_dim: int
+  num_heads: int
+  head_dim: int
+  num_kv_heads: int
+  sliding_window_size: int = 4096
+  attn_logits_soft_cap: float | None = 50.0
+  final_logit_softcap: float | None = 30.0
+  query_pre_attn_scalar: float | None = None  # default head_dim**-0.5
+  transpose_gating_einsum: bool = False
+  rope_base: float = 10_000.0
+  dtype: str = 'float32'  # activation dtype; parameters stay float32
+
+  @property
+  def attention_types(self) -> tuple[AttentionType, ...]:
+    """Even layers local sliding window, odd layers global."""
+    pattern = (AttentionType.LOCAL_SLIDING, AttentionType.GLOBAL)
+    return tuple(pattern[i % 2] for i in range(self.num_layers))
+
+  @property
+  def query_scale(self) -> float:
+    return self.query_pre_attn_scalar or self.head_dim**-0.5
+
+  @classmethod
+  def gemma2_2b(cls, **kw) -> 'TransformerConfig':
+    return cls(num_layers=26, num_embed=256128, embed_dim=2304, hidden_dim=9216,
+               num_heads=8, head_dim=256, num_kv_heads=4, **kw)
+
+  @classmethod
+  def gemma2_9b(cls, **kw) -> 'TransformerConfig':
+    return cls(num_layers=42, num_embed=256128, embed_dim=3584, hidden_dim=14336,
+               num_heads=16, head_dim=256, num_kv_heads=8, transpose_gating_einsum=True, **kw)
+
+  @classmethod
+  def gemma2_27b(cls, **kw) -> 'TransformerConfig':
+    return cls(num_layers=46, num_embed=256128, embed_dim=4608, hidden_dim=36864,
+               num_heads=32, head_dim=128, num_kv_heads=16, transpose_gating_einsum=True,
+               query_pre_attn_scalar=(4608 // 32)**-0.5, **kw)
+
+  @classmethod
+  def tiny(cls, num_embed: int = 256, **kw) -> 'TransformerConfig':
+    """A few-thousand-parameter model for unit tests."""
+    base = dict(num_layers=2, num_embed=num_embed, embed_dim=32, hidden_dim=64,
+                num_heads=4, head_dim=8, num_kv_heads=2, sliding_window_size=4)
+    return cls(**{**base, **kw})
+
+  @classmethod
+  def small(cls, num_embed: int = 2048, **kw) -> 'TransformerConfig':
+    """The embedded default: a small Gemma-2-architecture model that trains on 2 CPU cores."""
+    base = dict(num_layers=4, num_embed=num_embed, embed_dim=128, hidden_dim=512,
+                num_heads=4, head_dim=32, num_kv_heads=2, sliding_window_size=64)
+    return cls(**{**base, **kw})
+
+
+def fan_in_init(shape, reduce_axes):
+  """normal(1/sqrt(fan_in)), fan_in = product of the contraction axes (for training from scratch)."""
+  fan_in = 1
+  for a in reduce_axes:
+    fan_in *= shape[a]
+  return nn.initializers.normal(stddev=fan_in**-0.5)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+  """Half-split rotary embedding. x: [B, T, N, H], positions: [B, T]."""
+  half = x.shape[-1] // 2
+  timescale = base ** (2 * jnp.arange(half) / x.shape[-1])
+  angle = positions[..., None, None].astype(jnp.float32) / timescale
+  sin, cos = jnp.sin(angle), jnp.cos(angle)
+  x1, x2 = x[..., :half], x[..., half:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+  """x * rsqrt(mean(x^2) + 1e-6) * (1 + scale)."""
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param('scale', nn.initializers.zeros_init(), (x.shape[-1],))
+    var = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
+    y = x.astype(jnp.float32) * jax.lax.rsqrt(var + 1e-6)
+    return (y * (1 + scale)).astype(x.dtype)
+
+
+class Embedder(nn.Module):
+  """Token embedding, scaled by sqrt(D); also the tied output projection."""
+  vocab_size: int
+  embed_dim: int
+
+  def setup(self):
+    self.input_embedding = self.param('input_embedding', nn.initializers.normal(self.embed_dim**-0.5),
+                                      (self.vocab_size, self.embed_dim))
+
+  def encode(self, tokens, dtype):
+    x = self.input_embedding[tokens].astype(dtype)
+    return x * jnp.sqrt(self.embed_dim).astype(dtype)
+
+  def decode(self, x):
+    return jnp.dot(x, self.input_embedding.T.astype(x.dtype))
+
+
+class Einsum(nn.Module):
+  """A weight 'w' of a given shape, applied through the quantized-einsum path."""
+  shape: tuple[int, ...]
+  reduce_axes: tuple[int, ...]
+
+  @nn.compact
+  def __call__(self, eqn, x, bits=None, spec=None):
+    w = self.param('w', fan_in_init(self.shape, self.reduce_axes), self.shape)
+    return qeinsum.einsum(eqn, x, w, reduce_axes=self.reduce_axes, bits=bits, spec=spec)
+
+
+class Attention(nn.Module):
+  """Grouped-query attention with logit soft cap and optional sliding window."""
+  config: TransformerConfig
+  attn_type: AttentionType
+
+  @nn.compact
+  def __call__(self, x, positions, mask, bits=None, spec=None):
+    c = self.config
+    if spec is None or 'attn' not in spec.targets:
+      bits = None
+    n, k, d, h = c.num_heads, c.num_kv_heads, c.embed_dim, c.head_dim
+    if n == k:
+      qkv = Einsum((3, n, d, h), (2,), name='qkv_einsum')('BTD,SNDH->SBTNH', x, bits, spec)
+      q, key, value = qkv[0], qkv[1], qkv[2]
+    else:
+      q = Einsum((n, d, h), (1,), name='q_einsum')('BTD,NDH->BTNH', x, bits, spec)
+      kv = Einsum((2, k, d, h), (2,), name='kv_einsum')('BSD,CKDH->CBSKH', x, bits, spec)
+      key, value = kv[0], kv[1]
+    q = apply_rope(q, positions, c.rope_base) * jnp.asarray(c.query_scale, x.dtype)
+    key = apply_rope(key, positions, c.rope_base)
+
+    b, t = x.shape[:2]
+    qg = q.reshape(b, t, k, n // k, h)
+    logits = jnp.einsum('BTKGH,BSKH->BTKGS', qg, key).reshape(b, t, n, t).astype(jnp.float32)
+    if c.attn_logits_soft_cap is not None:
+      logits = jnp.tanh(logits / c.attn_logits_soft_cap) * c.attn_logits_soft_cap
+    if self.attn_type == AttentionType.LOCAL_SLIDING:
+      dist = positions[:, :, None] - positions[:, None, :]
+      mask = mask & (dist < c.sliding_window_size)
+    logits = jnp.where(mask[:, :, None, :], logits, K_MASK)
+    probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
+    probs = probs.reshape(b, t, k, n // k, t)
+    encoded = jnp.einsum('BTKGS,BSKH->BTKGH', probs, value).reshape(b, t, n, h)
+    return Einsum((n, h, d), (0, 1), name='attn_vec_einsum')('BTNH,NHD->BTD', encoded, bits, spec)
+
+
+class FeedForward(nn.Module):
+  """GeGLU (tanh GELU): gate 0 is the GELU branch, gate 1 the linear branch."""
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x, bits=None, spec=None):
+    c = self.config
+    if spec is None or 'ffn' not in spec.targets:
+      bits = None
+    if c.transpose_gating_einsum:
+      shape, eqn, axes = (2, c.hidden_dim, c.embed_dim), 'BTD,FHD->FBTH', (2,)
+    else:
+      shape, eqn, axes = (2, c.embed_dim, c.hidden_dim), 'BTD,FDH->FBTH', (1,)
+    w = self.param('gating_einsum', fan_in_init(shape, axes), shape)
+    gate = qeinsum.einsum(eqn, x, w, reduce_axes=axes, bits=bits, spec=spec)
+    hidden = jax.nn.gelu(gate[0], approximate=True) * gate[1]
+    w_out = self.param('linear', fan_in_init((c.hidden_dim,), (0,)), (c.hidden_dim, c.embed_dim))
+    return qeinsum.einsum('BTH,HD->BTD', hidden, w_out, reduce_axes=(0,), bits=bits, spec=spec)
+
+
+class Block(nn.Module):
+  """h = x + post_attn_norm(attn(pre_attn_norm(x))); out = h + post_ffw_norm(mlp(pre_ffw_norm(h)))."""
+  config: TransformerConfig
+  attn_type: AttentionType
+
+  @nn.compact
+  def __call__(self, x, positions, mask, bits=None, spec=None):
+    a = RMSNorm(name='pre_attention_norm')(x)
+    a = Attention(self.config, self.attn_type, name='attn')(a, positions, mask, bits, spec)
+    x = x + RMSNorm(name='post_attention_norm')(a)
+    f = RMSNorm(name='pre_ffw_norm')(x)
+    f = FeedForward(self.config, name='mlp')(f, bits, spec)
+    return x + RMSNorm(name='post_ffw_norm')(f)
+
+
+class Transformer(nn.Module):
+  """Gemma-2 decoder. `apply({'params': p}, tokens, quant=QuantSpec(...))` gives logits."""
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+               quant: QuantSpec | None = None) -> jax.Array:
+    c = self.config
+    dtype = jnp.dtype(c.dtype)
+    b, t = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    causal = positions[:, :, None] >= positions[:, None, :]
+    mask = causal & (tokens != PAD_ID)[:, None, :]
+    embedder = Embedder(c.num_embed, c.embed_dim, name='embedder')
+    x = embedder.encode(tokens, dtype)
+    for i, attn_type in enumerate(c.attention_types):
+      bits = quant.bits_for(i, c.num_layers) if quant is not None else None
+      x = Block(c, attn_type, name=f'layer_{i}')(x, positions, mask, bits, quant)
+    x = RMSNorm(name='final_norm')(x)
+    logits = embedder.decode(x).astype(jnp.float32)
+    if c.final_logit_softcap is not None:
+      logits = jnp.tanh(logits / c.final_logit_softcap) * c.final_logit_softcap
+    return logits

@@ -1,0 +1,131 @@
+"""The main job: pretrain in float, QAT the baselines and MatQuant, evaluate every slice."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from matquant_jax import configs, losses, report, train
+from matquant_jax.data import pipeline
+from matquant_jax.models import gemma
+from matquant_jax.qeinsum import QuantSpec
+from matquant_jax.quant import QuantizedArray
+
+
+def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> gemma.TransformerConfig:
+  return gemma.TransformerConfig(num_embed=vocab_size, **cfg.model.to_dict())
+
+
+def ffn_average_bits(params, spec: QuantSpec, num_layers: int, transpose_gating: bool) -> float:
+  """Bits per FFN parameter: r per layer, plus the extra-bucket fraction with extra precision."""
+  total, count = 0.0, 0
+  for i in range(num_layers):
+    bits = spec.bits_for(i, num_layers)
+    mlp = params[f'layer_{i}']['mlp']
+    for w, axes in ((mlp['gating_einsum'], (2,) if transpose_gating else (1,)), (mlp['linear'], (0,))):
+      if bits is None:
+        b = 32.0
+      else:
+        qa = QuantizedArray.from_float(w, spec.parent_bits, axes, spec.group_size)
+        b = qa.average_bits(bits, spec.extra_precision)
+      total, count = total + b * w.size, count + w.size
+  return total / count
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) the whole study in `workdir`; returns the results dict also written there."""
+  configs.check_config(cfg)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  t_start = time.perf_counter()
+  data = pipeline.load_tokens(cfg.data.name, cfg.data.data_dir, cfg.data.vocab_size)
+  mcfg = model_config(cfg, data.tokenizer.vocab_size())
+  model = gemma.Transformer(mcfg)
+  d = cfg.data
+  def batch_fn(step):
+    return pipeline.train_batch(data.train, step, d.batch_size, d.seq_len, cfg.seed)
+  val = pipeline.eval_batches(data.validation, d.eval_batch_size, d.seq_len, d.eval_batches)
+  logging.info('data: %d train / %d validation tokens; eval on %d tokens', len(data.train),
+               len(data.validation), sum(b[:, 1:].size for b in val))
+
+  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  writer = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+  init = model.init(jax.random.PRNGKey(cfg.seed), jnp.zeros((1, d.seq_len), jnp.int32))['params']
+  logging.info('model: %s, %d parameters', mcfg, sum(x.size for x in jax.tree.leaves(init)))
+
+  timings = {}
+  t = time.perf_counter()
+  pre = ml_collections.ConfigDict(cfg.pretrain.to_dict())
+  float_params, _ = train.train(model, init, losses.parse_objective('float'), batch_fn, pre,
+                                os.path.join(workdir, 'checkpoints', 'float'), writer, 'float')
+  timings['float'] = time.perf_counter() - t
+
+  models = {'float': (float_params, None)}
+  for r in cfg.runs:
+    t = time.perf_counter()
+    run_cfg = ml_collections.ConfigDict(cfg.qat.to_dict())
+    run_cfg.quant.update(parent_bits=r['parent_bits'], extra_precision=r['extra_precision'])
+    objective = losses.parse_objective(r['objective'], r['lambdas'], r['parent_bits'])
+    params, _ = train.train(model, float_params, objective, batch_fn, run_cfg,
+                            os.path.join(workdir, 'checkpoints', r['name']), writer, r['name'])
+    models[r['name']] = (params, r)
+    timings[r['name']] = time.perf_counter() - t
+
+  t = time.perf_counter()
+  evaluate = train.make_eval_fn(model)
+  q = cfg.qat.quant
+  results = {'float': {'float': evaluate(float_params, val, None)}}
+  bits_per_param = {}
+  def measure(name, params, key, spec):
+    results.setdefault(name, {})[key] = evaluate(params, val, spec)
+    bits_per_param.setdefault(name, {})[key] = ffn_average_bits(
+        params, spec, mcfg.num_layers, mcfg.transpose_gating_einsum)
+    logging.info('eval %-20s %-14s log pplx %.4f', name, key, results[name][key])
+
+  for bits in cfg.eval.bits:  # min-max PTQ of the float model, r-bit grid
+    measure('float', float_params, f'int{bits}', QuantSpec(bits, bits, targets=tuple(q.targets)))
+  for name, (params, r) in models.items():
+    if r is None:
+      continue
+    spec = lambda b: QuantSpec(b, r['parent_bits'], r['extra_precision'], q.group_size, tuple(q.targets))
+    if r['label'] == 'Baseline' and r['parent_bits'] != 8:
+      # A one-precision model is evaluated at its own precision; the int8 one,
+      # sliced, at every precision below ("Sliced int8").
+      measure(name, params, f'int{r["parent_bits"]}', spec(r['parent_bits']))
+      continue
+    for bits in cfg.eval.bits:
+      measure(name, params, f'int{bits}', spec(bits))
+    for mix, layer_bits in cfg.eval.mixnmatch.items():
+      measure(name, params, f'mix:{mix}', spec(tuple(layer_bits)))
+  timings['eval'] = time.perf_counter() - t
+  timings['total'] = time.perf_counter() - t_start
+  writer.close()
+
+  out = {'log_pplx': results, 'bits_per_ffn_param': bits_per_param, 'timings_s': timings,
+         'runs': [dict(r) for r in cfg.runs], 'model': mcfg.__dict__ | {'num_params': int(sum(
+             x.size for x in jax.tree.leaves(init)))},
+         'tokens': {'pretrain': cfg.pretrain.steps * d.batch_size * d.seq_len,
+                    'qat_per_run': cfg.qat.steps * d.batch_size * d.seq_len,
+                    'eval': int(sum(b[:, 1:].size for b in val))}}
+  _write_json(os.path.join(workdir, 'results.json'), out)
+  table = report.table(out)
+  with open(os.path.join(workdir, 'table.md'), 'w') as f:
+    f.write(table)
+  report.plot(out, os.path.join(workdir, 'log_pplx_vs_bits.png'))
+  print(table)
+  logging.info('wrote %s/{results.json,table.md,log_pplx_vs_bits.png}; total %.1fs', workdir, timings['total'])
+  return out

@@ -1,0 +1,163 @@
+"""QAT training with the MatQuant objective, and log-perplexity evaluation.
+
+One jitted train step (state donated) computes every slice's loss from the
+same parameters; the frozen part of the model is a separate, undonated input.
+Train state = {'step', 'params' (trainable subset), 'opt_state'}, saved with
+an orbax CheckpointManager so a run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import time
+from typing import Any, Callable, Iterable
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import traverse_util
+import tqdm
+
+from matquant_jax import losses
+from matquant_jax.models import gemma
+from matquant_jax.qeinsum import QuantSpec
+
+Params = Any
+TRAINABLE = {'ffn': r'(^|/)mlp/', 'ffn+attn': r'(^|/)(mlp|attn)/', 'all': r'.*'}
+
+
+def split_params(params: Params, trainable: str) -> tuple[Params, Params]:
+  """(trainable, frozen) nested dicts; `trainable` is a TRAINABLE key or a path regex."""
+  pattern = re.compile(TRAINABLE.get(trainable, trainable))
+  flat = traverse_util.flatten_dict(params, sep='/')
+  train = {k: v for k, v in flat.items() if pattern.search(k)}
+  if not train:
+    raise ValueError(f'trainable={trainable!r} selects no parameter')
+  frozen = {k: v for k, v in flat.items() if k not in train}
+  return traverse_util.unflatten_dict(train, sep='/'), traverse_util.unflatten_dict(frozen, sep='/')
+
+
+def merge_params(a: Params, b: Params) -> Params:
+  """Union of two disjoint nested parameter dicts."""
+  flat = {**traverse_util.flatten_dict(a, sep='/'), **traverse_util.flatten_dict(b, sep='/')}
+  return traverse_util.unflatten_dict(flat, sep='/')
+
+
+def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  """AdamW with linear warm-up, cosine decay and global-norm clipping."""
+  warmup = min(opt.warmup_steps, total_steps // 2)
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=opt.learning_rate, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=opt.learning_rate * opt.end_lr_fraction)
+  return optax.chain(optax.clip_by_global_norm(opt.grad_clip),
+                     optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=opt.weight_decay))
+
+
+def quant_spec(bits: int | None, quant: ml_collections.ConfigDict | None) -> QuantSpec | None:
+  """The QuantSpec for `bits` (an int, a per-layer tuple, or None for float)."""
+  if bits is None:
+    return None
+  q = quant or {}
+  return QuantSpec(bits=bits, parent_bits=q.get('parent_bits', 8),
+                   extra_precision=q.get('extra_precision', False),
+                   group_size=q.get('group_size', None), targets=tuple(q.get('targets', ('ffn',))))
+
+
+def make_train_step(model: gemma.Transformer, objective: losses.Objective,
+                    quant: ml_collections.ConfigDict | None,
+                    tx: optax.GradientTransformation) -> Callable:
+  """jit(train_step)(state, frozen, batch) -> (state, metrics); batch: int [B, T+1]."""
+
+  def train_step(state, frozen, batch):
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    mask = (targets != gemma.PAD_ID).astype(jnp.float32)
+
+    def loss_fn(trainable):
+      params = merge_params(trainable, frozen)
+      def logits_fn(bits):
+        return model.apply({'params': params}, inputs, quant=quant_spec(bits, quant))
+      return losses.matquant_loss(logits_fn, targets, mask, objective)
+
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state['params'])
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    metrics['grad_norm'] = optax.global_norm(grads)
+    new_state = {'step': state['step'] + 1, 'params': optax.apply_updates(state['params'], updates),
+                 'opt_state': opt_state}
+    return new_state, metrics
+
+  return jax.jit(train_step, donate_argnums=(0,))
+
+
+def make_eval_fn(model: gemma.Transformer) -> Callable:
+  """eval_fn(params, batches, spec) -> mean NLL in nats per token (log perplexity)."""
+
+  @functools.partial(jax.jit, static_argnums=2)
+  def _sums(params, batch, spec):
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    mask = (targets != gemma.PAD_ID).astype(jnp.float32)
+    logits = model.apply({'params': params}, inputs, quant=spec)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll * mask), jnp.sum(mask)
+
+  def eval_fn(params, batches: Iterable[np.ndarray], spec: QuantSpec | None) -> float:
+    total, count = 0.0, 0.0
+    for b in batches:
+      s, n = _sums(params, jnp.asarray(b), spec)
+      total, count = total + float(s), count + float(n)
+    return total / count
+
+  return eval_fn
+
+
+def checkpoint_manager(directory: str, keep: int = 2) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(os.path.abspath(directory),
+                               options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+
+def train(model: gemma.Transformer, init_params: Params, objective: losses.Objective,
+          batch_fn: Callable[[int], np.ndarray], cfg: ml_collections.ConfigDict,
+          ckpt_dir: str | None = None, writer=None, desc: str = 'train') -> tuple[Params, dict]:
+  """Trains from init_params for cfg.steps steps; resumes from ckpt_dir if it holds a checkpoint.
+
+  cfg: steps, trainable, checkpoint_every, log_every, optimizer (ConfigDict),
+  quant (ConfigDict or None). Returns the full parameters and the last metrics.
+  """
+  trainable, frozen = split_params(init_params, cfg.trainable)
+  trainable = jax.tree.map(jnp.copy, trainable)  # the step donates its state, not the caller's arrays
+  tx = make_optimizer(cfg.optimizer, cfg.steps)
+  state = {'step': jnp.zeros((), jnp.int32), 'params': trainable, 'opt_state': tx.init(trainable)}
+  mngr = checkpoint_manager(ckpt_dir) if ckpt_dir else None
+  if mngr is not None and mngr.latest_step() is not None:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(abstract))
+    logging.info('%s: resumed at step %d from %s', desc, int(state['step']), ckpt_dir)
+  step_fn = make_train_step(model, objective, cfg.get('quant'), tx)
+  start = int(state['step'])
+  metrics = {}
+  bar = tqdm.tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps,
+                  mininterval=2.0, dynamic_ncols=True)
+  t0 = time.perf_counter()
+  for step in bar:
+    state, m = step_fn(state, frozen, jnp.asarray(batch_fn(step)))
+    done = step + 1
+    if done % cfg.log_every == 0 or done == cfg.steps:
+      metrics = {k: float(v) for k, v in m.items()}
+      bar.set_postfix(loss=f'{metrics["loss"]:.3f}')
+      if writer is not None:
+        for k, v in metrics.items():
+          writer.add_scalar(f'{desc}/{k}', v, done)
+    if mngr is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+      mngr.save(done, args=ocp.args.StandardSave(state))
+  if mngr is not None:
+    mngr.wait_until_finished()
+    mngr.close()
+  if cfg.steps > start:
+    logging.info('%s: %d steps in %.1fs', desc, cfg.steps - start, time.perf_counter() - t0)
+  return merge_params(state['params'], frozen), metrics

@@ -1,0 +1,31 @@
+"""matquant_jax: Matryoshka Quantization in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+# A tested set (Python 3.11, 2026-11); `make setup` installs exactly these.
+INSTALL_REQUIRES = [
+    'jax>=0.10.2,<0.12',
+    'flax==0.12.8',
+    'optax==0.2.8',
+    'orbax-checkpoint==0.12.8',
+    'ml_collections==1.1.0',
+    'tensorflow-datasets==4.9.10',
+    'array_record==0.8.6',
+    'importlib_resources>=6',  # tensorflow-datasets needs it for builders in packages
+    'absl-py==2.5.1',
+    'sentencepiece==0.2.3',
+    'tensorboardX==2.6.5',
+    'tqdm>=4.66',
+    'matplotlib>=3.8',
+    'numpy>=1.26',
+]
+
+setup(
+    name='matquant_jax',
+    version='0.1.0',
+    description='Matryoshka Quantization (MatQuant) of LLMs in JAX/Flax',
+    python_requires='>=3.11',
+    packages=find_packages(include=['matquant_jax', 'matquant_jax.*']),
+    install_requires=INSTALL_REQUIRES,
+    extras_require={'test': ['pytest==9.2.0']},
+)
