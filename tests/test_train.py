@@ -1,0 +1,74 @@
+"""The QAT train step and its checkpoint resume, on a tiny model."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from matquant_jax import configs, losses, train
+from matquant_jax.models import gemma
+from matquant_jax.qeinsum import QuantSpec
+
+CFG = gemma.TransformerConfig.tiny(num_embed=64)
+
+
+def _setup():
+  model = gemma.Transformer(CFG)
+  batch = np.asarray(jax.random.randint(jax.random.PRNGKey(3), (4, 17), 1, 64))
+  params = model.init(jax.random.PRNGKey(0), jnp.asarray(batch[:, :-1]))['params']
+  return model, params, batch
+
+
+def _cfg(steps, trainable='ffn', lr=1e-2):
+  return ml_collections.ConfigDict(dict(
+      steps=steps, trainable=trainable, checkpoint_every=3, log_every=1,
+      optimizer=configs.optimizer(lr, 2), quant=dict(parent_bits=8, extra_precision=False,
+                                                     group_size=None, targets=('ffn',))))
+
+
+def test_matquant_step_lowers_loss_and_trains_only_ffn():
+  model, params, batch = _setup()
+  obj = losses.parse_objective('8,4,2', (0.1, 0.1, 1.0))
+  evaluate = train.make_eval_fn(model)
+  before = evaluate(params, [batch], QuantSpec(2))
+  new, metrics = train.train(model, params, obj, lambda step: batch, _cfg(15))
+  after = evaluate(new, [batch], QuantSpec(2))
+  assert after < before - 0.3, (before, after)
+  assert set(metrics) >= {'loss', 'ce_int8', 'ce_int4', 'ce_int2', 'grad_norm'}
+  flat_old = jax.tree_util.tree_leaves_with_path(params)
+  flat_new = dict(jax.tree_util.tree_leaves_with_path(new))
+  for path, old in flat_old:
+    changed = not np.array_equal(old, flat_new[path])
+    assert changed == ('mlp' in jax.tree_util.keystr(path)), path
+
+
+def test_split_and_merge_params():
+  _, params, _ = _setup()
+  a, b = train.split_params(params, 'ffn')
+  assert set(a) == {'layer_0', 'layer_1'} and set(a['layer_0']) == {'mlp'}
+  merged = train.merge_params(a, b)
+  assert jax.tree.structure(merged) == jax.tree.structure(params)
+  with pytest.raises(ValueError, match='selects no parameter'):
+    train.split_params(params, 'nothing_matches_this')
+
+
+class Interrupt(Exception):
+  pass
+
+
+def test_resume_after_interruption_equals_uninterrupted(tmp_path):
+  model, params, _ = _setup()
+  obj = losses.parse_objective('8,4,2', (0.1, 0.1, 1.0))
+  batches = lambda step: np.asarray(jax.random.randint(jax.random.PRNGKey(step), (4, 17), 1, 64))
+  full, _ = train.train(model, params, obj, batches, _cfg(7), str(tmp_path / 'a'))
+
+  def crashing(step):
+    if step == 4:
+      raise Interrupt()
+    return batches(step)
+  with pytest.raises(Interrupt):
+    train.train(model, params, obj, crashing, _cfg(7), str(tmp_path / 'b'))
+  resumed, _ = train.train(model, params, obj, batches, _cfg(7), str(tmp_path / 'b'))
+  for x, y in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(x, y)
