@@ -1,0 +1,93 @@
+r"""Step time of float training, single-precision QAT and MatQuant [8,4,2], side by side.
+
+  python experiments/bench_train_step.py [--config=experiments/configs/default.py] [--steps=20]
+
+All variants train the same parameters (the config's qat.trainable, FFN by
+default) on the same batch shape, in one process, with repeats interleaved.
+"""
+
+import statistics
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+from matquant_jax import losses, train
+from matquant_jax.models import gemma
+from matquant_jax.quant import fake_quant
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/default.py', 'Experiment config.')
+_STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps per repeat.')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Interleaved repeats; the median is reported.')
+
+
+def main(argv):
+  del argv
+  cfg = _CONFIG.value
+  d = cfg.data
+  mcfg = gemma.TransformerConfig(num_embed=d.vocab_size, **cfg.model.to_dict())
+  model = gemma.Transformer(mcfg)
+  rng = np.random.default_rng(0)
+  batch = jnp.asarray(rng.integers(4, d.vocab_size, (d.batch_size, d.seq_len + 1)), jnp.int32)
+  params = model.init(jax.random.PRNGKey(0), batch[:, :-1])['params']
+  q = cfg.qat.quant.to_dict()
+
+  variants = {'float': ('float', None, 8), 'QAT int8': ('8', None, 8), 'QAT int4': ('4', None, 4),
+              'QAT int2': ('2', None, 2), 'MatQuant [8,4,2]': ('8,4,2', (0.1, 0.1, 1.0), 8)}
+  steps = {}
+  for name, (obj, lambdas, parent) in variants.items():
+    tx = train.make_optimizer(cfg.qat.optimizer, 1000)
+    trainable, frozen = train.split_params(params, cfg.qat.trainable)
+    state = {'step': jnp.zeros((), jnp.int32), 'params': jax.tree.map(jnp.copy, trainable),
+             'opt_state': tx.init(trainable)}
+    fn = train.make_train_step(model, losses.parse_objective(obj, lambdas, parent),
+                               dict(q, parent_bits=parent, extra_precision=False), tx)
+    state, _ = fn(state, frozen, batch)  # compile
+    jax.block_until_ready(state)
+    steps[name] = [fn, state, frozen]
+
+  times = {name: [] for name in variants}
+  for _ in range(_REPEATS.value):
+    for name, slot in steps.items():
+      fn, state, frozen = slot
+      t = time.perf_counter()
+      for _ in range(_STEPS.value):
+        state, _ = fn(state, frozen, batch)
+      jax.block_until_ready(state)
+      times[name].append((time.perf_counter() - t) / _STEPS.value)
+      slot[1] = state
+  med = {k: statistics.median(v) for k, v in times.items()}
+
+  # Where the time goes: the quantizer alone, and forward passes at float and int2.
+  ffn = [(l['mlp']['gating_einsum'], l['mlp']['linear']) for k, l in params.items() if k.startswith('layer_')]
+  fq = jax.jit(lambda ws: [(fake_quant(g, 2, reduce_axes=(1,)), fake_quant(w, 2)) for g, w in ws])
+  fwd = jax.jit(lambda p, spec: model.apply({'params': p}, batch[:, :-1], quant=spec), static_argnums=1)
+  def clock(f, *a):
+    jax.block_until_ready(f(*a))
+    t = time.perf_counter()
+    for _ in range(_STEPS.value):
+      out = f(*a)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t) / _STEPS.value
+  quant_only = clock(fq, ffn)
+  fwd_float = clock(fwd, params, None)
+  fwd_int2 = clock(fwd, params, train.quant_spec(2, dict(q, parent_bits=8)))
+
+  tokens = d.batch_size * d.seq_len
+  print(f'device: {jax.devices()[0].device_kind} x{jax.device_count()}; model {mcfg.num_layers}L '
+        f'D{mcfg.embed_dim} H{mcfg.hidden_dim}; batch {d.batch_size}x{d.seq_len}; trainable={cfg.qat.trainable}')
+  print('| variant | ms / step | tokens / s |\n|---|---|---|')
+  for k, v in med.items():
+    print(f'| {k} | {1e3 * v:.1f} | {tokens / v:,.0f} |')
+  three = med['QAT int8'] + med['QAT int4'] + med['QAT int2']
+  print(f'MatQuant / float step                 = {med["MatQuant [8,4,2]"] / med["float"]:.2f}')
+  print(f'MatQuant / (int8 + int4 + int2 steps) = {med["MatQuant [8,4,2]"] / three:.2f}')
+  print(f'fake-quant of all FFN weights alone: {1e3 * quant_only:.2f} ms; forward float '
+        f'{1e3 * fwd_float:.1f} ms, int2 {1e3 * fwd_int2:.1f} ms')
+
+
+if __name__ == '__main__':
+  app.run(main)
