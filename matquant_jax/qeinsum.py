@@ -50,11 +50,6 @@ class QuantSpec:
       return self.bits[layer]
     return self.bits
 
-  def mean_bits(self, num_layers: int) -> float:
-    """Average bits per quantized parameter (equal-size layers; no extra bucket)."""
-    bits = [self.bits_for(i, num_layers) for i in range(num_layers)]
-    return sum(b if b is not None else 32 for b in bits) / num_layers
-
 
 def quantized_weight(w: jax.Array, reduce_axes: Sequence[int], bits: int | None,
                      spec: QuantSpec | None) -> jax.Array:

@@ -5,7 +5,7 @@ from __future__ import annotations
 PAPER_ORDER = (8, 4, 2, 6, 3)
 
 
-def _rows(out: dict):
+def rows(out: dict):
   """(dtype, method, log pplx, bits per FFN parameter) in the paper's order."""
   ll, bits = out['log_pplx'], out['bits_per_ffn_param']
   runs = out['runs']
@@ -32,7 +32,7 @@ def _rows(out: dict):
 def table(out: dict) -> str:
   """Markdown table: data type, method, log pplx (nats/token), bits per FFN parameter."""
   lines = ['| data type | method | log pplx | bits / FFN param |', '|---|---|---|---|']
-  for dtype, method, nll, b in _rows(out):
+  for dtype, method, nll, b in rows(out):
     lines.append(f'| {dtype} | {method} | {nll:.3f} | {b:.3f} |')
   return '\n'.join(lines) + '\n'
 
@@ -45,7 +45,7 @@ def plot(out: dict, path: str) -> None:
 
   fig, ax = plt.subplots(figsize=(7, 4.5))
   series: dict[str, list] = {}
-  for dtype, method, nll, b in _rows(out):
+  for dtype, method, nll, b in rows(out):
     kind = 'mix' if dtype.startswith('Mix') else ('float' if dtype == 'float32' else 'int')
     series.setdefault((method, kind), []).append((b, nll))
   colors = {}

@@ -20,6 +20,7 @@ from matquant_jax.quant import QuantizedArray
 
 
 def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> gemma.TransformerConfig:
+  """The Gemma-2 config of `cfg.model`, with the tokenizer's vocabulary size."""
   return gemma.TransformerConfig(num_embed=vocab_size, **cfg.model.to_dict())
 
 
@@ -121,6 +122,8 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
          'tokens': {'pretrain': cfg.pretrain.steps * d.batch_size * d.seq_len,
                     'qat_per_run': cfg.qat.steps * d.batch_size * d.seq_len,
                     'eval': int(sum(b[:, 1:].size for b in val))}}
+  out['table'] = [dict(zip(('data_type', 'method', 'log_pplx', 'bits_per_ffn_param'), row))
+                  for row in report.rows(out)]
   _write_json(os.path.join(workdir, 'results.json'), out)
   table = report.table(out)
   with open(os.path.join(workdir, 'table.md'), 'w') as f:

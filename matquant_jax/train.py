@@ -117,6 +117,7 @@ def make_eval_fn(model: gemma.Transformer) -> Callable:
 
 
 def checkpoint_manager(directory: str, keep: int = 2) -> ocp.CheckpointManager:
+  """An orbax manager keeping the last `keep` steps (saves are atomic)."""
   return ocp.CheckpointManager(os.path.abspath(directory),
                                options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 

@@ -27,6 +27,10 @@ def test_quick_main_job_end_to_end_and_resume(tmp_path):
   assert set(ll['matquant']) == {'int8', 'int6', 'int4', 'int3', 'int2', 'mix:pyramid'}
   assert 0 < ll['float']['float'] < 7.0  # well below log(512) = 6.24 + slack: it learned something
   assert out['bits_per_ffn_param']['matquant']['mix:pyramid'] == pytest.approx(5.0)
+  assert out['table'][0] == dict(data_type='float32', method='Pretrained (no quantization)',
+                                 log_pplx=ll['float']['float'], bits_per_ffn_param=32.0)
+  assert {'data_type': 'int2', 'method': 'MatQuant', 'log_pplx': ll['matquant']['int2'],
+          'bits_per_ffn_param': 2.0} in out['table']
   table = open(tmp_path / 'table.md').read()
   assert '| int2 | Sliced int8 |' in table and '| int2 | MatQuant |' in table
   assert os.path.getsize(tmp_path / 'log_pplx_vs_bits.png') > 10_000
