@@ -59,7 +59,7 @@ def test_unknown_config_fields_are_rejected():
 
 def test_all_config_files_are_valid():
   import importlib.util
-  for name in ('default', 'quick', 'long'):
+  for name in ('default', 'quick', 'long', 'lambda_ablation'):
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'experiments', 'configs', name + '.py'))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
