@@ -10,7 +10,7 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
+from tensorboardX import SummaryWriter
 
 from matquant_jax import configs, losses, report, train
 from matquant_jax.data import pipeline
@@ -47,11 +47,45 @@ def _write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
+def _fingerprint(cfg: ml_collections.ConfigDict) -> dict:
+  """What a workdir's checkpoints depend on (evaluation settings and new runs may change)."""
+  data = {k: v for k, v in cfg.data.to_dict().items() if not k.startswith('eval')}
+  return {'seed': cfg.seed, 'data': data, 'model': cfg.model.to_dict(),
+          'pretrain': cfg.pretrain.to_dict(), 'qat': cfg.qat.to_dict(),
+          'runs': {r['name']: dict(r) for r in cfg.runs}}
+
+
+def check_workdir(workdir: str, cfg: ml_collections.ConfigDict) -> None:
+  """Records the config in a new workdir; in a used one, raises ValueError naming the first
+  setting that differs from the one its checkpoints were made with."""
+  path = os.path.join(workdir, 'config.json')
+  now = json.loads(json.dumps(_fingerprint(cfg)))  # tuples -> lists, as stored
+  if os.path.exists(path):
+    with open(path) as f:
+      before = json.load(f)
+    for section in ('seed', 'data', 'model', 'pretrain', 'qat', 'runs'):
+      old, new = before.get(section), now[section]
+      if section == 'runs':  # new runs may be added; existing ones must not change
+        old = {k: v for k, v in old.items() if k in new}
+        new = {k: v for k, v in new.items() if k in old}
+      if old != new:
+        keys = sorted(set(old) | set(new)) if isinstance(old, dict) else ['']
+        key = next(k for k in keys if not isinstance(old, dict) or old.get(k) != new.get(k))
+        where = f'{section}.{key}'.rstrip('.')
+        got = old.get(key) if isinstance(old, dict) else old
+        want = new.get(key) if isinstance(new, dict) else new
+        raise ValueError(f'workdir {workdir} holds checkpoints made with {where}={got!r}, but the '
+                         f'config says {want!r}; use a new --workdir')
+    now['runs'] = {**before['runs'], **now['runs']}
+  _write_json(path, now)
+
+
 def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) the whole study in `workdir`; returns the results dict also written there."""
   configs.check_config(cfg)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
+  check_workdir(workdir, cfg)
   t_start = time.perf_counter()
   data = pipeline.load_tokens(cfg.data.name, cfg.data.data_dir, cfg.data.vocab_size)
   mcfg = model_config(cfg, data.tokenizer.vocab_size())
@@ -63,7 +97,6 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info('data: %d train / %d validation tokens; eval on %d tokens', len(data.train),
                len(data.validation), sum(b[:, 1:].size for b in val))
 
-  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
   writer = SummaryWriter(os.path.join(workdir, 'tensorboard'))
   init = model.init(jax.random.PRNGKey(cfg.seed), jnp.zeros((1, d.seq_len), jnp.int32))['params']
   logging.info('model: %s, %d parameters', mcfg, sum(x.size for x in jax.tree.leaves(init)))

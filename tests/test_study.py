@@ -64,3 +64,18 @@ def test_all_config_files_are_valid():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     configs.check_config(mod.get_config())
+
+
+def test_workdir_config_mismatch_is_named(tmp_path):
+  from matquant_jax import study
+  c = configs.base_config()
+  study.check_workdir(str(tmp_path), c)
+  c.runs = c.runs + [configs.baseline(3)]
+  study.check_workdir(str(tmp_path), c)  # adding a run is fine
+  c.model.embed_dim = 256
+  with pytest.raises(ValueError, match=r'made with model.embed_dim=128, but the config says 256'):
+    study.check_workdir(str(tmp_path), c)
+  c = configs.base_config()
+  c.runs[3]['lambdas'] = (0.5, 0.5, 1.0)
+  with pytest.raises(ValueError, match=r"runs.matquant=.*0.1, 0.1, 1.0"):
+    study.check_workdir(str(tmp_path), c)
