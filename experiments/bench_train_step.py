@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from matquant_jax import losses, train
+from matquant_jax import losses, study, train
 from matquant_jax.models import gemma
 from matquant_jax.quant import fake_quant
 
@@ -28,7 +28,7 @@ def main(argv):
   del argv
   cfg = _CONFIG.value
   d = cfg.data
-  mcfg = gemma.TransformerConfig(num_embed=d.vocab_size, **cfg.model.to_dict())
+  mcfg = study.model_config(cfg, d.vocab_size)
   model = gemma.Transformer(mcfg)
   rng = np.random.default_rng(0)
   batch = jnp.asarray(rng.integers(4, d.vocab_size, (d.batch_size, d.seq_len + 1)), jnp.int32)
@@ -41,8 +41,7 @@ def main(argv):
   for name, (obj, lambdas, parent) in variants.items():
     tx = train.make_optimizer(cfg.qat.optimizer, 1000)
     trainable, frozen = train.split_params(params, cfg.qat.trainable)
-    state = {'step': jnp.zeros((), jnp.int32), 'params': jax.tree.map(jnp.copy, trainable),
-             'opt_state': tx.init(trainable)}
+    state = train.init_state(trainable, tx)
     fn = train.make_train_step(model, losses.parse_objective(obj, lambdas, parent),
                                dict(q, parent_bits=parent, extra_precision=False), tx)
     state, _ = fn(state, frozen, batch)  # compile
@@ -62,8 +61,9 @@ def main(argv):
   med = {k: statistics.median(v) for k, v in times.items()}
 
   # Where the time goes: the quantizer alone, and forward passes at float and int2.
-  ffn = [(l['mlp']['gating_einsum'], l['mlp']['linear']) for k, l in params.items() if k.startswith('layer_')]
-  fq = jax.jit(lambda ws: [(fake_quant(g, 2, reduce_axes=(1,)), fake_quant(w, 2)) for g, w in ws])
+  axes = gemma.ffn_reduce_axes(mcfg)
+  ffn = [params[f'layer_{i}']['mlp'] for i in range(mcfg.num_layers)]
+  fq = jax.jit(lambda ws: [{k: fake_quant(w, 2, reduce_axes=axes[k]) for k, w in m.items()} for m in ws])
   fwd = jax.jit(lambda p, spec: model.apply({'params': p}, batch[:, :-1], quant=spec), static_argnums=1)
   def clock(f, *a):
     jax.block_until_ready(f(*a))

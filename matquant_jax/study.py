@@ -10,6 +10,7 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
+from flax import traverse_util
 from tensorboardX import SummaryWriter
 
 from matquant_jax import configs, losses, report, train
@@ -24,18 +25,20 @@ def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> gemma.Trans
   return gemma.TransformerConfig(num_embed=vocab_size, **cfg.model.to_dict())
 
 
-def ffn_average_bits(params, spec: QuantSpec, num_layers: int, transpose_gating: bool) -> float:
+def ffn_average_bits(params, spec: QuantSpec, mcfg: gemma.TransformerConfig) -> float:
   """Bits per FFN parameter: r per layer, plus the extra-bucket fraction with extra precision."""
+  axes = gemma.ffn_reduce_axes(mcfg)
   total, count = 0.0, 0
-  for i in range(num_layers):
-    bits = spec.bits_for(i, num_layers)
-    mlp = params[f'layer_{i}']['mlp']
-    for w, axes in ((mlp['gating_einsum'], (2,) if transpose_gating else (1,)), (mlp['linear'], (0,))):
+  for i in range(mcfg.num_layers):
+    bits = spec.bits_for(i, mcfg.num_layers)
+    for name, w in params[f'layer_{i}']['mlp'].items():
       if bits is None:
         b = 32.0
+      elif spec.extra_precision:
+        qa = QuantizedArray.from_float(w, spec.parent_bits, axes[name], spec.group_size)
+        b = qa.average_bits(bits, extra_precision=True)
       else:
-        qa = QuantizedArray.from_float(w, spec.parent_bits, axes, spec.group_size)
-        b = qa.average_bits(bits, spec.extra_precision)
+        b = float(bits)
       total, count = total + b * w.size, count + w.size
   return total / count
 
@@ -57,25 +60,20 @@ def _fingerprint(cfg: ml_collections.ConfigDict) -> dict:
 
 def check_workdir(workdir: str, cfg: ml_collections.ConfigDict) -> None:
   """Records the config in a new workdir; in a used one, raises ValueError naming the first
-  setting that differs from the one its checkpoints were made with."""
+  setting that differs from the one its checkpoints were made with (new runs may be added)."""
   path = os.path.join(workdir, 'config.json')
   now = json.loads(json.dumps(_fingerprint(cfg)))  # tuples -> lists, as stored
   if os.path.exists(path):
     with open(path) as f:
       before = json.load(f)
-    for section in ('seed', 'data', 'model', 'pretrain', 'qat', 'runs'):
-      old, new = before.get(section), now[section]
-      if section == 'runs':  # new runs may be added; existing ones must not change
-        old = {k: v for k, v in old.items() if k in new}
-        new = {k: v for k, v in new.items() if k in old}
-      if old != new:
-        keys = sorted(set(old) | set(new)) if isinstance(old, dict) else ['']
-        key = next(k for k in keys if not isinstance(old, dict) or old.get(k) != new.get(k))
-        where = f'{section}.{key}'.rstrip('.')
-        got = old.get(key) if isinstance(old, dict) else old
-        want = new.get(key) if isinstance(new, dict) else new
-        raise ValueError(f'workdir {workdir} holds checkpoints made with {where}={got!r}, but the '
-                         f'config says {want!r}; use a new --workdir')
+    old, new = (traverse_util.flatten_dict(x, sep='.') for x in (before, now))
+    shared_runs = set(before['runs']) & set(now['runs'])
+    for key in sorted(old.keys() | new.keys()):
+      if key.startswith('runs.') and key.split('.')[1] not in shared_runs:
+        continue
+      if old.get(key) != new.get(key):
+        raise ValueError(f'workdir {workdir} holds checkpoints made with {key}={old.get(key)!r}, '
+                         f'but the config says {new.get(key)!r}; use a new --workdir')
     now['runs'] = {**before['runs'], **now['runs']}
   _write_json(path, now)
 
@@ -126,8 +124,7 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   bits_per_param = {}
   def measure(name, params, key, spec):
     results.setdefault(name, {})[key] = evaluate(params, val, spec)
-    bits_per_param.setdefault(name, {})[key] = ffn_average_bits(
-        params, spec, mcfg.num_layers, mcfg.transpose_gating_einsum)
+    bits_per_param.setdefault(name, {})[key] = ffn_average_bits(params, spec, mcfg)
     logging.info('eval %-20s %-14s log pplx %.4f', name, key, results[name][key])
 
   for bits in cfg.eval.bits:  # min-max PTQ of the float model, r-bit grid

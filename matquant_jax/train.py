@@ -69,6 +69,12 @@ def quant_spec(bits: int | None, quant: ml_collections.ConfigDict | None) -> Qua
                    group_size=q.get('group_size', None), targets=tuple(q.get('targets', ('ffn',))))
 
 
+def init_state(trainable: Params, tx: optax.GradientTransformation) -> dict:
+  """A fresh train state; the trainable arrays are copied because the step donates its state."""
+  trainable = jax.tree.map(jnp.copy, trainable)
+  return {'step': jnp.zeros((), jnp.int32), 'params': trainable, 'opt_state': tx.init(trainable)}
+
+
 def make_train_step(model: gemma.Transformer, objective: losses.Objective,
                     quant: ml_collections.ConfigDict | None,
                     tx: optax.GradientTransformation) -> Callable:
@@ -131,9 +137,8 @@ def train(model: gemma.Transformer, init_params: Params, objective: losses.Objec
   quant (ConfigDict or None). Returns the full parameters and the last metrics.
   """
   trainable, frozen = split_params(init_params, cfg.trainable)
-  trainable = jax.tree.map(jnp.copy, trainable)  # the step donates its state, not the caller's arrays
   tx = make_optimizer(cfg.optimizer, cfg.steps)
-  state = {'step': jnp.zeros((), jnp.int32), 'params': trainable, 'opt_state': tx.init(trainable)}
+  state = init_state(trainable, tx)
   mngr = checkpoint_manager(ckpt_dir) if ckpt_dir else None
   if mngr is not None and mngr.latest_step() is not None:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)

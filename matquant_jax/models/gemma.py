@@ -179,6 +179,11 @@ class Attention(nn.Module):
     return Einsum((n, h, d), (0, 1), name='attn_vec_einsum')('BTNH,NHD->BTD', encoded, bits, spec)
 
 
+def ffn_reduce_axes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
+  """Contraction axes of each FFN weight (per-output-channel statistics reduce over them)."""
+  return {'gating_einsum': (2,) if config.transpose_gating_einsum else (1,), 'linear': (0,)}
+
+
 class FeedForward(nn.Module):
   """GeGLU (tanh GELU): gate 0 is the GELU branch, gate 1 the linear branch."""
   config: TransformerConfig
@@ -188,15 +193,16 @@ class FeedForward(nn.Module):
     c = self.config
     if spec is None or 'ffn' not in spec.targets:
       bits = None
+    axes = ffn_reduce_axes(c)
     if c.transpose_gating_einsum:
-      shape, eqn, axes = (2, c.hidden_dim, c.embed_dim), 'BTD,FHD->FBTH', (2,)
+      shape, eqn = (2, c.hidden_dim, c.embed_dim), 'BTD,FHD->FBTH'
     else:
-      shape, eqn, axes = (2, c.embed_dim, c.hidden_dim), 'BTD,FDH->FBTH', (1,)
-    w = self.param('gating_einsum', fan_in_init(shape, axes), shape)
-    gate = qeinsum.einsum(eqn, x, w, reduce_axes=axes, bits=bits, spec=spec)
+      shape, eqn = (2, c.embed_dim, c.hidden_dim), 'BTD,FDH->FBTH'
+    w = self.param('gating_einsum', fan_in_init(shape, axes['gating_einsum']), shape)
+    gate = qeinsum.einsum(eqn, x, w, reduce_axes=axes['gating_einsum'], bits=bits, spec=spec)
     hidden = jax.nn.gelu(gate[0], approximate=True) * gate[1]
-    w_out = self.param('linear', fan_in_init((c.hidden_dim,), (0,)), (c.hidden_dim, c.embed_dim))
-    return qeinsum.einsum('BTH,HD->BTD', hidden, w_out, reduce_axes=(0,), bits=bits, spec=spec)
+    w_out = self.param('linear', fan_in_init((c.hidden_dim,), axes['linear']), (c.hidden_dim, c.embed_dim))
+    return qeinsum.einsum('BTH,HD->BTD', hidden, w_out, reduce_axes=axes['linear'], bits=bits, spec=spec)
 
 
 class Block(nn.Module):
