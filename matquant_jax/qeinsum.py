@@ -51,18 +51,66 @@ class QuantSpec:
     return self.bits
 
 
-def quantized_weight(w: jax.Array, reduce_axes: Sequence[int], bits: int | None,
-                     spec: QuantSpec | None) -> jax.Array:
-  """w fake-quantized at `bits` (from spec's parent), or w itself when bits is None."""
+def _lwc(aux: dict) -> tuple[jax.Array | None, jax.Array | None]:
+  """OmniQuant clipping factors gamma, beta = sigmoid(logit), if aux holds them."""
+  get = lambda k: jax.nn.sigmoid(aux[k]) if k in aux else None
+  return get('gamma_logit'), get('beta_logit')
+
+
+def _along(v: jax.Array, ndim: int, axes: Sequence[int]) -> jax.Array:
+  """Reshapes a vector over the contraction axes so it broadcasts against a weight."""
+  shape = [1] * ndim
+  for a, n in zip(sorted(a % ndim for a in axes), v.shape):
+    shape[a] = n
+  return v.reshape(shape)
+
+
+def shift_bias(eqn: str, shift: jax.Array, w: jax.Array) -> jax.Array:
+  """delta W, shaped like the einsum output with size-1 batch and time axes."""
+  return jnp.einsum(eqn, shift[None, None].astype(jnp.float32), w.astype(jnp.float32))
+
+
+def quantized_weight(w, reduce_axes: Sequence[int], bits: int | None,
+                     spec: QuantSpec | None, aux: dict | None = None) -> jax.Array:
+  """w at `bits`, sliced from spec's parent (w itself when bits is None).
+
+  w is a float weight, fake-quantized here (with OmniQuant's clipping factors
+  and input scale s from `aux` when given: Q(W * s)), or a stored
+  `QuantizedArray` parent (s already folded in), which is sliced and dequantized.
+  """
+  aux = aux or {}
+  if isinstance(w, quant.QuantizedArray):
+    if spec is not None and spec.parent_bits != w.parent_bits:
+      raise ValueError(f'spec.parent_bits={spec.parent_bits} but the stored parent has {w.parent_bits} bits')
+    ep = spec is not None and spec.extra_precision
+    return w.dequantize(w.parent_bits if bits is None else bits, ep)
+  if 'smooth' in aux:
+    w = w.astype(jnp.float32) * _along(aux['smooth'], w.ndim, reduce_axes)
   if spec is None or bits is None:
     return w
+  gamma, beta = _lwc(aux)
   return quant.fake_quant(w.astype(jnp.float32), bits, parent_bits=spec.parent_bits,
                           reduce_axes=reduce_axes, extra_precision=spec.extra_precision,
-                          group_size=spec.group_size).astype(w.dtype)
+                          group_size=spec.group_size, gamma=gamma, beta=beta,
+                          stats_grad='smooth' in aux).astype(w.dtype)
 
 
-def einsum(eqn: str, x: jax.Array, w: jax.Array, *, reduce_axes: Sequence[int],
-           bits: int | None = None, spec: QuantSpec | None = None) -> jax.Array:
-  """jnp.einsum(eqn, x, w) with w quantized per output channel over `reduce_axes`."""
-  w = quantized_weight(w, reduce_axes, bits, spec)
-  return jnp.einsum(eqn, x, w.astype(x.dtype))
+def einsum(eqn: str, x: jax.Array, w, *, reduce_axes: Sequence[int],
+           bits: int | None = None, spec: QuantSpec | None = None, aux: dict | None = None) -> jax.Array:
+  """jnp.einsum(eqn, x, w) with w quantized per output channel over `reduce_axes`.
+
+  With OmniQuant's transform in `aux` (shift delta and scale s over the
+  contraction axes, which are x's trailing axes): ((x - delta) / s) Q(W s) + delta W,
+  where delta W is `aux['bias']` for a stored parent and computed from the float W otherwise.
+  """
+  aux = aux or {}
+  w_hat = quantized_weight(w, reduce_axes, bits, spec, aux)
+  if 'shift' in aux:
+    x = x - aux['shift'].astype(x.dtype)
+  if 'smooth' in aux:
+    x = x / aux['smooth'].astype(x.dtype)
+  out = jnp.einsum(eqn, x, w_hat.astype(x.dtype))
+  if 'shift' in aux:
+    bias = aux['bias'] if 'bias' in aux else shift_bias(eqn, aux['shift'], w)
+    out = out + bias.astype(out.dtype)
+  return out

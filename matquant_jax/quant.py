@@ -131,20 +131,31 @@ def group(w: jax.Array, reduce_axes: Sequence[int], group_size: int | None):
   n = w.shape[ax]
   if group_size <= 0 or n % group_size:
     raise ValueError(f'group_size={group_size} must divide the contraction axis of size {n}')
-  return w.reshape(w.shape[:ax] + (n // group_size, group_size) + w.shape[ax + 1:]), (ax + 1,)
+  shape = w.shape[:ax] + (n // group_size, group_size) + w.shape[ax + 1:]
+  if isinstance(w, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(shape, w.dtype), (ax + 1,)
+  return w.reshape(shape), (ax + 1,)
 
 
-def calibrate(w, bits: int, reduce_axes: Sequence[int], gamma=None, beta=None):
+def stats_shape(shape: Sequence[int], reduce_axes: Sequence[int], group_size: int | None = None):
+  """Shape of the per-channel (or per-group) scale, zero point and clipping factors."""
+  wg, axes = group(jax.ShapeDtypeStruct(tuple(shape), jnp.float32), reduce_axes, group_size)
+  return tuple(1 if a in axes else n for a, n in enumerate(wg.shape))
+
+
+def calibrate(w, bits: int, reduce_axes: Sequence[int], gamma=None, beta=None,
+              stats_grad: bool = False):
   """Asymmetric min-max scale and rounded zero point over `reduce_axes`.
 
   With OmniQuant clipping factors gamma, beta in (0, 1) (broadcastable to the
   keepdims statistics): alpha = (gamma max - beta min) / (2^c - 1),
-  z = round(-beta min / alpha). The statistics of w are constants to the
-  gradient (so fake_quant's gradient w.r.t. w is the identity); gamma and
-  beta get gradients through alpha and z.
+  z = round(-beta min / alpha). By default the statistics of w are constants
+  to the gradient (so fake_quant's gradient w.r.t. w is the identity); gamma
+  and beta get gradients through alpha and z. `stats_grad=True` lets the
+  gradient through min/max too (OmniQuant's scale s acts on w through them).
   """
   axes = _norm_axes(reduce_axes, jnp.ndim(w))
-  ws = jax.lax.stop_gradient(w)
+  ws = w if stats_grad else jax.lax.stop_gradient(w)
   wmax = jnp.max(ws, axis=axes, keepdims=True)
   wmin = jnp.min(ws, axis=axes, keepdims=True)
   if gamma is not None:
@@ -168,18 +179,19 @@ def dequantize(q, scale, zero_point):
 
 def fake_quant(w, bits: int, *, parent_bits: int = 8, reduce_axes: Sequence[int] = (0,),
                extra_precision: bool = False, group_size: int | None = None,
-               gamma=None, beta=None):
+               gamma=None, beta=None, stats_grad: bool = False):
   """Quantize w to a parent_bits parent, slice to `bits`, dequantize.
 
   Statistics are taken over `reduce_axes` (the contraction axes: one scale per
   output channel), optionally in groups of `group_size` along the one
   contraction axis. The gradient w.r.t. w is the identity wherever the code is
-  not clipped (always, without clipping factors).
+  not clipped (always, without clipping factors), plus, with `stats_grad`, the
+  path through the min/max statistics.
   """
   check_bits(bits, parent_bits)
   shape = jnp.shape(w)
   wg, axes = group(w, reduce_axes, group_size)
-  scale, zero = calibrate(wg, parent_bits, axes, gamma, beta)
+  scale, zero = calibrate(wg, parent_bits, axes, gamma, beta, stats_grad)
   q = slice_ste(quantize(wg, scale, zero, parent_bits), bits, parent_bits, extra_precision)
   return dequantize(q, scale, zero).reshape(shape).astype(jnp.asarray(w).dtype)
 

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from matquant_jax import qeinsum
+from matquant_jax import qeinsum, quant
 from matquant_jax.qeinsum import QuantSpec
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
@@ -132,15 +132,61 @@ class Embedder(nn.Module):
     return jnp.dot(x, self.input_embedding.T.astype(x.dtype))
 
 
+@dataclasses.dataclass(frozen=True)
+class WeightInfo:
+  """How a quantizable weight is applied: its einsum and contraction (per-channel reduce) axes."""
+  eqn: str
+  reduce_axes: tuple[int, ...]
+  target: str  # 'ffn' or 'attn', as in QuantSpec.targets
+
+
+def quantizable_weights(config: TransformerConfig) -> dict[str, WeightInfo]:
+  """Every weight of a block that goes through the quantized-einsum path, by its params path."""
+  w = {}
+  if config.num_heads == config.num_kv_heads:
+    w['attn/qkv_einsum/w'] = WeightInfo('BTD,SNDH->SBTNH', (2,), 'attn')
+  else:
+    w['attn/q_einsum/w'] = WeightInfo('BTD,NDH->BTNH', (1,), 'attn')
+    w['attn/kv_einsum/w'] = WeightInfo('BSD,CKDH->CBSKH', (2,), 'attn')
+  w['attn/attn_vec_einsum/w'] = WeightInfo('BTNH,NHD->BTD', (0, 1), 'attn')
+  if config.transpose_gating_einsum:
+    w['mlp/gating_einsum'] = WeightInfo('BTD,FHD->FBTH', (2,), 'ffn')
+  else:
+    w['mlp/gating_einsum'] = WeightInfo('BTD,FDH->FBTH', (1,), 'ffn')
+  w['mlp/linear'] = WeightInfo('BTH,HD->BTD', (0,), 'ffn')
+  return w
+
+
+def ffn_reduce_axes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
+  """Contraction axes of each FFN weight (per-output-channel statistics reduce over them)."""
+  return {p.split('/')[1]: i.reduce_axes for p, i in quantizable_weights(config).items()
+          if i.target == 'ffn'}
+
+
+def quantized_einsum(module: nn.Module, name: str, shape: tuple[int, ...], info: WeightInfo,
+                     x: jax.Array, bits: int | None, spec: QuantSpec | None) -> jax.Array:
+  """Applies `module`'s weight `name` through the quantized-einsum path.
+
+  The weight is a float param, or a stored `QuantizedArray` parent; OmniQuant's
+  learned transform, if any, sits at the same path in the 'quant' collection.
+  """
+  if spec is None or info.target not in spec.targets:
+    bits = None
+  w = module.get_variable('params', name) if module.has_variable('params', name) else None
+  if not isinstance(w, quant.QuantizedArray):
+    w = module.param(name, fan_in_init(shape, info.reduce_axes), shape)
+  aux = module.get_variable('quant', name) if module.has_variable('quant', name) else None
+  return qeinsum.einsum(info.eqn, x, w, reduce_axes=info.reduce_axes, bits=bits, spec=spec, aux=aux)
+
+
 class Einsum(nn.Module):
   """A weight 'w' of a given shape, applied through the quantized-einsum path."""
   shape: tuple[int, ...]
-  reduce_axes: tuple[int, ...]
+  info: WeightInfo
 
   @nn.compact
-  def __call__(self, eqn, x, bits=None, spec=None):
-    w = self.param('w', fan_in_init(self.shape, self.reduce_axes), self.shape)
-    return qeinsum.einsum(eqn, x, w, reduce_axes=self.reduce_axes, bits=bits, spec=spec)
+  def __call__(self, x, bits=None, spec=None):
+    return quantized_einsum(self, 'w', self.shape, self.info, x, bits, spec)
 
 
 class Attention(nn.Module):
@@ -151,15 +197,14 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, positions, mask, bits=None, spec=None):
     c = self.config
-    if spec is None or 'attn' not in spec.targets:
-      bits = None
+    w = quantizable_weights(c)
     n, k, d, h = c.num_heads, c.num_kv_heads, c.embed_dim, c.head_dim
     if n == k:
-      qkv = Einsum((3, n, d, h), (2,), name='qkv_einsum')('BTD,SNDH->SBTNH', x, bits, spec)
+      qkv = Einsum((3, n, d, h), w['attn/qkv_einsum/w'], name='qkv_einsum')(x, bits, spec)
       q, key, value = qkv[0], qkv[1], qkv[2]
     else:
-      q = Einsum((n, d, h), (1,), name='q_einsum')('BTD,NDH->BTNH', x, bits, spec)
-      kv = Einsum((2, k, d, h), (2,), name='kv_einsum')('BSD,CKDH->CBSKH', x, bits, spec)
+      q = Einsum((n, d, h), w['attn/q_einsum/w'], name='q_einsum')(x, bits, spec)
+      kv = Einsum((2, k, d, h), w['attn/kv_einsum/w'], name='kv_einsum')(x, bits, spec)
       key, value = kv[0], kv[1]
     q = apply_rope(q, positions, c.rope_base) * jnp.asarray(c.query_scale, x.dtype)
     key = apply_rope(key, positions, c.rope_base)
@@ -176,12 +221,7 @@ class Attention(nn.Module):
     probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
     probs = probs.reshape(b, t, k, n // k, t)
     encoded = jnp.einsum('BTKGS,BSKH->BTKGH', probs, value).reshape(b, t, n, h)
-    return Einsum((n, h, d), (0, 1), name='attn_vec_einsum')('BTNH,NHD->BTD', encoded, bits, spec)
-
-
-def ffn_reduce_axes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
-  """Contraction axes of each FFN weight (per-output-channel statistics reduce over them)."""
-  return {'gating_einsum': (2,) if config.transpose_gating_einsum else (1,), 'linear': (0,)}
+    return Einsum((n, h, d), w['attn/attn_vec_einsum/w'], name='attn_vec_einsum')(encoded, bits, spec)
 
 
 class FeedForward(nn.Module):
@@ -191,18 +231,15 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, x, bits=None, spec=None):
     c = self.config
-    if spec is None or 'ffn' not in spec.targets:
-      bits = None
-    axes = ffn_reduce_axes(c)
+    w = quantizable_weights(c)
     if c.transpose_gating_einsum:
-      shape, eqn = (2, c.hidden_dim, c.embed_dim), 'BTD,FHD->FBTH'
+      shape = (2, c.hidden_dim, c.embed_dim)
     else:
-      shape, eqn = (2, c.embed_dim, c.hidden_dim), 'BTD,FDH->FBTH'
-    w = self.param('gating_einsum', fan_in_init(shape, axes['gating_einsum']), shape)
-    gate = qeinsum.einsum(eqn, x, w, reduce_axes=axes['gating_einsum'], bits=bits, spec=spec)
+      shape = (2, c.embed_dim, c.hidden_dim)
+    gate = quantized_einsum(self, 'gating_einsum', shape, w['mlp/gating_einsum'], x, bits, spec)
     hidden = jax.nn.gelu(gate[0], approximate=True) * gate[1]
-    w_out = self.param('linear', fan_in_init((c.hidden_dim,), axes['linear']), (c.hidden_dim, c.embed_dim))
-    return qeinsum.einsum('BTH,HD->BTD', hidden, w_out, reduce_axes=axes['linear'], bits=bits, spec=spec)
+    return quantized_einsum(self, 'linear', (c.hidden_dim, c.embed_dim), w['mlp/linear'],
+                            hidden, bits, spec)
 
 
 class Block(nn.Module):
