@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
-RUN_FIELDS = {'name', 'label', 'objective', 'lambdas', 'parent_bits', 'extra_precision'}
+RUN_FIELDS = {'name', 'label', 'objective', 'lambdas', 'parent_bits', 'extra_precision', 'algo', 'budget'}
+ALGOS = ('qat', 'omniquant')
 
 
 def optimizer(learning_rate: float, warmup_steps: int) -> ml_collections.ConfigDict:
@@ -13,15 +14,24 @@ def optimizer(learning_rate: float, warmup_steps: int) -> ml_collections.ConfigD
 
 
 def run(name: str, label: str, objective: str, lambdas=None, parent_bits: int = 8,
-        extra_precision: bool = False) -> dict:
-  """One QAT run of the study; all start from the same pretrained float model."""
+        extra_precision: bool = False, algo: str = 'qat', budget: float = 1.0) -> dict:
+  """One run of the study; all start from the same pretrained float model.
+
+  algo: 'qat' (cfg.qat) or 'omniquant' (cfg.omniquant); budget multiplies the
+  QAT steps or the OmniQuant epochs.
+  """
   return dict(name=name, label=label, objective=objective, lambdas=lambdas,
-              parent_bits=parent_bits, extra_precision=extra_precision)
+              parent_bits=parent_bits, extra_precision=extra_precision, algo=algo, budget=budget)
 
 
-def baseline(bits: int) -> dict:
-  """QAT for one precision: a `bits`-bit min-max quantizer (parent_bits = bits)."""
-  return run(f'baseline_int{bits}', 'Baseline', str(bits), (1.0,), parent_bits=bits)
+def baseline(bits: int, algo: str = 'qat') -> dict:
+  """One precision: a `bits`-bit min-max quantizer (parent_bits = bits).
+
+  The OmniQuant int2 baseline gets twice the budget, as in the paper.
+  """
+  budget = 2.0 if algo == 'omniquant' and bits == 2 else 1.0
+  return run(f'baseline_int{bits}', 'Baseline', str(bits), (1.0,), parent_bits=bits,
+             algo=algo, budget=budget)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -37,6 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.qat = dict(steps=250, trainable='ffn', checkpoint_every=250, log_every=10,
                optimizer=optimizer(3e-4, 25),
                quant=dict(group_size=None, targets=('ffn',)))
+  # OmniQuant calibration (the paper: 128 x 2048 C4 tokens, batch 4, lr 1e-3 constant, AdamW wd 0).
+  c.omniquant = dict(samples=128, seq_len=128, batch_size=4, epochs=10, learning_rate=1e-3,
+                     weight_decay=0.0, lwc=True, let=True)
   c.runs = [baseline(8), baseline(4), baseline(2),
             run('matquant', 'MatQuant', '8,4,2', (0.1, 0.1, 1.0))]
   c.eval = dict(bits=(8, 6, 4, 3, 2), mixnmatch={'pyramid': (2, 8, 8, 2), 'pyramid_3bit': (2, 4, 4, 2)})
@@ -58,6 +71,10 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
     unknown = set(r) - RUN_FIELDS
     if unknown:
       raise ValueError(f'unknown field(s) {sorted(unknown)} in run {r.get("name")!r}; known: {sorted(RUN_FIELDS)}')
+    if r.get('algo', 'qat') not in ALGOS:
+      raise ValueError(f'run {r["name"]!r}: algo must be one of {ALGOS}, got {r.get("algo")!r}')
+    if not r.get('budget', 1.0) > 0:
+      raise ValueError(f'run {r["name"]!r}: budget must be positive, got {r.get("budget")!r}')
     if r['name'] in names or r['name'] == 'float':
       raise ValueError(f'run name {r["name"]!r} is repeated or reserved')
     names.add(r['name'])

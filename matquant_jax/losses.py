@@ -99,31 +99,44 @@ def _name(bits: Bits) -> str:
   return 'float' if bits is None else f'int{bits}'
 
 
-def matquant_loss(logits_fn: Callable[[Bits], jax.Array], targets: jax.Array, mask: jax.Array,
-                  objective: Objective) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """sum_r lambda_r * (CE_r if r is a data term + sum of KL(teacher -> r) terms).
+def mse(output: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean squared error over the feature axis and the masked tokens (OmniQuant's L2)."""
+  err = jnp.mean(jnp.square(output.astype(jnp.float32) - target.astype(jnp.float32)), axis=-1)
+  return jnp.sum(err * mask) / jnp.maximum(jnp.sum(mask), 1)
 
-  logits_fn(bits) runs the model with its weights sliced to `bits`; each
+
+def mse_distillation(teacher: jax.Array, student: jax.Array, mask: jax.Array) -> jax.Array:
+  """L2 between the teacher slice's output (stop-gradient) and the student's."""
+  return mse(student, jax.lax.stop_gradient(teacher), mask)
+
+
+def matquant_loss(outputs_fn: Callable[[Bits], jax.Array], targets: jax.Array, mask: jax.Array,
+                  objective: Objective, data_loss=cross_entropy, distill_loss=distillation,
+                  names: tuple[str, str] = ('ce', 'kl')) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """sum_r lambda_r * (data_loss_r if r is a data term + sum of distill_loss(teacher -> r)).
+
+  outputs_fn(bits) runs the model with its weights sliced to `bits` (logits
+  for QAT; a layer's output for OmniQuant, with mse / mse_distillation); each
   slice is run once per step.
   """
-  logits = {}
+  outputs = {}
   def get(bits):
-    if bits not in logits:
-      logits[bits] = logits_fn(bits)
-    return logits[bits]
+    if bits not in outputs:
+      outputs[bits] = outputs_fn(bits)
+    return outputs[bits]
 
   total, metrics = 0.0, {}
   for r, lam in zip(objective.widths, objective.lambdas):
     term = 0.0
     if r in objective.data:
-      ce = cross_entropy(get(r), targets, mask)
-      metrics[f'ce_{_name(r)}'] = ce
-      term += ce
+      loss = data_loss(get(r), targets, mask)
+      metrics[f'{names[0]}_{_name(r)}'] = loss
+      term += loss
     for t, s in objective.distill:
       if s == r:
-        kl = distillation(get(t), get(r), mask)
-        metrics[f'kl_{_name(t)}_to_{_name(r)}'] = kl
-        term += kl
+        loss = distill_loss(get(t), get(r), mask)
+        metrics[f'{names[1]}_{_name(t)}_to_{_name(r)}'] = loss
+        term += loss
     total += lam * term
   metrics['loss'] = total
   return total, metrics

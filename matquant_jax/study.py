@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -10,10 +11,11 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
+import orbax.checkpoint as ocp
 from flax import traverse_util
 from tensorboardX import SummaryWriter
 
-from matquant_jax import configs, losses, report, train
+from matquant_jax import configs, losses, omniquant, report, train
 from matquant_jax.data import pipeline
 from matquant_jax.models import gemma
 from matquant_jax.qeinsum import QuantSpec
@@ -26,20 +28,26 @@ def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> gemma.Trans
 
 
 def ffn_average_bits(params, spec: QuantSpec, mcfg: gemma.TransformerConfig) -> float:
-  """Bits per FFN parameter: r per layer, plus the extra-bucket fraction with extra precision."""
+  """Bits per FFN parameter: r per layer, plus the extra-bucket fraction with extra precision.
+
+  params: float params, or a stored parent whose FFN weights are QuantizedArrays.
+  """
+  params = train.as_variables(params)['params']
   axes = gemma.ffn_reduce_axes(mcfg)
   total, count = 0.0, 0
   for i in range(mcfg.num_layers):
     bits = spec.bits_for(i, mcfg.num_layers)
     for name, w in params[f'layer_{i}']['mlp'].items():
+      size = math.prod(w.shape)
       if bits is None:
         b = 32.0
       elif spec.extra_precision:
-        qa = QuantizedArray.from_float(w, spec.parent_bits, axes[name], spec.group_size)
-        b = qa.average_bits(bits, extra_precision=True)
+        if not isinstance(w, QuantizedArray):
+          w = QuantizedArray.from_float(w, spec.parent_bits, axes[name], spec.group_size)
+        b = w.average_bits(bits, extra_precision=True)
       else:
         b = float(bits)
-      total, count = total + b * w.size, count + w.size
+      total, count = total + b * size, count + size
   return total / count
 
 
@@ -55,6 +63,7 @@ def _fingerprint(cfg: ml_collections.ConfigDict) -> dict:
   data = {k: v for k, v in cfg.data.to_dict().items() if not k.startswith('eval')}
   return {'seed': cfg.seed, 'data': data, 'model': cfg.model.to_dict(),
           'pretrain': cfg.pretrain.to_dict(), 'qat': cfg.qat.to_dict(),
+          'omniquant': cfg.omniquant.to_dict(),
           'runs': {r['name']: dict(r) for r in cfg.runs}}
 
 
@@ -76,6 +85,28 @@ def check_workdir(workdir: str, cfg: ml_collections.ConfigDict) -> None:
                          f'but the config says {new.get(key)!r}; use a new --workdir')
     now['runs'] = {**before['runs'], **now['runs']}
   _write_json(path, now)
+
+
+def run_omniquant(cfg: ml_collections.ConfigDict, r: dict, mcfg: gemma.TransformerConfig,
+                  float_params, train_stream, objective: losses.Objective, ckpt_dir: str,
+                  writer=None) -> dict:
+  """Calibrates one OmniQuant run (resumable per block); returns its exported parent variables."""
+  o = cfg.omniquant
+  calib = pipeline.train_batch(train_stream, 0, o.samples, o.seq_len, cfg.seed + 1)[:, :-1]
+  q = cfg.qat.quant
+  spec = QuantSpec(r['parent_bits'], r['parent_bits'], r['extra_precision'], q.group_size,
+                   tuple(q.targets))
+  ocfg = ml_collections.ConfigDict(o.to_dict())
+  ocfg.epochs = max(1, round(o.epochs * r.get('budget', 1.0)))
+  qtree = omniquant.calibrate(mcfg, float_params, calib, objective, spec, ocfg, ckpt_dir, writer,
+                              r['name'], cfg.seed)
+  parent = omniquant.export_parent(mcfg, float_params, qtree, spec)
+  mngr = train.checkpoint_manager(os.path.join(os.path.dirname(os.path.dirname(ckpt_dir)), 'parents', r['name']), 1)
+  if mngr.latest_step() is None:
+    mngr.save(0, args=ocp.args.StandardSave(parent))
+  mngr.wait_until_finished()
+  mngr.close()
+  return parent
 
 
 def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -109,12 +140,18 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   models = {'float': (float_params, None)}
   for r in cfg.runs:
     t = time.perf_counter()
-    run_cfg = ml_collections.ConfigDict(cfg.qat.to_dict())
-    run_cfg.quant.update(parent_bits=r['parent_bits'], extra_precision=r['extra_precision'])
     objective = losses.parse_objective(r['objective'], r['lambdas'], r['parent_bits'])
-    params, _ = train.train(model, float_params, objective, batch_fn, run_cfg,
-                            os.path.join(workdir, 'checkpoints', r['name']), writer, r['name'])
-    models[r['name']] = (params, r)
+    ckpt_dir = os.path.join(workdir, 'checkpoints', r['name'])
+    if r.get('algo', 'qat') == 'omniquant':
+      models[r['name']] = (run_omniquant(cfg, r, mcfg, float_params, data.train, objective,
+                                         ckpt_dir, writer), r)
+    else:
+      run_cfg = ml_collections.ConfigDict(cfg.qat.to_dict())
+      run_cfg.steps = round(run_cfg.steps * r.get('budget', 1.0))
+      run_cfg.quant.update(parent_bits=r['parent_bits'], extra_precision=r['extra_precision'])
+      params, _ = train.train(model, float_params, objective, batch_fn, run_cfg, ckpt_dir, writer,
+                              r['name'])
+      models[r['name']] = (params, r)
     timings[r['name']] = time.perf_counter() - t
 
   t = time.perf_counter()

@@ -100,14 +100,24 @@ def make_train_step(model: gemma.Transformer, objective: losses.Objective,
   return jax.jit(train_step, donate_argnums=(0,))
 
 
+def as_variables(params_or_variables) -> dict:
+  """{'params': ...} plus an optional 'quant' collection (OmniQuant transforms)."""
+  if 'params' in params_or_variables:
+    return params_or_variables
+  return {'params': params_or_variables}
+
+
 def make_eval_fn(model: gemma.Transformer) -> Callable:
-  """eval_fn(params, batches, spec) -> mean NLL in nats per token (log perplexity)."""
+  """eval_fn(params, batches, spec) -> mean NLL in nats per token (log perplexity).
+
+  params may also be variables {'params', 'quant'}, e.g. an exported OmniQuant parent.
+  """
 
   @functools.partial(jax.jit, static_argnums=2)
   def _sums(params, batch, spec):
     inputs, targets = batch[:, :-1], batch[:, 1:]
     mask = (targets != gemma.PAD_ID).astype(jnp.float32)
-    logits = model.apply({'params': params}, inputs, quant=spec)
+    logits = model.apply(as_variables(params), inputs, quant=spec)
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     return jnp.sum(nll * mask), jnp.sum(mask)

@@ -257,6 +257,26 @@ class Block(nn.Module):
     return x + RMSNorm(name='post_ffw_norm')(f)
 
 
+def attention_inputs(tokens: jax.Array, positions: jax.Array | None = None):
+  """(positions [B, T], mask [B, T, S]): causal, padding keys masked."""
+  b, t = tokens.shape
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+  causal = positions[:, :, None] >= positions[:, None, :]
+  return positions, causal & (tokens != PAD_ID)[:, None, :]
+
+
+def embed(config: TransformerConfig, params, tokens: jax.Array) -> jax.Array:
+  """The first block's input, for layer-wise algorithms."""
+  return Embedder(config.num_embed, config.embed_dim).apply(
+      {'params': params['embedder']}, tokens, jnp.dtype(config.dtype), method=Embedder.encode)
+
+
+def blocks(config: TransformerConfig) -> list[tuple[str, Block]]:
+  """(params key, module) of every block, in order, for layer-wise algorithms (OmniQuant)."""
+  return [(f'layer_{i}', Block(config, a)) for i, a in enumerate(config.attention_types)]
+
+
 class Transformer(nn.Module):
   """Gemma-2 decoder. `apply({'params': p}, tokens, quant=QuantSpec(...))` gives logits."""
   config: TransformerConfig
@@ -266,11 +286,7 @@ class Transformer(nn.Module):
                quant: QuantSpec | None = None) -> jax.Array:
     c = self.config
     dtype = jnp.dtype(c.dtype)
-    b, t = tokens.shape
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    causal = positions[:, :, None] >= positions[:, None, :]
-    mask = causal & (tokens != PAD_ID)[:, None, :]
+    positions, mask = attention_inputs(tokens, positions)
     embedder = Embedder(c.num_embed, c.embed_dim, name='embedder')
     x = embedder.encode(tokens, dtype)
     for i, attn_type in enumerate(c.attention_types):

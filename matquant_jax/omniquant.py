@@ -1,0 +1,207 @@
+"""OmniQuant as MatQuant's post-training base algorithm (spec sections 2, 5, 6).
+
+The model's weights stay frozen. Learned, per quantized weight: the clipping
+factors gamma, beta = sigmoid(logit) per output channel (LWC), and the input
+transform XW -> ((X - delta) / s) Q(W s) + delta W (shift delta, scale s over
+the contraction axes). They live in a 'quant' variable collection that mirrors
+the params tree, so `model.apply({'params': p, 'quant': t}, ...)` runs the
+transformed model through the ordinary quantized-einsum path.
+
+Calibration goes one block at a time: the target is the float block's output
+on the float model's activations; the input is the output of the already
+calibrated (quantized) previous blocks, one stream per bit-width; the loss is
+the MatQuant sum over r of lambda_r * MSE_r (plus L2 co-distillation terms).
+`export_parent` folds the result into a stored uint8 parent.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import traverse_util
+import tqdm
+
+from matquant_jax import losses, qeinsum, quant, train
+from matquant_jax.models import gemma
+from matquant_jax.qeinsum import QuantSpec
+
+LOGIT_INIT = 4.0  # sigmoid(4) = 0.982, as in OmniQuant's code
+Tree = Any
+
+
+def _targets(config: gemma.TransformerConfig, spec: QuantSpec) -> dict[str, gemma.WeightInfo]:
+  return {p: i for p, i in gemma.quantizable_weights(config).items() if i.target in spec.targets}
+
+
+def check_options(cfg: ml_collections.ConfigDict, objective: losses.Objective) -> None:
+  """Raises ValueError naming the first bad calibration option."""
+  for key in ('samples', 'seq_len', 'batch_size', 'epochs'):
+    if not isinstance(cfg[key], int) or cfg[key] < 1:
+      raise ValueError(f'omniquant.{key} must be a positive integer, got {cfg[key]!r}')
+  if cfg.batch_size > cfg.samples:
+    raise ValueError(f'omniquant.batch_size={cfg.batch_size} exceeds omniquant.samples={cfg.samples}')
+  if not cfg.learning_rate > 0:
+    raise ValueError(f'omniquant.learning_rate must be positive, got {cfg.learning_rate!r}')
+  if not (cfg.lwc or cfg.let):
+    raise ValueError('omniquant needs something to learn: set lwc and/or let')
+  if None in objective.widths:
+    raise ValueError('OmniQuant calibrates quantized slices; the objective may not contain "float"')
+
+
+def init_transforms(config: gemma.TransformerConfig, params: Tree, spec: QuantSpec,
+                    lwc: bool = True, let: bool = True) -> Tree:
+  """The identity transform (delta 0, s 1) and clipping logits 4.0 for every quantized weight."""
+  flat = {}
+  for key, _ in gemma.blocks(config):
+    for path, info in _targets(config, spec).items():
+      w = traverse_util.flatten_dict(params[key], sep='/')[path]
+      aux = {}
+      if lwc:
+        shape = quant.stats_shape(w.shape, info.reduce_axes, spec.group_size)
+        aux['gamma_logit'] = jnp.full(shape, LOGIT_INIT, jnp.float32)
+        aux['beta_logit'] = jnp.full(shape, LOGIT_INIT, jnp.float32)
+      if let:
+        shape = tuple(w.shape[a] for a in sorted(info.reduce_axes))
+        aux['shift'] = jnp.zeros(shape, jnp.float32)
+        aux['smooth'] = jnp.ones(shape, jnp.float32)
+      flat[f'{key}/{path}'] = aux
+  return traverse_util.unflatten_dict(flat, sep='/')
+
+
+def _layer_fns(block, objective: losses.Objective, spec: QuantSpec, tx: optax.GradientTransformation):
+  """(jitted train step, jitted forward) for one block module; reused by every block of its kind."""
+
+  def forward(layer_params, aux, x, tokens, bits):
+    positions, mask = gemma.attention_inputs(tokens)
+    variables = {'params': layer_params} if aux is None else {'params': layer_params, 'quant': aux}
+    return block.apply(variables, x, positions, mask, bits, None if bits is None else spec)
+
+  def step(aux, opt_state, layer_params, xs, target, tokens):
+    tmask = (tokens != gemma.PAD_ID).astype(jnp.float32)
+    def loss_fn(aux):
+      out = lambda bits: forward(layer_params, aux, xs[bits], tokens, bits)
+      return losses.matquant_loss(out, target, tmask, objective, losses.mse,
+                                  losses.mse_distillation, ('mse', 'l2'))
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(aux)
+    updates, opt_state = tx.update(grads, opt_state, aux)
+    return optax.apply_updates(aux, updates), opt_state, metrics
+
+  return (jax.jit(step, donate_argnums=(0, 1)),
+          jax.jit(forward, static_argnums=4))
+
+
+def _chunked(fn, x: jax.Array, tokens: np.ndarray, size: int) -> jax.Array:
+  return jnp.concatenate([fn(x[i:i + size], tokens[i:i + size]) for i in range(0, len(x), size)])
+
+
+def calibrate(config: gemma.TransformerConfig, params: Tree, tokens: np.ndarray,
+              objective: losses.Objective, spec: QuantSpec, cfg: ml_collections.ConfigDict,
+              ckpt_dir: str | None = None, writer=None, desc: str = 'omniquant', seed: int = 0) -> Tree:
+  """Learns the OmniQuant transforms block by block; returns the 'quant' tree.
+
+  tokens: int [samples, seq_len] calibration sequences. cfg: epochs,
+  batch_size, learning_rate, weight_decay, lwc, let (the rest of the
+  `omniquant` config is the caller's). With `ckpt_dir`, the transforms are
+  saved after every block and a rerun resumes after the last finished one.
+  """
+  check_options(ml_collections.ConfigDict({**cfg.to_dict(), 'samples': len(tokens),
+                                           'seq_len': tokens.shape[1]}), objective)
+  tokens = np.asarray(tokens)
+  qtree = init_transforms(config, params, spec, cfg.lwc, cfg.let)
+  mngr, done = None, 0
+  if ckpt_dir:
+    mngr = train.checkpoint_manager(ckpt_dir, keep=1)
+    if mngr.latest_step() is not None:
+      done = mngr.latest_step()
+      abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, qtree)
+      qtree = mngr.restore(done, args=ocp.args.StandardRestore(abstract))
+      logging.info('%s: resuming after block %d of %d', desc, done, config.num_layers)
+
+  widths = tuple(dict.fromkeys(objective.widths + objective.teachers))
+  tx = optax.adamw(cfg.learning_rate, weight_decay=cfg.weight_decay)
+  fns = {}
+  bs, n = cfg.batch_size, len(tokens)
+  steps_per_epoch = n // bs
+  x0 = _chunked(lambda t, _: gemma.embed(config, params, t), tokens, tokens, bs)
+  fp, streams = x0, {r: x0 for r in widths}
+  layers = gemma.blocks(config)
+  bar = tqdm.tqdm(total=(len(layers) - done) * cfg.epochs * steps_per_epoch, desc=desc,
+                  mininterval=2.0, dynamic_ncols=True)
+  t_start = time.perf_counter()
+  for i, (key, block) in enumerate(layers):
+    kind = (type(block), getattr(block, 'attn_type', None))
+    if kind not in fns:
+      fns[kind] = _layer_fns(block, objective, spec, tx)
+    step, forward = fns[kind]
+    lp, aux = params[key], qtree[key]
+    target = _chunked(lambda x, t: forward(lp, None, x, t, None), fp, tokens, bs)
+    if i >= done:
+      t0 = time.perf_counter()
+      aux = jax.tree.map(jnp.copy, aux)  # the step donates it
+      opt_state = tx.init(aux)
+      bar.set_description(f'{desc} block {i + 1}/{len(layers)}')
+      for epoch in range(cfg.epochs):
+        order = np.random.default_rng([seed, i, epoch]).permutation(n)
+        for b in range(steps_per_epoch):
+          idx = order[b * bs:(b + 1) * bs]
+          xs = {r: streams[r][idx] for r in widths}
+          aux, opt_state, metrics = step(aux, opt_state, lp, xs, target[idx], tokens[idx])
+          bar.update()
+        bar.set_postfix({k: f'{float(v):.2e}' for k, v in metrics.items() if k != 'loss'})
+      metrics = {k: float(v) for k, v in metrics.items()}
+      logging.info('%s: block %d/%d, %.2f s/epoch, last batch %s', desc, i + 1, len(layers),
+                   (time.perf_counter() - t0) / cfg.epochs,
+                   ', '.join(f'{k} {v:.3e}' for k, v in metrics.items()))
+      if writer is not None:
+        for k, v in metrics.items():
+          writer.add_scalar(f'{desc}/{k}', v, i + 1)
+      qtree = {**qtree, key: aux}
+    streams = {r: _chunked(lambda x, t: forward(lp, aux, x, t, r), streams[r], tokens, bs)
+               for r in widths}
+    fp = target
+    if mngr is not None and i >= done:
+      mngr.save(i + 1, args=ocp.args.StandardSave(qtree))
+  bar.close()
+  if mngr is not None:
+    mngr.wait_until_finished()
+    mngr.close()
+  logging.info('%s: %d blocks in %.1fs', desc, len(layers) - done, time.perf_counter() - t_start)
+  return qtree
+
+
+def export_parent(config: gemma.TransformerConfig, params: Tree, qtree: Tree,
+                  spec: QuantSpec) -> dict[str, Tree]:
+  """Folds the transforms into a stored parent: {'params', 'quant'} variables.
+
+  Every calibrated weight becomes a `QuantizedArray` of Q(W s) (uint8 codes,
+  per-channel scale and zero point, clipped by gamma, beta); the 'quant'
+  collection keeps what cannot be folded into W: shift delta, scale s (for
+  the input) and the bias delta W. Evaluation, slicing and Mix'n'Match use the
+  result through `model.apply(variables, tokens, quant=QuantSpec(...))`.
+  """
+  flat_p = traverse_util.flatten_dict(params, sep='/')
+  flat_q = {}
+  infos = gemma.quantizable_weights(config)
+  for key, _ in gemma.blocks(config):
+    for path, aux in traverse_util.flatten_dict(qtree[key], sep='/', is_leaf=lambda _, v: 'shift' in v or
+                                                'gamma_logit' in v).items():
+      info, w = infos[path], flat_p[f'{key}/{path}']
+      ws = qeinsum.quantized_weight(w, info.reduce_axes, None, None, aux)  # W * s
+      gamma, beta = qeinsum._lwc(aux)  # pylint: disable=protected-access
+      flat_p[f'{key}/{path}'] = quant.QuantizedArray.from_float(
+          ws, spec.parent_bits, info.reduce_axes, spec.group_size, gamma, beta)
+      if 'shift' in aux:
+        flat_q[f'{key}/{path}'] = {'shift': aux['shift'], 'smooth': aux['smooth'],
+                                   'bias': qeinsum.shift_bias(info.eqn, aux['shift'], w)}
+  out = {'params': traverse_util.unflatten_dict(flat_p, sep='/')}
+  if flat_q:
+    out['quant'] = traverse_util.unflatten_dict(flat_q, sep='/')
+  return out

@@ -1,0 +1,180 @@
+"""OmniQuant: LWC numerics, the shift/scale identity, calibration, the stored parent, resume."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from matquant_jax import configs, losses, omniquant, quant, train
+from matquant_jax.models import gemma
+from matquant_jax.qeinsum import QuantSpec
+
+CFG = gemma.TransformerConfig.tiny()
+OPTS = dict(epochs=4, batch_size=4, learning_rate=5e-2, weight_decay=0.0, lwc=True, let=True)
+
+
+def _logit(p):
+  return float(np.log(p / (1 - p)))
+
+
+@pytest.fixture(scope='module')
+def setup():
+  tokens = np.random.default_rng(0).integers(4, CFG.num_embed, (16, 16)).astype(np.int32)
+  model = gemma.Transformer(CFG)
+  params = model.init(jax.random.PRNGKey(0), jnp.asarray(tokens))['params']
+  return model, params, tokens
+
+
+@pytest.fixture(scope='module')
+def calibrated(setup):
+  _, params, tokens = setup
+  objective = losses.parse_objective('8,4,2', (0.1, 0.1, 1.0))
+  qtree = omniquant.calibrate(CFG, params, tokens, objective, QuantSpec(8),
+                              ml_collections.ConfigDict(OPTS))
+  return objective, qtree
+
+
+def test_lwc_scale_and_zero_point_by_hand():
+  w = jnp.array([[-1.0], [0.5], [2.0]])  # one output channel, contraction axis 0
+  gamma, beta = 0.5, 0.8
+  aux = {'gamma_logit': jnp.full((1, 1), _logit(gamma)), 'beta_logit': jnp.full((1, 1), _logit(beta))}
+  alpha = (0.5 * 2.0 - 0.8 * -1.0) / 255  # 1.8 / 255
+  z = round(0.8 / alpha)  # 113.33 -> 113
+  codes = [0, 184, 255]  # -28.7 -> 0; 70.8 + 113 = 183.8 -> 184; 283.3 + 113 -> 255
+  scale, zero = quant.calibrate(w, 8, (0,), gamma=jnp.float32(gamma), beta=jnp.float32(beta))
+  np.testing.assert_allclose(float(scale[0, 0]), alpha, rtol=1e-6)
+  assert float(zero[0, 0]) == z
+  qa = quant.QuantizedArray.from_float(w, 8, (0,), gamma=jnp.float32(gamma), beta=jnp.float32(beta))
+  assert qa.codes[:, 0].tolist() == codes
+  # The einsum path with the logits in 'quant' gives alpha * (q - z).
+  from matquant_jax import qeinsum
+  w_hat = qeinsum.quantized_weight(w, (0,), 8, QuantSpec(8), aux)
+  np.testing.assert_allclose(np.asarray(w_hat[:, 0]), alpha * (np.array(codes) - z), rtol=1e-5)
+
+
+def test_transform_is_exact_identity_without_quantization(setup):
+  model, params, tokens = setup
+  qtree = omniquant.init_transforms(CFG, params, QuantSpec(8))
+  rng = np.random.default_rng(1)
+  qtree = jax.tree_util.tree_map_with_path(
+      lambda p, v: jnp.asarray(rng.uniform(0.5, 2.0, v.shape) if p[-1].key == 'smooth' else
+                               rng.normal(size=v.shape) if p[-1].key == 'shift' else v, jnp.float32),
+      qtree)
+  plain = model.apply({'params': params}, tokens)
+  transformed = model.apply({'params': params, 'quant': qtree}, tokens)
+  np.testing.assert_allclose(np.asarray(transformed), np.asarray(plain), atol=2e-5)
+
+
+def test_calibration_lowers_int2_block_error(setup, calibrated):
+  _, params, tokens = setup
+  _, qtree = calibrated
+  key, block = gemma.blocks(CFG)[0]
+  x = gemma.embed(CFG, params, tokens)
+  pos, mask = gemma.attention_inputs(jnp.asarray(tokens))
+  target = block.apply({'params': params[key]}, x, pos, mask)
+  def err(q):
+    out = block.apply({'params': params[key], 'quant': q[key]}, x, pos, mask, 2, QuantSpec(2))
+    return float(jnp.mean((out - target) ** 2))
+  minmax = err(omniquant.init_transforms(CFG, params, QuantSpec(8)))
+  learned = err(qtree)
+  assert learned < 0.95 * minmax, (learned, minmax)
+
+
+def test_gradient_reaches_clipping_and_scale(setup):
+  _, params, tokens = setup
+  qtree = omniquant.init_transforms(CFG, params, QuantSpec(8))
+  key, block = gemma.blocks(CFG)[0]
+  x = gemma.embed(CFG, params, tokens)
+  pos, mask = gemma.attention_inputs(jnp.asarray(tokens))
+  def loss(q):
+    return jnp.mean(block.apply({'params': params[key], 'quant': q}, x, pos, mask, 2, QuantSpec(2)) ** 2)
+  g = jax.grad(loss)(qtree[key])['mlp']['linear']
+  for name in ('gamma_logit', 'beta_logit', 'shift', 'smooth'):
+    assert float(jnp.max(jnp.abs(g[name]))) > 0, name
+
+
+def test_lambda_weighted_mse_loss_matches_numpy():
+  rng = np.random.default_rng(2)
+  target = rng.normal(size=(2, 3, 4)).astype(np.float32)
+  outs = {b: rng.normal(size=(2, 3, 4)).astype(np.float32) for b in (8, 4, 2)}
+  mask = np.array([[1, 1, 0], [1, 1, 1]], np.float32)
+  def ref(a, b):
+    return float(((a - b) ** 2).mean(-1)[mask > 0].mean())
+  obj = losses.parse_objective('8,4,2,8->2', (0.1, 0.2, 1.0))
+  total, metrics = losses.matquant_loss(lambda b: jnp.asarray(outs[b]), jnp.asarray(target),
+                                        jnp.asarray(mask), obj, losses.mse, losses.mse_distillation,
+                                        ('mse', 'l2'))
+  expect = (0.1 * ref(outs[8], target) + 0.2 * ref(outs[4], target)
+            + 1.0 * (ref(outs[2], target) + ref(outs[2], outs[8])))
+  np.testing.assert_allclose(float(total), expect, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics['l2_int8_to_int2']), ref(outs[2], outs[8]), rtol=1e-5)
+
+
+def test_exported_parent_matches_fake_quant_and_round_trips(setup, calibrated, tmp_path):
+  model, params, tokens = setup
+  _, qtree = calibrated
+  parent = omniquant.export_parent(CFG, params, qtree, QuantSpec(8))
+  qa = parent['params']['layer_1']['mlp']['linear']
+  assert isinstance(qa, quant.QuantizedArray) and qa.codes.dtype == jnp.uint8
+  assert set(parent['quant']['layer_0']['mlp']['gating_einsum']) == {'shift', 'smooth', 'bias'}
+  live = {'params': params, 'quant': qtree}
+  for spec in (QuantSpec(8), QuantSpec(3), QuantSpec(2), QuantSpec((2, 8)),
+               QuantSpec(2, extra_precision=True)):
+    a = model.apply(live, tokens, quant=spec)
+    b = model.apply(parent, tokens, quant=spec)
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, err_msg=str(spec))
+  mngr = train.checkpoint_manager(tmp_path / 'parent')
+  mngr.save(0, args=train.ocp.args.StandardSave(parent))
+  mngr.wait_until_finished()
+  abstract = jax.tree.map(train.ocp.utils.to_shape_dtype_struct, parent)
+  restored = mngr.restore(0, args=train.ocp.args.StandardRestore(abstract))
+  np.testing.assert_array_equal(np.asarray(model.apply(restored, tokens, quant=QuantSpec(2))),
+                                np.asarray(model.apply(parent, tokens, quant=QuantSpec(2))))
+  with pytest.raises(ValueError, match='parent_bits=4 but the stored parent has 8'):
+    model.apply(parent, tokens, quant=QuantSpec(4, parent_bits=4))
+
+
+class _StopAfterFirstBlock:
+  """A summary writer that raises once the second block reports (block 1 is saved by then)."""
+
+  def add_scalar(self, tag, value, step):
+    del tag, value
+    if step == 2:
+      raise KeyboardInterrupt('interrupted between blocks')
+
+
+def test_resume_between_blocks_gives_the_same_parent(setup, calibrated, tmp_path):
+  _, params, tokens = setup
+  objective, uninterrupted = calibrated
+  opts = ml_collections.ConfigDict(OPTS)
+  with pytest.raises(KeyboardInterrupt):
+    omniquant.calibrate(CFG, params, tokens, objective, QuantSpec(8), opts, str(tmp_path),
+                        writer=_StopAfterFirstBlock())
+  resumed = omniquant.calibrate(CFG, params, tokens, objective, QuantSpec(8), opts, str(tmp_path))
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize('change, match', [
+    (dict(batch_size=32), 'batch_size=32 exceeds omniquant.samples=16'),
+    (dict(epochs=0), 'omniquant.epochs must be a positive integer'),
+    (dict(lwc=False, let=False), 'needs something to learn'),
+    (dict(learning_rate=0.0), 'learning_rate must be positive'),
+])
+def test_bad_options_are_named(setup, change, match):
+  _, params, tokens = setup
+  with pytest.raises(ValueError, match=match):
+    omniquant.calibrate(CFG, params, tokens, losses.parse_objective('2'), QuantSpec(8),
+                        ml_collections.ConfigDict({**OPTS, **change}))
+
+
+def test_float_in_objective_and_bad_algo_are_rejected(setup):
+  _, params, tokens = setup
+  with pytest.raises(ValueError, match='may not contain "float"'):
+    omniquant.calibrate(CFG, params, tokens, losses.parse_objective('8,float'), QuantSpec(8),
+                        ml_collections.ConfigDict(OPTS))
+  cfg = configs.base_config()
+  cfg.runs = [configs.run('x', 'X', '2', algo='gptq')]
+  with pytest.raises(ValueError, match="algo must be one of \\('qat', 'omniquant'\\)"):
+    configs.check_config(cfg)
