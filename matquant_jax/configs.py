@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from matquant_jax import sharding
+
 RUN_FIELDS = {'name', 'label', 'objective', 'lambdas', 'parent_bits', 'extra_precision', 'algo', 'budget'}
 ALGOS = ('qat', 'omniquant')
 
@@ -52,6 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
                      weight_decay=0.0, lwc=True, let=True)
   c.runs = [baseline(8), baseline(4), baseline(2),
             run('matquant', 'MatQuant', '8,4,2', (0.1, 0.1, 1.0))]
+  # Device mesh (data, fsdp, tensor; -1 = the rest) and logical-to-mesh rules. Not part of a
+  # workdir's identity: a run saved on one mesh resumes on another.
+  c.mesh = sharding.mesh_config()
   c.eval = dict(bits=(8, 6, 4, 3, 2), mixnmatch={'pyramid': (2, 8, 8, 2), 'pyramid_3bit': (2, 4, 4, 2)})
   return c
 

@@ -177,30 +177,32 @@ def calibrate(config: gemma.TransformerConfig, params: Tree, tokens: np.ndarray,
   return qtree
 
 
-def export_parent(config: gemma.TransformerConfig, params: Tree, qtree: Tree,
+def export_parent(config: gemma.TransformerConfig, params: Tree, qtree: Tree | None,
                   spec: QuantSpec) -> dict[str, Tree]:
   """Folds the transforms into a stored parent: {'params', 'quant'} variables.
 
-  Every calibrated weight becomes a `QuantizedArray` of Q(W s) (uint8 codes,
-  per-channel scale and zero point, clipped by gamma, beta); the 'quant'
-  collection keeps what cannot be folded into W: shift delta, scale s (for
-  the input) and the bias delta W. Evaluation, slicing and Mix'n'Match use the
-  result through `model.apply(variables, tokens, quant=QuantSpec(...))`.
+  Every quantized weight (spec.targets) becomes a `QuantizedArray` of Q(W s)
+  (uint8 codes, per-channel scale and zero point, clipped by gamma, beta;
+  plain min-max when qtree is None, e.g. after QAT); the 'quant' collection
+  keeps what cannot be folded into W: shift delta, scale s (for the input)
+  and the bias delta W. Evaluation, slicing and Mix'n'Match use the result
+  through `model.apply(variables, tokens, quant=QuantSpec(...))`.
   """
   flat_p = traverse_util.flatten_dict(params, sep='/')
+  flat_t = traverse_util.flatten_dict(qtree or {}, sep='/')
   flat_q = {}
-  infos = gemma.quantizable_weights(config)
   for key, _ in gemma.blocks(config):
-    for path, aux in traverse_util.flatten_dict(qtree[key], sep='/', is_leaf=lambda _, v: 'shift' in v or
-                                                'gamma_logit' in v).items():
-      info, w = infos[path], flat_p[f'{key}/{path}']
+    for path, info in _targets(config, spec).items():
+      name = f'{key}/{path}'
+      aux = {k.rpartition('/')[2]: v for k, v in flat_t.items() if k.rpartition('/')[0] == name}
+      w = flat_p[name]
       ws = qeinsum.quantized_weight(w, info.reduce_axes, None, None, aux)  # W * s
-      gamma, beta = qeinsum._lwc(aux)  # pylint: disable=protected-access
-      flat_p[f'{key}/{path}'] = quant.QuantizedArray.from_float(
+      gamma, beta = qeinsum.clipping_factors(aux)
+      flat_p[name] = quant.QuantizedArray.from_float(
           ws, spec.parent_bits, info.reduce_axes, spec.group_size, gamma, beta)
       if 'shift' in aux:
-        flat_q[f'{key}/{path}'] = {'shift': aux['shift'], 'smooth': aux['smooth'],
-                                   'bias': qeinsum.shift_bias(info.eqn, aux['shift'], w)}
+        flat_q[name] = {'shift': aux['shift'], 'smooth': aux['smooth'],
+                        'bias': qeinsum.shift_bias(info.eqn, aux['shift'], w)}
   out = {'params': traverse_util.unflatten_dict(flat_p, sep='/')}
   if flat_q:
     out['quant'] = traverse_util.unflatten_dict(flat_q, sep='/')

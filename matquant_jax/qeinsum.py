@@ -51,7 +51,7 @@ class QuantSpec:
     return self.bits
 
 
-def _lwc(aux: dict) -> tuple[jax.Array | None, jax.Array | None]:
+def clipping_factors(aux: dict) -> tuple[jax.Array | None, jax.Array | None]:
   """OmniQuant clipping factors gamma, beta = sigmoid(logit), if aux holds them."""
   get = lambda k: jax.nn.sigmoid(aux[k]) if k in aux else None
   return get('gamma_logit'), get('beta_logit')
@@ -88,7 +88,7 @@ def quantized_weight(w, reduce_axes: Sequence[int], bits: int | None,
     w = w.astype(jnp.float32) * _along(aux['smooth'], w.ndim, reduce_axes)
   if spec is None or bits is None:
     return w
-  gamma, beta = _lwc(aux)
+  gamma, beta = clipping_factors(aux)
   return quant.fake_quant(w.astype(jnp.float32), bits, parent_bits=spec.parent_bits,
                           reduce_axes=reduce_axes, extra_precision=spec.extra_precision,
                           group_size=spec.group_size, gamma=gamma, beta=beta,

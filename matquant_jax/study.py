@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 from tensorboardX import SummaryWriter
 
-from matquant_jax import configs, losses, omniquant, report, train
+from matquant_jax import configs, losses, omniquant, report, sharding, train
 from matquant_jax.data import pipeline
 from matquant_jax.models import gemma
 from matquant_jax.qeinsum import QuantSpec
@@ -100,41 +100,53 @@ def run_omniquant(cfg: ml_collections.ConfigDict, r: dict, mcfg: gemma.Transform
   ocfg.epochs = max(1, round(o.epochs * r.get('budget', 1.0)))
   qtree = omniquant.calibrate(mcfg, float_params, calib, objective, spec, ocfg, ckpt_dir, writer,
                               r['name'], cfg.seed)
-  parent = omniquant.export_parent(mcfg, float_params, qtree, spec)
-  mngr = train.checkpoint_manager(os.path.join(os.path.dirname(os.path.dirname(ckpt_dir)), 'parents', r['name']), 1)
+  return omniquant.export_parent(mcfg, float_params, qtree, spec)
+
+
+def save_parent(directory: str, parent) -> None:
+  """Writes a run's stored parent (uint8 codes, scales, zero points, transforms) once, with orbax."""
+  mngr = train.checkpoint_manager(directory, keep=1)
   if mngr.latest_step() is None:
     mngr.save(0, args=ocp.args.StandardSave(parent))
   mngr.wait_until_finished()
   mngr.close()
-  return parent
 
 
 def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) the whole study in `workdir`; returns the results dict also written there."""
   configs.check_config(cfg)
   workdir = os.path.abspath(workdir)
+  lead = jax.process_index() == 0  # only process 0 writes summaries and results
   os.makedirs(workdir, exist_ok=True)
-  check_workdir(workdir, cfg)
+  if lead:
+    check_workdir(workdir, cfg)
+  mesh = sharding.make_mesh(cfg.mesh)
+  rules = tuple(tuple(r) for r in cfg.mesh.rules)
+  sharding.check_rules(rules, mesh)
+  logging.info('mesh: %s over %d devices in %d processes', dict(mesh.shape), mesh.size,
+               jax.process_count())
   t_start = time.perf_counter()
   data = pipeline.load_tokens(cfg.data.name, cfg.data.data_dir, cfg.data.vocab_size)
   mcfg = model_config(cfg, data.tokenizer.vocab_size())
   model = gemma.Transformer(mcfg)
   d = cfg.data
   def batch_fn(step):
-    return pipeline.train_batch(data.train, step, d.batch_size, d.seq_len, cfg.seed)
+    return pipeline.train_batch(data.train, step, d.batch_size, d.seq_len, cfg.seed,
+                                jax.process_index(), jax.process_count())
   val = pipeline.eval_batches(data.validation, d.eval_batch_size, d.seq_len, d.eval_batches)
   logging.info('data: %d train / %d validation tokens; eval on %d tokens', len(data.train),
                len(data.validation), sum(b[:, 1:].size for b in val))
 
-  writer = SummaryWriter(os.path.join(workdir, 'tensorboard'))
-  init = model.init(jax.random.PRNGKey(cfg.seed), jnp.zeros((1, d.seq_len), jnp.int32))['params']
+  writer = SummaryWriter(os.path.join(workdir, 'tensorboard')) if lead else None
+  init = train.init_params(model, d.seq_len, cfg.seed, mesh, rules)
   logging.info('model: %s, %d parameters', mcfg, sum(x.size for x in jax.tree.leaves(init)))
 
   timings = {}
   t = time.perf_counter()
   pre = ml_collections.ConfigDict(cfg.pretrain.to_dict())
   float_params, _ = train.train(model, init, losses.parse_objective('float'), batch_fn, pre,
-                                os.path.join(workdir, 'checkpoints', 'float'), writer, 'float')
+                                os.path.join(workdir, 'checkpoints', 'float'), writer, 'float',
+                                mesh, rules)
   timings['float'] = time.perf_counter() - t
 
   models = {'float': (float_params, None)}
@@ -142,16 +154,21 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     t = time.perf_counter()
     objective = losses.parse_objective(r['objective'], r['lambdas'], r['parent_bits'])
     ckpt_dir = os.path.join(workdir, 'checkpoints', r['name'])
+    spec = QuantSpec(r['parent_bits'], r['parent_bits'], r['extra_precision'],
+                     cfg.qat.quant.group_size, tuple(cfg.qat.quant.targets))
     if r.get('algo', 'qat') == 'omniquant':
       models[r['name']] = (run_omniquant(cfg, r, mcfg, float_params, data.train, objective,
                                          ckpt_dir, writer), r)
+      save_parent(os.path.join(workdir, 'parents', r['name']), models[r['name']][0])
     else:
       run_cfg = ml_collections.ConfigDict(cfg.qat.to_dict())
       run_cfg.steps = round(run_cfg.steps * r.get('budget', 1.0))
       run_cfg.quant.update(parent_bits=r['parent_bits'], extra_precision=r['extra_precision'])
       params, _ = train.train(model, float_params, objective, batch_fn, run_cfg, ckpt_dir, writer,
-                              r['name'])
+                              r['name'], mesh, rules)
       models[r['name']] = (params, r)
+      save_parent(os.path.join(workdir, 'parents', r['name']),
+                  omniquant.export_parent(mcfg, params, None, spec))
     timings[r['name']] = time.perf_counter() - t
 
   t = time.perf_counter()
@@ -181,7 +198,8 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       measure(name, params, f'mix:{mix}', spec(tuple(layer_bits)))
   timings['eval'] = time.perf_counter() - t
   timings['total'] = time.perf_counter() - t_start
-  writer.close()
+  if writer is not None:
+    writer.close()
 
   out = {'log_pplx': results, 'bits_per_ffn_param': bits_per_param, 'timings_s': timings,
          'runs': [dict(r) for r in cfg.runs], 'model': mcfg.__dict__ | {'num_params': int(sum(
@@ -191,6 +209,8 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                     'eval': int(sum(b[:, 1:].size for b in val))}}
   out['table'] = [dict(zip(('data_type', 'method', 'log_pplx', 'bits_per_ffn_param'), row))
                   for row in report.rows(out)]
+  if not lead:
+    return out
   _write_json(os.path.join(workdir, 'results.json'), out)
   table = report.table(out)
   with open(os.path.join(workdir, 'table.md'), 'w') as f:

@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 import tqdm
 
-from matquant_jax import losses
+from matquant_jax import losses, sharding
 from matquant_jax.models import gemma
 from matquant_jax.qeinsum import QuantSpec
 
@@ -75,10 +75,28 @@ def init_state(trainable: Params, tx: optax.GradientTransformation) -> dict:
   return {'step': jnp.zeros((), jnp.int32), 'params': trainable, 'opt_state': tx.init(trainable)}
 
 
+def model_shardings(config: gemma.TransformerConfig, tree: Params, mesh, rules) -> Params:
+  """NamedShardings of a params, 'quant' or parent tree of this model under the mesh rules."""
+  reduce = {p: i.reduce_axes for p, i in gemma.quantizable_weights(config).items()}
+  return sharding.tree_shardings(tree, mesh, rules, gemma.logical_axes(config), reduce)
+
+
+def init_params(model: gemma.Transformer, seq_len: int, seed: int, mesh, rules) -> Params:
+  """Parameters created already sharded: eval_shape of init, then jit with out_shardings."""
+  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(seed), tokens)['params']
+  out = model_shardings(model.config, abstract, mesh, rules)
+  init = lambda key: model.init(key, tokens)['params']
+  return jax.jit(init, out_shardings=out)(jax.random.PRNGKey(seed))
+
+
 def make_train_step(model: gemma.Transformer, objective: losses.Objective,
                     quant: ml_collections.ConfigDict | None,
-                    tx: optax.GradientTransformation) -> Callable:
-  """jit(train_step)(state, frozen, batch) -> (state, metrics); batch: int [B, T+1]."""
+                    tx: optax.GradientTransformation, shardings: tuple | None = None) -> Callable:
+  """jit(train_step)(state, frozen, batch) -> (state, metrics); batch: int [B, T+1].
+
+  shardings: (state, frozen, batch) NamedSharding trees for explicit in/out shardings.
+  """
 
   def train_step(state, frozen, batch):
     inputs, targets = batch[:, :-1], batch[:, 1:]
@@ -97,7 +115,11 @@ def make_train_step(model: gemma.Transformer, objective: losses.Objective,
                  'opt_state': opt_state}
     return new_state, metrics
 
-  return jax.jit(train_step, donate_argnums=(0,))
+  if shardings is None:
+    return jax.jit(train_step, donate_argnums=(0,))
+  metrics_sharding = sharding.replicated(shardings[2].mesh)
+  return jax.jit(train_step, in_shardings=shardings, out_shardings=(shardings[0], metrics_sharding),
+                 donate_argnums=(0,))
 
 
 def as_variables(params_or_variables) -> dict:
@@ -140,28 +162,41 @@ def checkpoint_manager(directory: str, keep: int = 2) -> ocp.CheckpointManager:
 
 def train(model: gemma.Transformer, init_params: Params, objective: losses.Objective,
           batch_fn: Callable[[int], np.ndarray], cfg: ml_collections.ConfigDict,
-          ckpt_dir: str | None = None, writer=None, desc: str = 'train') -> tuple[Params, dict]:
+          ckpt_dir: str | None = None, writer=None, desc: str = 'train',
+          mesh=None, rules=sharding.DEFAULT_RULES) -> tuple[Params, dict]:
   """Trains from init_params for cfg.steps steps; resumes from ckpt_dir if it holds a checkpoint.
 
   cfg: steps, trainable, checkpoint_every, log_every, optimizer (ConfigDict),
-  quant (ConfigDict or None). Returns the full parameters and the last metrics.
+  quant (ConfigDict or None). batch_fn(step) gives this process's rows of the
+  global batch. The state is sharded over `mesh` (default: the first device)
+  by `rules`; a checkpoint saved on another mesh restores onto this one.
+  Returns the full parameters and the last metrics.
   """
+  if mesh is None:
+    mesh = sharding.make_mesh(sharding.mesh_config(), jax.devices()[:1])
   trainable, frozen = split_params(init_params, cfg.trainable)
   tx = make_optimizer(cfg.optimizer, cfg.steps)
-  state = init_state(trainable, tx)
+  t_sh = model_shardings(model.config, trainable, mesh, rules)
+  f_sh = model_shardings(model.config, frozen, mesh, rules)
+  trainable, frozen = jax.device_put(trainable, t_sh), jax.device_put(frozen, f_sh)
+  make_state = functools.partial(init_state, tx=tx)
+  s_sh = sharding.state_shardings(jax.eval_shape(make_state, trainable), tx, t_sh, mesh)
+  state = jax.jit(make_state, out_shardings=s_sh)(trainable)
+  b_sh = sharding.batch_sharding(mesh, rules)
   mngr = checkpoint_manager(ckpt_dir) if ckpt_dir else None
   if mngr is not None and mngr.latest_step() is not None:
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                            state, s_sh)
     state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(abstract))
     logging.info('%s: resumed at step %d from %s', desc, int(state['step']), ckpt_dir)
-  step_fn = make_train_step(model, objective, cfg.get('quant'), tx)
+  step_fn = make_train_step(model, objective, cfg.get('quant'), tx, (s_sh, f_sh, b_sh))
   start = int(state['step'])
   metrics = {}
   bar = tqdm.tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps,
-                  mininterval=2.0, dynamic_ncols=True)
+                  mininterval=2.0, dynamic_ncols=True, disable=jax.process_index() != 0)
   t0 = time.perf_counter()
   for step in bar:
-    state, m = step_fn(state, frozen, jnp.asarray(batch_fn(step)))
+    state, m = step_fn(state, frozen, sharding.global_batch(batch_fn(step), b_sh))
     done = step + 1
     if done % cfg.log_every == 0 or done == cfg.steps:
       metrics = {k: float(v) for k, v in m.items()}
@@ -169,8 +204,14 @@ def train(model: gemma.Transformer, init_params: Params, objective: losses.Objec
       if writer is not None:
         for k, v in metrics.items():
           writer.add_scalar(f'{desc}/{k}', v, done)
-    if mngr is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-      mngr.save(done, args=ocp.args.StandardSave(state))
+    if mngr is None:
+      continue
+    preempted = mngr.reached_preemption(done)
+    if done % cfg.checkpoint_every == 0 or done == cfg.steps or preempted:
+      mngr.save(done, args=ocp.args.StandardSave(state))  # asynchronous; atomic on disk
+    if preempted:
+      mngr.wait_until_finished()
+      raise SystemExit(f'{desc}: preempted; saved step {done}, rerun the same command to resume')
   if mngr is not None:
     mngr.wait_until_finished()
     mngr.close()

@@ -1,8 +1,13 @@
 import os
 
-import pytest
+# Eight simulated CPU devices for the sharding tests; must precede the first jax import.
+# Other tests use the first device only (train() defaults to a one-device mesh).
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
 
-from matquant_jax.data import pipeline
+import pytest  # pylint: disable=g-import-not-at-top
+
+from matquant_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
 # One shared data cache for the suite (the dataset and tokenizer are built once).
 DATA_DIR = os.environ.get('MATQUANT_TEST_DATA', os.path.expanduser('~/.cache/matquant_jax'))

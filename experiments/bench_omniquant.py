@@ -1,0 +1,88 @@
+r"""OmniQuant calibration speed: seconds per block per epoch, single precision vs MatQuant [8,4,2].
+
+  python experiments/bench_omniquant.py [--config=experiments/configs/omniquant.py] [--repeats=3]
+
+Both variants calibrate the same blocks of the config's model on the same
+calibration shape (omniquant.samples x seq_len, batch_size), in one process,
+with repeats interleaved; compilation is excluded. MatQuant runs three slices
+per step (forward and backward), so about 3x is expected.
+"""
+
+import statistics
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+import optax
+
+from matquant_jax import losses, omniquant, study
+from matquant_jax.models import gemma
+from matquant_jax.qeinsum import QuantSpec
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/omniquant.py', 'Experiment config.')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Interleaved repeats; the median is reported.')
+
+
+def main(argv):
+  del argv
+  cfg = _CONFIG.value
+  o = cfg.omniquant
+  mcfg = study.model_config(cfg, cfg.data.vocab_size)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(4, cfg.data.vocab_size, (o.samples, o.seq_len)).astype(np.int32)
+  params = gemma.Transformer(mcfg).init(jax.random.PRNGKey(0), jnp.asarray(tokens[:1]))['params']
+  x = gemma.embed(mcfg, params, tokens)
+  tx = optax.adamw(o.learning_rate, weight_decay=o.weight_decay)
+  q = cfg.qat.quant
+  variants = {'single precision int2 (baseline)': ('2', None, 2),
+              'MatQuant [8,4,2]': ('8,4,2', (0.1, 0.1, 1.0), 8)}
+  layers = gemma.blocks(mcfg)
+  steps_per_epoch = o.samples // o.batch_size
+  prepared = {}
+  for name, (obj, lambdas, parent) in variants.items():
+    objective = losses.parse_objective(obj, lambdas, parent)
+    spec = QuantSpec(parent, parent, False, q.group_size, tuple(q.targets))
+    qtree = omniquant.init_transforms(mcfg, params, spec, o.lwc, o.let)
+    fns = {a: omniquant._layer_fns(b, objective, spec, tx)[0]  # pylint: disable=protected-access
+           for a, b in {blk.attn_type: blk for _, blk in layers}.items()}
+    prepared[name] = (objective, qtree, fns)
+
+  def epoch(name, key, block):
+    objective, qtree, fns = prepared[name]
+    aux = jax.tree.map(jnp.copy, qtree[key])
+    opt_state = tx.init(aux)
+    step = fns[block.attn_type]
+    for b in range(steps_per_epoch):
+      sl = slice(b * o.batch_size, (b + 1) * o.batch_size)
+      xs = {r: x[sl] for r in objective.widths}
+      aux, opt_state, _ = step(aux, opt_state, params[key], xs, x[sl], tokens[sl])
+    jax.block_until_ready(aux)
+
+  for name in variants:  # compile
+    for key, block in layers[:2]:
+      epoch(name, key, block)
+  times = {name: [] for name in variants}
+  for _ in range(_REPEATS.value):
+    for name in variants:
+      t = time.perf_counter()
+      for key, block in layers:
+        epoch(name, key, block)
+      times[name].append((time.perf_counter() - t) / len(layers))
+
+  print(f'model: {mcfg.num_layers} blocks, D {mcfg.embed_dim}, H {mcfg.hidden_dim}; '
+        f'{o.samples} x {o.seq_len} calibration tokens, batch {o.batch_size} '
+        f'({steps_per_epoch} steps per epoch); {jax.devices()[0].platform}')
+  print('| variant | s / block / epoch | ms / step |')
+  print('|---|---|---|')
+  med = {n: statistics.median(t) for n, t in times.items()}
+  for name, s in med.items():
+    print(f'| {name} | {s:.3f} | {1000 * s / steps_per_epoch:.1f} |')
+  sp, mq = med['single precision int2 (baseline)'], med['MatQuant [8,4,2]']
+  print(f'MatQuant / single precision = {mq / sp:.2f} (three slices per step)')
+
+
+if __name__ == '__main__':
+  app.run(main)
