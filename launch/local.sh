@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs any experiment config on this machine:  launch/local.sh CONFIG WORKDIR [--config.x=y ...]
-# (TPU pod and multi-GPU launchers come with the sharding work.)
+# TPU pod slices: launch/tpu_pod.sh; several GPUs: launch/gpu.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 config=${1:?usage: launch/local.sh CONFIG WORKDIR [flags...]}
