@@ -10,14 +10,12 @@
 # GPU of every host. WORKDIR must be a path all hosts see (NFS or similar).
 # Needs a CUDA build of jax: `.venv/bin/pip install -U "jax[cuda12]"` after `make setup`.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-config=${1:?usage: launch/gpu.sh CONFIG WORKDIR [flags...]}
-workdir=${2:?usage: launch/gpu.sh CONFIG WORKDIR [flags...]}
+usage="usage: launch/gpu.sh CONFIG WORKDIR [flags...]"
+config=${1:?$usage}; workdir=${2:?$usage}
 shift 2
-make setup
 args=()
 if [[ -n "${COORDINATOR:-}" ]]; then
   args+=(--distributed=on --coordinator_address="$COORDINATOR"
          --num_processes="${NUM_PROCESSES:?set NUM_PROCESSES}" --process_id="${PROCESS_ID:?set PROCESS_ID}")
 fi
-exec .venv/bin/python experiments/main.py --config="$config" --workdir="$workdir" "${args[@]}" "$@"
+exec "$(dirname "$0")/local.sh" "$config" "$workdir" "${args[@]}" "$@"
