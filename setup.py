@@ -18,6 +18,9 @@ INSTALL_REQUIRES = [
     'tqdm>=4.66',
     'matplotlib>=3.8',
     'numpy>=1.26',
+    'ml_dtypes>=0.5',  # bfloat16 safetensors
+    'gguf==0.19.0',  # GGUF checkpoints (dequantized with its numpy kernels)
+    'tokenizers==0.23.3',  # tokenizer.json and GGUF byte-level BPE vocabularies
 ]
 
 setup(

@@ -43,12 +43,24 @@ class TransformerConfig:
   transpose_gating_einsum: bool = False
   rope_base: float = 10_000.0
   dtype: str = 'float32'  # activation dtype; parameters stay float32
+  # Family switches; the defaults are Gemma-2. models/llama.py sets them for Llama/Mistral.
+  attention_pattern: str = 'alternating'  # 'alternating' (local, global, ...), 'global', 'sliding'
+  ffn_activation: str = 'gelu_tanh'  # GeGLU; 'silu' is SwiGLU
+  post_norms: bool = True  # Gemma-2's post-attention / post-FFN norms
+  norm_eps: float = 1e-6
+  norm_plus_one: bool = True  # Gemma scales by (1 + scale), Llama by its weight
+  embed_scale: bool = True  # multiply embeddings by sqrt(embed_dim)
+  tie_embeddings: bool = True  # else a separate embedder/output_embedding [vocab, embed]
 
   @property
   def attention_types(self) -> tuple[AttentionType, ...]:
-    """Even layers local sliding window, odd layers global."""
-    pattern = (AttentionType.LOCAL_SLIDING, AttentionType.GLOBAL)
-    return tuple(pattern[i % 2] for i in range(self.num_layers))
+    """Gemma-2: even layers local sliding window, odd layers global."""
+    pattern = {'alternating': (AttentionType.LOCAL_SLIDING, AttentionType.GLOBAL),
+               'global': (AttentionType.GLOBAL,), 'sliding': (AttentionType.LOCAL_SLIDING,)}
+    if self.attention_pattern not in pattern:
+      raise ValueError(f'attention_pattern must be one of {sorted(pattern)}, got {self.attention_pattern!r}')
+    p = pattern[self.attention_pattern]
+    return tuple(p[i % len(p)] for i in range(self.num_layers))
 
   @property
   def query_scale(self) -> float:
@@ -105,31 +117,46 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
 
 
 class RMSNorm(nn.Module):
-  """x * rsqrt(mean(x^2) + 1e-6) * (1 + scale)."""
+  """x * rsqrt(mean(x^2) + eps) * (1 + scale) (Gemma), or * scale (Llama: plus_one=False)."""
+  eps: float = 1e-6
+  plus_one: bool = True
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param('scale', nn.initializers.zeros_init(), (x.shape[-1],))
+    init = nn.initializers.zeros_init() if self.plus_one else nn.initializers.ones_init()
+    scale = self.param('scale', init, (x.shape[-1],))
     var = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
-    y = x.astype(jnp.float32) * jax.lax.rsqrt(var + 1e-6)
-    return (y * (1 + scale)).astype(x.dtype)
+    y = x.astype(jnp.float32) * jax.lax.rsqrt(var + self.eps)
+    return (y * (1 + scale if self.plus_one else scale)).astype(x.dtype)
+
+
+def _norm(config, name):
+  return RMSNorm(config.norm_eps, config.norm_plus_one, name=name)
 
 
 class Embedder(nn.Module):
-  """Token embedding, scaled by sqrt(D); also the tied output projection."""
+  """Token embedding (scaled by sqrt(D) in Gemma); also the output projection when tied."""
   vocab_size: int
   embed_dim: int
+  scale: bool = True
+  tied: bool = True
 
   def setup(self):
-    self.input_embedding = self.param('input_embedding', nn.initializers.normal(self.embed_dim**-0.5),
-                                      (self.vocab_size, self.embed_dim))
+    init = nn.initializers.normal(self.embed_dim**-0.5)
+    shape = (self.vocab_size, self.embed_dim)
+    self.input_embedding = self.param('input_embedding', init, shape)
+    self.output_embedding = self.input_embedding if self.tied else self.param('output_embedding', init, shape)
 
   def encode(self, tokens, dtype):
     x = self.input_embedding[tokens].astype(dtype)
-    return x * jnp.sqrt(self.embed_dim).astype(dtype)
+    return x * jnp.sqrt(self.embed_dim).astype(dtype) if self.scale else x
 
   def decode(self, x):
-    return jnp.dot(x, self.input_embedding.T.astype(x.dtype))
+    return jnp.dot(x, self.output_embedding.T.astype(x.dtype))
+
+
+def _embedder(config, name=None):
+  return Embedder(config.num_embed, config.embed_dim, config.embed_scale, config.tie_embeddings, name=name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +190,7 @@ def quantizable_weights(config: TransformerConfig) -> dict[str, WeightInfo]:
 def logical_axes(config: TransformerConfig) -> dict[str, tuple[str | None, ...]]:
   """Logical axis names of every parameter, by path suffix (block paths without 'layer_i/')."""
   names = {p: i.logical_axes for p, i in quantizable_weights(config).items()}
-  names['embedder/input_embedding'] = ('vocab', 'embed')
+  names['embedder/input_embedding'] = names['embedder/output_embedding'] = ('vocab', 'embed')
   for norm in ('pre_attention_norm', 'post_attention_norm', 'pre_ffw_norm', 'post_ffw_norm',
                'final_norm'):
     names[f'{norm}/scale'] = ('norm',)
@@ -238,7 +265,7 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-  """GeGLU (tanh GELU): gate 0 is the GELU branch, gate 1 the linear branch."""
+  """GeGLU (tanh GELU; SwiGLU with ffn_activation='silu'): gate 0 is the activated branch."""
   config: TransformerConfig
 
   @nn.compact
@@ -250,24 +277,30 @@ class FeedForward(nn.Module):
     else:
       shape = (2, c.embed_dim, c.hidden_dim)
     gate = quantized_einsum(self, 'gating_einsum', shape, w['mlp/gating_einsum'], x, bits, spec)
-    hidden = jax.nn.gelu(gate[0], approximate=True) * gate[1]
+    act = jax.nn.silu(gate[0]) if c.ffn_activation == 'silu' else jax.nn.gelu(gate[0], approximate=True)
+    hidden = act * gate[1]
     return quantized_einsum(self, 'linear', (c.hidden_dim, c.embed_dim), w['mlp/linear'],
                             hidden, bits, spec)
 
 
 class Block(nn.Module):
-  """h = x + post_attn_norm(attn(pre_attn_norm(x))); out = h + post_ffw_norm(mlp(pre_ffw_norm(h)))."""
+  """h = x + post_attn_norm(attn(pre_attn_norm(x))); out = h + post_ffw_norm(mlp(pre_ffw_norm(h))).
+
+  Without post_norms (Llama/Mistral) the post norms are the identity.
+  """
   config: TransformerConfig
   attn_type: AttentionType
 
   @nn.compact
   def __call__(self, x, positions, mask, bits=None, spec=None):
-    a = RMSNorm(name='pre_attention_norm')(x)
-    a = Attention(self.config, self.attn_type, name='attn')(a, positions, mask, bits, spec)
-    x = x + RMSNorm(name='post_attention_norm')(a)
-    f = RMSNorm(name='pre_ffw_norm')(x)
-    f = FeedForward(self.config, name='mlp')(f, bits, spec)
-    return x + RMSNorm(name='post_ffw_norm')(f)
+    c = self.config
+    post = (lambda name: _norm(c, name)) if c.post_norms else (lambda name: lambda y: y)
+    a = _norm(c, 'pre_attention_norm')(x)
+    a = Attention(c, self.attn_type, name='attn')(a, positions, mask, bits, spec)
+    x = x + post('post_attention_norm')(a)
+    f = _norm(c, 'pre_ffw_norm')(x)
+    f = FeedForward(c, name='mlp')(f, bits, spec)
+    return x + post('post_ffw_norm')(f)
 
 
 def attention_inputs(tokens: jax.Array, positions: jax.Array | None = None):
@@ -281,7 +314,7 @@ def attention_inputs(tokens: jax.Array, positions: jax.Array | None = None):
 
 def embed(config: TransformerConfig, params, tokens: jax.Array) -> jax.Array:
   """The first block's input, for layer-wise algorithms."""
-  return Embedder(config.num_embed, config.embed_dim).apply(
+  return _embedder(config).apply(
       {'params': params['embedder']}, tokens, jnp.dtype(config.dtype), method=Embedder.encode)
 
 
@@ -300,12 +333,12 @@ class Transformer(nn.Module):
     c = self.config
     dtype = jnp.dtype(c.dtype)
     positions, mask = attention_inputs(tokens, positions)
-    embedder = Embedder(c.num_embed, c.embed_dim, name='embedder')
+    embedder = _embedder(c, name='embedder')
     x = embedder.encode(tokens, dtype)
     for i, attn_type in enumerate(c.attention_types):
       bits = quant.bits_for(i, c.num_layers) if quant is not None else None
       x = Block(c, attn_type, name=f'layer_{i}')(x, positions, mask, bits, quant)
-    x = RMSNorm(name='final_norm')(x)
+    x = _norm(c, 'final_norm')(x)
     logits = embedder.decode(x).astype(jnp.float32)
     if c.final_logit_softcap is not None:
       logits = jnp.tanh(logits / c.final_logit_softcap) * c.final_logit_softcap

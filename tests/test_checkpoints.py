@@ -1,0 +1,198 @@
+"""Loading real checkpoints: SmolLM2 GGUF against a numpy reference, round trips, errors."""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from matquant_jax import checkpoints
+from matquant_jax.data import shakespeare
+from matquant_jax.models import gemma, llama
+
+TOKENS = jnp.asarray(np.random.default_rng(0).integers(4, 256, (2, 9)))
+
+
+@pytest.fixture(scope='module')
+def smollm2():
+  model, params, tokenizer = checkpoints.load('smollm2-135m')
+  text = open(os.path.join(shakespeare.texts_dir(), 'hamlet_gut.txt'), encoding='utf-8').read()
+  ids = np.array(tokenizer.encode(text[20000:24000])[:128])
+  return model, params, tokenizer, ids
+
+
+def _nll(logits, ids):
+  logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32)[:-1], axis=-1)
+  return float(-jnp.mean(jnp.take_along_axis(logp, jnp.asarray(ids)[1:, None], axis=-1)))
+
+
+def _numpy_llama_nll(path, ids):
+  """An independent float64 Llama forward from the raw GGUF tensors, with llama.cpp's
+  interleaved RoPE on the stored (permuted) Q/K rows."""
+  import gguf
+  r = gguf.GGUFReader(path)
+  t = {x.name: x for x in r.tensors}
+  w = lambda n: np.asarray(gguf.dequantize(t[n].data, t[n].tensor_type), np.float64)
+  f = lambda k: r.fields[k].contents()
+  n_head, n_kv, eps = f('llama.attention.head_count'), f('llama.attention.head_count_kv'), f(
+      'llama.attention.layer_norm_rms_epsilon')
+  base = f('llama.rope.freq_base')
+  emb = w('token_embd.weight')
+  x = emb[ids]
+  seq, d = x.shape
+  hd = d // n_head
+  norm = lambda v, g: v / np.sqrt(np.mean(v * v, -1, keepdims=True) + eps) * g
+  ang = np.arange(seq)[:, None] * base ** (-np.arange(0, hd, 2) / hd)[None]  # [T, hd/2]
+  def rope(v):  # v: [T, heads, hd], pairs (2i, 2i+1)
+    a, b = v[..., 0::2], v[..., 1::2]
+    cos, sin = np.cos(ang)[:, None], np.sin(ang)[:, None]
+    out = np.empty_like(v)
+    out[..., 0::2], out[..., 1::2] = a * cos - b * sin, a * sin + b * cos
+    return out
+  causal = np.tril(np.ones((seq, seq), bool))
+  for i in range(f('llama.block_count')):
+    h = norm(x, w(f'blk.{i}.attn_norm.weight'))
+    q = rope((h @ w(f'blk.{i}.attn_q.weight').T).reshape(seq, n_head, hd))
+    k = rope((h @ w(f'blk.{i}.attn_k.weight').T).reshape(seq, n_kv, hd))
+    v = (h @ w(f'blk.{i}.attn_v.weight').T).reshape(seq, n_kv, hd)
+    k, v = np.repeat(k, n_head // n_kv, axis=1), np.repeat(v, n_head // n_kv, axis=1)
+    s = np.einsum('qnh,knh->nqk', q, k) / np.sqrt(hd)
+    s = np.where(causal, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    x = x + np.einsum('nqk,knh->qnh', p, v).reshape(seq, d) @ w(f'blk.{i}.attn_output.weight').T
+    h = norm(x, w(f'blk.{i}.ffn_norm.weight'))
+    g, u = h @ w(f'blk.{i}.ffn_gate.weight').T, h @ w(f'blk.{i}.ffn_up.weight').T
+    x = x + (g / (1 + np.exp(-g)) * u) @ w(f'blk.{i}.ffn_down.weight').T
+  logits = norm(x, w('output_norm.weight')) @ emb.T
+  logp = logits - logits.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  return float(-np.mean(logp[np.arange(seq - 1), ids[1:]]))
+
+
+def test_smollm2_matches_numpy_reference_on_held_out_shakespeare(smollm2):
+  model, params, tokenizer, ids = smollm2
+  assert model.config.norm_eps == pytest.approx(1e-5)  # stored as float32 in the file
+  assert model.config == dataclasses.replace(llama.smollm2_135m(), norm_eps=model.config.norm_eps)
+  assert tokenizer.decode(tokenizer.encode('To be, or not to be')) == 'To be, or not to be'
+  ours = _nll(model.apply({'params': params}, jnp.asarray(ids)[None])[0], ids)
+  ref = _numpy_llama_nll(checkpoints.smollm2_path(), ids)
+  assert abs(ours - ref) < 0.01, (ours, ref)
+  assert ours < 4.5  # nats/token on 128 tokens of Hamlet; a uniform guess is log(49152) = 10.8
+
+
+def test_wrong_qk_order_costs_nats(smollm2):
+  """Top-1 agreement hides a wrong un-permutation; the NLL does not."""
+  model, params, _, ids = smollm2
+  c = model.config
+  def repermute(w, heads):  # our [heads, D, hd] back to GGUF row order
+    rows = np.asarray(w).transpose(0, 2, 1).reshape(-1, c.embed_dim)
+    return checkpoints.permute_rope(rows, heads).reshape(heads, c.head_dim, c.embed_dim).transpose(0, 2, 1)
+  raw = jax.tree.map(lambda a: a, params)
+  for i in range(c.num_layers):
+    a = raw[f'layer_{i}']['attn']
+    a['q_einsum'] = {'w': repermute(a['q_einsum']['w'], c.num_heads)}
+    kv = np.asarray(a['kv_einsum']['w'])
+    a['kv_einsum'] = {'w': np.stack([repermute(kv[0], c.num_kv_heads), kv[1]])}
+  right = _nll(model.apply({'params': params}, jnp.asarray(ids)[None])[0], ids)
+  wrong = _nll(model.apply({'params': raw}, jnp.asarray(ids)[None])[0], ids)
+  assert wrong > right + 1.0, (right, wrong)
+
+
+def test_rope_permutation_inverts():
+  w = np.arange(4 * 8 * 3, dtype=np.float32).reshape(4 * 8, 3)
+  np.testing.assert_array_equal(checkpoints.unpermute_rope(checkpoints.permute_rope(w, 4), 4), w)
+  # Within a head of 8 rows, interleaved pairs (0,1), (2,3), ... become halves (0..3 | 4..7).
+  assert checkpoints.unpermute_rope(w, 4)[:8, 0].tolist() == [0, 6, 12, 18, 3, 9, 15, 21]
+
+
+CONFIGS = {
+    'gemma2': gemma.TransformerConfig.tiny(),
+    'gemma2 9b-style transposed gating, MHA': gemma.TransformerConfig.tiny(transpose_gating_einsum=True,
+                                                                            num_kv_heads=4),
+    'llama untied': llama.llama_config(num_layers=2, num_embed=256, embed_dim=32, hidden_dim=64,
+                                       num_heads=4, num_kv_heads=2),
+    'mistral tied': llama.llama_config(num_layers=2, num_embed=256, embed_dim=32, hidden_dim=64,
+                                       num_heads=4, num_kv_heads=2, sliding_window=4, tie_embeddings=True),
+}
+
+
+def _random_params(c):
+  m = gemma.Transformer(c)
+  p = m.init(jax.random.PRNGKey(1), TOKENS)['params']
+  noise = lambda a, k: a + 0.02 * jax.random.normal(k, a.shape)
+  leaves, tree = jax.tree.flatten(p)
+  keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+  return m, jax.tree.unflatten(tree, [noise(a, k) for a, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize('name', list(CONFIGS))
+def test_hugging_face_round_trip(name, tmp_path):
+  c = CONFIGS[name]
+  model, params = _random_params(c)
+  checkpoints.save_hf(str(tmp_path), params, c)
+  loaded, p2, _ = checkpoints.load(str(tmp_path))
+  np.testing.assert_array_equal(np.asarray(loaded.apply({'params': p2}, TOKENS)),
+                                np.asarray(model.apply({'params': params}, TOKENS)))
+
+
+def test_hugging_face_bfloat16_safetensors(tmp_path):
+  c = CONFIGS['llama untied']
+  model, params = _random_params(c)
+  import ml_dtypes
+  checkpoints.save_hf(str(tmp_path), params, c, dtype=ml_dtypes.bfloat16)
+  _, p2, _ = checkpoints.load(str(tmp_path))
+  w = p2['layer_1']['mlp']['linear']
+  assert w.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(w), np.asarray(params['layer_1']['mlp']['linear']).astype(
+      ml_dtypes.bfloat16).astype(np.float32))
+
+
+@pytest.mark.parametrize('layout', ['flat', 'nested'])
+@pytest.mark.parametrize('name', ['gemma2', 'gemma2 9b-style transposed gating, MHA'])
+def test_official_gemma_orbax_layouts(name, layout, tmp_path):
+  c = CONFIGS[name]
+  model, params = _random_params(c)
+  checkpoints.save_gemma_orbax(str(tmp_path / 'ckpt'), params, layout)
+  import orbax.checkpoint as ocp
+  raw = ocp.PyTreeCheckpointer().metadata(str(tmp_path / 'ckpt'))
+  raw = getattr(getattr(raw, 'item_metadata', raw), 'tree', raw)
+  if layout == 'flat':
+    assert 'w' in raw['transformer/layer_0/mlp/gating_einsum']  # the official flat layout
+  config, p2, _ = checkpoints.load_gemma_orbax(str(tmp_path / 'ckpt'), config=c)
+  assert checkpoints.load_gemma_orbax(str(tmp_path / 'ckpt'))[0].transpose_gating_einsum == (
+      c.transpose_gating_einsum)  # read off the shapes when no config is given
+  np.testing.assert_array_equal(np.asarray(gemma.Transformer(config).apply({'params': p2}, TOKENS)),
+                                np.asarray(model.apply({'params': params}, TOKENS)))
+
+
+def test_official_preset_is_recognised_by_shapes():
+  c = gemma.TransformerConfig.gemma2_9b()
+  shapes = jax.eval_shape(gemma.Transformer(c).init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
+  fake = jax.tree.map(lambda s: np.broadcast_to(np.float32(0), s.shape), shapes['params'])  # no memory
+  assert checkpoints._infer_gemma2_config(fake, 'float32') == c  # pylint: disable=protected-access
+
+
+def test_errors_name_the_problem(tmp_path):
+  with pytest.raises(FileNotFoundError, match='is not a checkpoint directory, a .gguf file'):
+    checkpoints.load(str(tmp_path / 'nothing'))
+  with pytest.raises(FileNotFoundError, match='does not exist'):
+    checkpoints.load(str(tmp_path / 'missing.gguf'))
+  c = CONFIGS['llama untied']
+  _, params = _random_params(c)
+  bad = jax.tree.map(lambda a: a, params)
+  bad['layer_1']['mlp']['linear'] = bad['layer_1']['mlp']['linear'][:-1]
+  with pytest.raises(ValueError, match=r"parameter 'layer_1/mlp/linear' has shape \(63, 32\), the config "
+                     r'expects \(64, 32\)'):
+    checkpoints.check_params(bad, c)
+  checkpoints.save_hf(str(tmp_path / 'hf'), params, c)
+  import json
+  cfg = json.load(open(tmp_path / 'hf' / 'config.json'))
+  json.dump(dict(cfg, intermediate_size=96), open(tmp_path / 'hf' / 'config.json', 'w'))
+  with pytest.raises(ValueError, match="'layer_0/mlp/gating_einsum' has shape"):
+    checkpoints.load(str(tmp_path / 'hf'))
+  json.dump(dict(cfg, architectures=['GPTNeoXForCausalLM']), open(tmp_path / 'hf' / 'config.json', 'w'))
+  with pytest.raises(ValueError, match="unknown architecture 'GPTNeoXForCausalLM'"):
+    checkpoints.load(str(tmp_path / 'hf'))
