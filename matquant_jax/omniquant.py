@@ -80,12 +80,12 @@ def _layer_fns(block, objective: losses.Objective, spec: QuantSpec, tx: optax.Gr
   """(jitted train step, jitted forward) for one block module; reused by every block of its kind."""
 
   def forward(layer_params, aux, x, tokens, bits):
-    positions, mask = gemma.attention_inputs(tokens)
+    positions, mask = gemma.attention_inputs(block.config, tokens)
     variables = {'params': layer_params} if aux is None else {'params': layer_params, 'quant': aux}
     return block.apply(variables, x, positions, mask, bits, None if bits is None else spec)
 
   def step(aux, opt_state, layer_params, xs, target, tokens):
-    tmask = (tokens != gemma.PAD_ID).astype(jnp.float32)
+    tmask = gemma.token_mask(block.config, tokens)
     def loss_fn(aux):
       out = lambda bits: forward(layer_params, aux, xs[bits], tokens, bits)
       return losses.matquant_loss(out, target, tmask, objective, losses.mse,

@@ -100,7 +100,7 @@ def make_train_step(model: gemma.Transformer, objective: losses.Objective,
 
   def train_step(state, frozen, batch):
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    mask = (targets != gemma.PAD_ID).astype(jnp.float32)
+    mask = gemma.token_mask(model.config, targets)
 
     def loss_fn(trainable):
       params = merge_params(trainable, frozen)
@@ -138,7 +138,7 @@ def make_eval_fn(model: gemma.Transformer) -> Callable:
   @functools.partial(jax.jit, static_argnums=2)
   def _sums(params, batch, spec):
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    mask = (targets != gemma.PAD_ID).astype(jnp.float32)
+    mask = gemma.token_mask(model.config, targets)
     logits = model.apply(as_variables(params), inputs, quant=spec)
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]

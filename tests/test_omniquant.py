@@ -71,7 +71,7 @@ def test_calibration_lowers_int2_block_error(setup, calibrated):
   _, qtree = calibrated
   key, block = gemma.blocks(CFG)[0]
   x = gemma.embed(CFG, params, tokens)
-  pos, mask = gemma.attention_inputs(jnp.asarray(tokens))
+  pos, mask = gemma.attention_inputs(CFG, jnp.asarray(tokens))
   target = block.apply({'params': params[key]}, x, pos, mask)
   def err(q):
     out = block.apply({'params': params[key], 'quant': q[key]}, x, pos, mask, 2, QuantSpec(2))
@@ -86,7 +86,7 @@ def test_gradient_reaches_clipping_and_scale(setup):
   qtree = omniquant.init_transforms(CFG, params, QuantSpec(8))
   key, block = gemma.blocks(CFG)[0]
   x = gemma.embed(CFG, params, tokens)
-  pos, mask = gemma.attention_inputs(jnp.asarray(tokens))
+  pos, mask = gemma.attention_inputs(CFG, jnp.asarray(tokens))
   def loss(q):
     return jnp.mean(block.apply({'params': params[key], 'quant': q}, x, pos, mask, 2, QuantSpec(2)) ** 2)
   g = jax.grad(loss)(qtree[key])['mlp']['linear']

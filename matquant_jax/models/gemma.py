@@ -51,6 +51,7 @@ class TransformerConfig:
   norm_plus_one: bool = True  # Gemma scales by (1 + scale), Llama by its weight
   embed_scale: bool = True  # multiply embeddings by sqrt(embed_dim)
   tie_embeddings: bool = True  # else a separate embedder/output_embedding [vocab, embed]
+  pad_id: int | None = PAD_ID  # keys and targets with this id are masked (None: no padding id)
 
   @property
   def attention_types(self) -> tuple[AttentionType, ...]:
@@ -303,13 +304,20 @@ class Block(nn.Module):
     return x + post('post_ffw_norm')(f)
 
 
-def attention_inputs(tokens: jax.Array, positions: jax.Array | None = None):
+def token_mask(config: TransformerConfig, tokens: jax.Array) -> jax.Array:
+  """1.0 where a token is not the config's padding id (all ones without one)."""
+  if config.pad_id is None:
+    return jnp.ones(tokens.shape, jnp.float32)
+  return (tokens != config.pad_id).astype(jnp.float32)
+
+
+def attention_inputs(config: TransformerConfig, tokens: jax.Array, positions: jax.Array | None = None):
   """(positions [B, T], mask [B, T, S]): causal, padding keys masked."""
   b, t = tokens.shape
   if positions is None:
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
   causal = positions[:, :, None] >= positions[:, None, :]
-  return positions, causal & (tokens != PAD_ID)[:, None, :]
+  return positions, causal & (token_mask(config, tokens) > 0)[:, None, :]
 
 
 def embed(config: TransformerConfig, params, tokens: jax.Array) -> jax.Array:
@@ -332,7 +340,7 @@ class Transformer(nn.Module):
                quant: QuantSpec | None = None) -> jax.Array:
     c = self.config
     dtype = jnp.dtype(c.dtype)
-    positions, mask = attention_inputs(tokens, positions)
+    positions, mask = attention_inputs(c, tokens, positions)
     embedder = _embedder(c, name='embedder')
     x = embedder.encode(tokens, dtype)
     for i, attn_type in enumerate(c.attention_types):

@@ -28,7 +28,7 @@ def llama_config(*, num_layers: int, num_embed: int, embed_dim: int, hidden_dim:
       sliding_window_size=sliding_window or 0, attn_logits_soft_cap=None, final_logit_softcap=None,
       rope_base=rope_base, dtype=dtype, attention_pattern='sliding' if sliding_window else 'global',
       ffn_activation='silu', post_norms=False, norm_eps=norm_eps, norm_plus_one=False,
-      embed_scale=False, tie_embeddings=tie_embeddings)
+      embed_scale=False, tie_embeddings=tie_embeddings, pad_id=None)
 
 
 def smollm2_135m(**kw) -> TransformerConfig:
