@@ -18,6 +18,7 @@ from matquant_jax.data import shakespeare, tokenizer as tok_lib
 from matquant_jax.models.gemma import BOS_ID, EOS_ID
 
 LOCAL_BUILDERS = {'shakespeare_plays': shakespeare.ShakespearePlays}
+DEFAULT_DATA_DIR = '~/.cache/matquant_jax'
 
 
 @dataclasses.dataclass
@@ -29,6 +30,7 @@ class TokenData:
 
 def load_split_texts(name: str, data_dir: str, split: str) -> list[str]:
   """The 'text' field of every example of a TFDS split (prepared as array_record)."""
+  data_dir = os.path.expanduser(data_dir)
   if name in LOCAL_BUILDERS:
     builder = LOCAL_BUILDERS[name](data_dir=data_dir, file_format='array_record')
   else:

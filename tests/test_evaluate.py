@@ -1,0 +1,94 @@
+"""Evaluation: task readers and prompts, log-likelihood scoring, perplexity sources, the offline task."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from matquant_jax import checkpoints, evaluate, tokenization
+from matquant_jax.models import gemma
+
+DATA = os.path.join(os.path.dirname(__file__), 'data')
+
+
+def _items(task):
+  return evaluate.task_items(task, os.path.join(DATA, f'{task}.jsonl'))
+
+
+def test_readers_build_the_usual_prompts():
+  (arc,) = _items('arc_easy')
+  assert arc.label == 1 and arc.choices[1] == (
+      'Question: Which of these is a liquid at room temperature?\nAnswer:', ' water')
+  (boolq,) = _items('boolq')
+  assert boolq.label == 1 and [c for _, c in boolq.choices] == [' no', ' yes']
+  assert boolq.choices[0][0] == 'Water is a liquid that makes things wet.\nQuestion: is water wet?\nAnswer:'
+  (hs,) = _items('hellaswag')
+  assert hs.choices[0] == ('Cooking: A man puts a pan on the stove. He', ' cracks two eggs into the pan.')
+  assert hs.choices[1][1] == ' flies to the moon. now.'  # ' [title]' -> '. ', as in the harness
+  (pq,) = _items('piqa')
+  assert pq.label == 0 and pq.choices[1] == ('Question: To dry wet hands,\nAnswer:', ' dip them in a lake.')
+  (wg,) = _items('winogrande')
+  assert wg.label == 0  # '1' -> the first option
+  assert wg.choices == (('The trophy did not fit in the suitcase because the trophy', ' was too big.'),
+                        ('The trophy did not fit in the suitcase because the suitcase', ' was too big.'))
+  assert evaluate.TASKS['arc_challenge'][2] is evaluate.arc
+
+
+def test_accuracy_and_length_normalisation(monkeypatch):
+  items = [evaluate.Item((('q', ' a long answer'), ('q', ' b')), label=0),   # 14 and 2 bytes
+           evaluate.Item((('q', ' yes'), ('q', ' no')), label=1)]
+  scores = np.array([-5.0, -3.0, -1.0, -2.0])  # item 1: raw picks 1, per byte 0; item 2: picks 0
+  monkeypatch.setattr(evaluate, 'loglikelihoods', lambda *a, **k: scores)
+  assert evaluate.accuracy(None, None, None, items) == {'acc': 0.0, 'acc_norm': 0.5, 'n': 2}
+
+
+def test_loglikelihood_equals_a_direct_sum(token_data, data_dir):
+  cfg = gemma.TransformerConfig.tiny(num_embed=512)
+  model = gemma.Transformer(cfg)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))['params']
+  del token_data  # builds the tokenizer file
+  sp = tokenization.from_sentencepiece(
+      os.path.join(os.path.expanduser(data_dir), 'tokens', 'shakespeare_plays_spm512.model'))
+  pairs = [('To be, or not', ' to be'), ('Friends, Romans,', ' countrymen, lend me your ears'),
+           ('What', ' light through yonder window breaks')]
+  got = evaluate.loglikelihoods(model, params, sp, pairs, batch_size=2, bucket=8)
+  for (ctx, cont), value in zip(pairs, got):
+    ids = [gemma.BOS_ID] + sp.encode(ctx) + sp.encode(cont)
+    n = len(sp.encode(cont))
+    logp = jax.nn.log_softmax(model.apply({'params': params}, jnp.asarray([ids[:-1]]))[0], axis=-1)
+    want = sum(float(logp[t, ids[t + 1]]) for t in range(len(ids) - 1 - n, len(ids) - 1))
+    assert value == pytest.approx(want, abs=1e-4)
+
+
+def test_offline_task_is_deterministic_and_well_formed(data_dir):
+  a = evaluate.shakespeare_next_line(data_dir, n=30)
+  b = evaluate.shakespeare_next_line(data_dir, n=30)
+  assert a == b and len(a) == 30
+  for item in a:
+    assert len(item.choices) == 4 and len({c for _, c in item.choices}) == 4
+    assert len({ctx for ctx, _ in item.choices}) == 1 and item.choices[0][0].count('\n') == 4
+  assert len({item.label for item in a}) > 1
+
+
+def test_text_sources_and_their_errors(data_dir, tmp_path):
+  path = tmp_path / 'doc.txt'
+  path.write_text('Now is the winter of our discontent')
+  assert evaluate.read_texts(str(path)) == ['Now is the winter of our discontent']
+  plays = evaluate.read_texts('tfds:shakespeare_plays:validation', data_dir)
+  assert len(plays) == 3 and 'Hamlet' in plays[0][:2000] + plays[1][:2000] + plays[2][:2000]
+  with pytest.raises(FileNotFoundError, match='neither tfds:NAME:SPLIT nor an existing file'):
+    evaluate.read_texts(str(tmp_path / 'missing.txt'))
+  with pytest.raises(FileNotFoundError, match='TFDS dataset c4/en \\(validation\\) is not prepared'):
+    evaluate.read_texts('tfds:c4/en:validation', str(tmp_path))
+  with pytest.raises(ValueError, match="unknown task 'mmlu'"):
+    evaluate.task_items('mmlu')
+
+
+@pytest.mark.slow
+def test_smollm2_beats_chance_on_the_offline_task(data_dir):
+  model, params, tokenizer = checkpoints.load('smollm2-135m')
+  items = evaluate.shakespeare_next_line(data_dir, n=48)
+  result = evaluate.accuracy(model, params, tokenizer, items)
+  assert result['acc_norm'] > 0.35, result  # chance is 0.25; measured 0.52 on 60 items
