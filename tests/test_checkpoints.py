@@ -10,7 +10,7 @@ import pytest
 
 from matquant_jax import checkpoints
 from matquant_jax.data import shakespeare
-from matquant_jax.models import gemma, llama
+from matquant_jax.models import gemma, llama, reference
 
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(4, 256, (2, 9)))
 
@@ -28,57 +28,13 @@ def _nll(logits, ids):
   return float(-jnp.mean(jnp.take_along_axis(logp, jnp.asarray(ids)[1:, None], axis=-1)))
 
 
-def _numpy_llama_nll(path, ids):
-  """An independent float64 Llama forward from the raw GGUF tensors, with llama.cpp's
-  interleaved RoPE on the stored (permuted) Q/K rows."""
-  import gguf
-  r = gguf.GGUFReader(path)
-  t = {x.name: x for x in r.tensors}
-  w = lambda n: np.asarray(gguf.dequantize(t[n].data, t[n].tensor_type), np.float64)
-  f = lambda k: r.fields[k].contents()
-  n_head, n_kv, eps = f('llama.attention.head_count'), f('llama.attention.head_count_kv'), f(
-      'llama.attention.layer_norm_rms_epsilon')
-  base = f('llama.rope.freq_base')
-  emb = w('token_embd.weight')
-  x = emb[ids]
-  seq, d = x.shape
-  hd = d // n_head
-  norm = lambda v, g: v / np.sqrt(np.mean(v * v, -1, keepdims=True) + eps) * g
-  ang = np.arange(seq)[:, None] * base ** (-np.arange(0, hd, 2) / hd)[None]  # [T, hd/2]
-  def rope(v):  # v: [T, heads, hd], pairs (2i, 2i+1)
-    a, b = v[..., 0::2], v[..., 1::2]
-    cos, sin = np.cos(ang)[:, None], np.sin(ang)[:, None]
-    out = np.empty_like(v)
-    out[..., 0::2], out[..., 1::2] = a * cos - b * sin, a * sin + b * cos
-    return out
-  causal = np.tril(np.ones((seq, seq), bool))
-  for i in range(f('llama.block_count')):
-    h = norm(x, w(f'blk.{i}.attn_norm.weight'))
-    q = rope((h @ w(f'blk.{i}.attn_q.weight').T).reshape(seq, n_head, hd))
-    k = rope((h @ w(f'blk.{i}.attn_k.weight').T).reshape(seq, n_kv, hd))
-    v = (h @ w(f'blk.{i}.attn_v.weight').T).reshape(seq, n_kv, hd)
-    k, v = np.repeat(k, n_head // n_kv, axis=1), np.repeat(v, n_head // n_kv, axis=1)
-    s = np.einsum('qnh,knh->nqk', q, k) / np.sqrt(hd)
-    s = np.where(causal, s, -np.inf)
-    p = np.exp(s - s.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    x = x + np.einsum('nqk,knh->qnh', p, v).reshape(seq, d) @ w(f'blk.{i}.attn_output.weight').T
-    h = norm(x, w(f'blk.{i}.ffn_norm.weight'))
-    g, u = h @ w(f'blk.{i}.ffn_gate.weight').T, h @ w(f'blk.{i}.ffn_up.weight').T
-    x = x + (g / (1 + np.exp(-g)) * u) @ w(f'blk.{i}.ffn_down.weight').T
-  logits = norm(x, w('output_norm.weight')) @ emb.T
-  logp = logits - logits.max(-1, keepdims=True)
-  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-  return float(-np.mean(logp[np.arange(seq - 1), ids[1:]]))
-
-
 def test_smollm2_matches_numpy_reference_on_held_out_shakespeare(smollm2):
   model, params, tokenizer, ids = smollm2
   assert model.config.norm_eps == pytest.approx(1e-5)  # stored as float32 in the file
   assert model.config == dataclasses.replace(llama.smollm2_135m(), norm_eps=model.config.norm_eps)
   assert tokenizer.decode(tokenizer.encode('To be, or not to be')) == 'To be, or not to be'
   ours = _nll(model.apply({'params': params}, jnp.asarray(ids)[None])[0], ids)
-  ref = _numpy_llama_nll(checkpoints.smollm2_path(), ids)
+  ref = reference.gguf_llama_nll(checkpoints.smollm2_path(), ids)
   assert abs(ours - ref) < 0.01, (ours, ref)
   assert ours < 4.5  # nats/token on 128 tokens of Hamlet; a uniform guess is log(49152) = 10.8
 

@@ -1,0 +1,101 @@
+r"""Evaluates a loaded model at bf16 and at every bit-width, in the paper's table layout.
+
+  python experiments/evaluate_model.py --model=smollm2-135m \
+      [--parent=runs/x/parents/matquant] [--tasks=shakespeare_next_line,arc_easy,...] \
+      [--ppl=tfds:shakespeare_plays:validation] [--bits=8,6,4,3,2] [--out=table.json]
+
+--model: a checkpoint directory, a .gguf file or 'smollm2-135m'. Without
+--parent, every width is min-max PTQ of the float weights ('PTQ') and the int8
+min-max parent sliced ('Sliced int8'); with --parent (a stored MatQuant parent
+saved by a study), its slices. Rows: data type; columns: accuracy per task,
+Task Avg. (mean accuracy) and log pplx (nats/token).
+"""
+
+import dataclasses
+import json
+import time
+
+from absl import app, flags, logging
+
+from matquant_jax import checkpoints, evaluate, omniquant
+from matquant_jax.models import gemma
+from matquant_jax.qeinsum import QuantSpec
+
+_MODEL = flags.DEFINE_string('model', 'smollm2-135m', 'Checkpoint directory, .gguf file or model name.')
+_PARENT = flags.DEFINE_string('parent', None, 'A stored parent (orbax directory) to slice instead.')
+_PARENT_BITS = flags.DEFINE_integer('parent_bits', 8, "The stored parent's bits.")
+_TASKS = flags.DEFINE_list('tasks', [evaluate.OFFLINE_TASK], 'Tasks: ' + ', '.join(
+    list(evaluate.TASKS) + [evaluate.OFFLINE_TASK]))
+_TASK_FILES = flags.DEFINE_list('task_files', [], 'task=path.jsonl overrides (local examples).')
+_LIMIT = flags.DEFINE_integer('limit', 200, 'Examples per task.')
+_PPL = flags.DEFINE_string('ppl', 'tfds:shakespeare_plays:validation', 'Perplexity text source.')
+_PPL_WINDOWS = flags.DEFINE_integer('ppl_batches', 8, 'Batches of 8 x seq_len tokens for perplexity.')
+_SEQ = flags.DEFINE_integer('seq_len', 512, 'Perplexity window.')
+_BITS = flags.DEFINE_list('bits', ['8', '6', '4', '3', '2'], 'Bit-widths.')
+_MIX = flags.DEFINE_string('mixnmatch', 'pyramid', "'pyramid' (int2 outer, int8 middle, int4 between) or "
+                           'comma-separated per-layer bits, or empty.')
+_DATA_DIR = flags.DEFINE_string('data_dir', '~/.cache/matquant_jax', 'TFDS data directory.')
+_OUT = flags.DEFINE_string('out', None, 'Write the rows as JSON here.')
+
+
+def pyramid(num_layers: int) -> tuple[int, ...]:
+  """int2 in the outer sixth at each end, int8 in the middle third, int4 between (spec section 5)."""
+  out = []
+  for i in range(num_layers):
+    d = min(i, num_layers - 1 - i) / (num_layers / 2)  # 0 at the ends, ~1 in the middle
+    out.append(2 if d < 1 / 3 else 4 if d < 2 / 3 else 8)
+  return tuple(out)
+
+
+def evaluate_rows(model, variables, tokenizer, specs, items, texts):
+  rows = []
+  for label, spec in specs:
+    t = time.perf_counter()
+    accs = {name: evaluate.accuracy(model, variables, tokenizer, its, spec)['acc']
+            for name, its in items.items()}
+    nll = evaluate.log_perplexity(model, variables, tokenizer, texts, spec, _SEQ.value, 8,
+                                  _PPL_WINDOWS.value)
+    rows.append(dict(data_type=label, **accs, task_avg=sum(accs.values()) / max(len(accs), 1),
+                     log_pplx=nll))
+    logging.info('%-28s task avg %.3f  log pplx %.4f  (%.0fs)', label, rows[-1]['task_avg'], nll,
+                 time.perf_counter() - t)
+  return rows
+
+
+def main(argv):
+  del argv
+  model, params, tokenizer = checkpoints.load(_MODEL.value)
+  files = dict(kv.split('=', 1) for kv in _TASK_FILES.value)
+  items = {t: evaluate.task_items(t, files.get(t), _DATA_DIR.value, _LIMIT.value) for t in _TASKS.value}
+  texts = evaluate.read_texts(_PPL.value, _DATA_DIR.value)
+  layers = model.config.num_layers
+  mix = pyramid(layers) if _MIX.value == 'pyramid' else tuple(
+      int(b) for b in _MIX.value.split(',') if b)
+  bits = [int(b) for b in _BITS.value]
+  specs = []
+  if _PARENT.value:
+    spec = QuantSpec(_PARENT_BITS.value, _PARENT_BITS.value)
+    variables = omniquant.restore_parent(_PARENT.value, model.config, params, spec)
+    specs += [(f'int{b} (parent slice)', dataclasses.replace(spec, bits=b)) for b in bits]
+  else:
+    variables = params
+    bf16 = gemma.Transformer(dataclasses.replace(model.config, dtype='bfloat16'))
+    rows = evaluate_rows(bf16, variables, tokenizer, [('bf16', None)], items, texts)
+    specs += [(f'int{b} (PTQ min-max)', QuantSpec(b, b)) for b in bits]
+    specs += [(f'int{b} (Sliced int8)', QuantSpec(b)) for b in bits if b != 8]
+  if mix:
+    specs.append((f"Mix'n'Match {','.join(map(str, mix))}", QuantSpec(mix, _PARENT_BITS.value)))
+  rows = ([] if _PARENT.value else rows) + evaluate_rows(model, variables, tokenizer, specs, items, texts)
+  names = list(items)
+  print('| data type | ' + ' | '.join(names) + ' | Task Avg. | log pplx |')
+  print('|---' * (len(names) + 3) + '|')
+  for r in rows:
+    print(f"| {r['data_type']} | " + ' | '.join(f'{100 * r[n]:.1f}' for n in names) +
+          f" | {100 * r['task_avg']:.1f} | {r['log_pplx']:.3f} |")
+  if _OUT.value:
+    with open(_OUT.value, 'w') as f:
+      json.dump(rows, f, indent=1)
+
+
+if __name__ == '__main__':
+  app.run(main)
