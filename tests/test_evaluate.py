@@ -1,5 +1,6 @@
 """Evaluation: task readers and prompts, log-likelihood scoring, perplexity sources, the offline task."""
 
+import json
 import os
 
 import jax
@@ -92,3 +93,32 @@ def test_smollm2_beats_chance_on_the_offline_task(data_dir):
   items = evaluate.shakespeare_next_line(data_dir, n=48)
   result = evaluate.accuracy(model, params, tokenizer, items)
   assert result['acc_norm'] > 0.35, result  # chance is 0.25; measured 0.52 on 60 items
+
+
+def test_evaluate_model_command_prints_the_paper_table(tmp_path):
+  """The evaluation command on a synthetic Hugging Face Llama checkpoint with local task files."""
+  import subprocess
+  import sys
+  from matquant_jax.models import llama
+  cfg = llama.llama_config(num_layers=2, num_embed=256, embed_dim=32, hidden_dim=64, num_heads=4,
+                           num_kv_heads=2)
+  params = gemma.Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))['params']
+  checkpoints.save_hf(str(tmp_path / 'hf'), params, cfg)
+  import tokenizers
+  from tokenizers import models, pre_tokenizers
+  tk = tokenizers.Tokenizer(models.WordLevel({f'w{i}': i for i in range(250)} | {'[UNK]': 250}, '[UNK]'))
+  tk.pre_tokenizer = pre_tokenizers.Whitespace()
+  tk.save(str(tmp_path / 'hf' / 'tokenizer.json'))
+  (tmp_path / 'doc.txt').write_text(' '.join(f'w{i % 250}' for i in range(3000)))
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+      [sys.executable, 'experiments/evaluate_model.py', f'--model={tmp_path / "hf"}', '--tasks=arc_easy,piqa',
+       f'--task_files=arc_easy={DATA}/arc_easy.jsonl,piqa={DATA}/piqa.jsonl', f'--ppl={tmp_path / "doc.txt"}',
+       '--seq_len=64', '--ppl_batches=2', '--bits=8,2', '--mixnmatch=2,8', f'--out={tmp_path / "rows.json"}'],
+      cwd=root, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert '| data type | arc_easy | piqa | Task Avg. | log pplx |' in proc.stdout
+  rows = {r['data_type']: r for r in json.load(open(tmp_path / 'rows.json'))}
+  assert set(rows) == {'bf16', 'int8 (PTQ min-max)', 'int2 (PTQ min-max)', 'int2 (Sliced int8)',
+                       "Mix'n'Match 2,8"}
+  assert all(0 < r['log_pplx'] < 2 * np.log(256) for r in rows.values())
