@@ -47,9 +47,10 @@ def pyramid(num_layers: int) -> tuple[int, ...]:
   return tuple(out)
 
 
-def evaluate_rows(model, variables, tokenizer, specs, items, texts):
+def evaluate_rows(variables, tokenizer, specs, items, texts):
+  """One row per (label, model, spec): accuracy per task, Task Avg. and log pplx."""
   rows = []
-  for label, spec in specs:
+  for label, model, spec in specs:
     t = time.perf_counter()
     accs = {name: evaluate.accuracy(model, variables, tokenizer, its, spec)['acc']
             for name, its in items.items()}
@@ -72,20 +73,19 @@ def main(argv):
   mix = pyramid(layers) if _MIX.value == 'pyramid' else tuple(
       int(b) for b in _MIX.value.split(',') if b)
   bits = [int(b) for b in _BITS.value]
-  specs = []
   if _PARENT.value:
-    spec = QuantSpec(_PARENT_BITS.value, _PARENT_BITS.value)
-    variables = omniquant.restore_parent(_PARENT.value, model.config, params, spec)
-    specs += [(f'int{b} (parent slice)', dataclasses.replace(spec, bits=b)) for b in bits]
+    parent = QuantSpec(_PARENT_BITS.value, _PARENT_BITS.value)
+    variables = omniquant.restore_parent(_PARENT.value, model.config, params, parent)
+    specs = [(f'int{b} (parent slice)', model, dataclasses.replace(parent, bits=b)) for b in bits]
   else:
     variables = params
     bf16 = gemma.Transformer(dataclasses.replace(model.config, dtype='bfloat16'))
-    rows = evaluate_rows(bf16, variables, tokenizer, [('bf16', None)], items, texts)
-    specs += [(f'int{b} (PTQ min-max)', QuantSpec(b, b)) for b in bits]
-    specs += [(f'int{b} (Sliced int8)', QuantSpec(b)) for b in bits if b != 8]
+    specs = [('bf16', bf16, None)]
+    specs += [(f'int{b} (PTQ min-max)', model, QuantSpec(b, b)) for b in bits]
+    specs += [(f'int{b} (Sliced int8)', model, QuantSpec(b)) for b in bits if b != 8]
   if mix:
-    specs.append((f"Mix'n'Match {','.join(map(str, mix))}", QuantSpec(mix, _PARENT_BITS.value)))
-  rows = ([] if _PARENT.value else rows) + evaluate_rows(model, variables, tokenizer, specs, items, texts)
+    specs.append((f"Mix'n'Match {','.join(map(str, mix))}", model, QuantSpec(mix, _PARENT_BITS.value)))
+  rows = evaluate_rows(variables, tokenizer, specs, items, texts)
   names = list(items)
   print('| data type | ' + ' | '.join(names) + ' | Task Avg. | log pplx |')
   print('|---' * (len(names) + 3) + '|')

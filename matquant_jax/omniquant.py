@@ -190,12 +190,15 @@ def export_parent(config: gemma.TransformerConfig, params: Tree, qtree: Tree | N
   through `model.apply(variables, tokens, quant=QuantSpec(...))`.
   """
   flat_p = traverse_util.flatten_dict(params, sep='/')
-  flat_t = traverse_util.flatten_dict(qtree or {}, sep='/')
+  transforms = {}  # weight path -> its aux dict
+  for k, v in traverse_util.flatten_dict(qtree or {}, sep='/').items():
+    weight, _, leaf = k.rpartition('/')
+    transforms.setdefault(weight, {})[leaf] = v
   flat_q = {}
   for key, _ in gemma.blocks(config):
     for path, info in _targets(config, spec).items():
       name = f'{key}/{path}'
-      aux = {k.rpartition('/')[2]: v for k, v in flat_t.items() if k.rpartition('/')[0] == name}
+      aux = transforms.get(name, {})
       w = flat_p[name]
       ws = qeinsum.quantized_weight(w, info.reduce_axes, None, None, aux)  # W * s
       gamma, beta = qeinsum.clipping_factors(aux)

@@ -88,14 +88,11 @@ def check_workdir(workdir: str, cfg: ml_collections.ConfigDict) -> None:
 
 
 def run_omniquant(cfg: ml_collections.ConfigDict, r: dict, mcfg: gemma.TransformerConfig,
-                  float_params, train_stream, objective: losses.Objective, ckpt_dir: str,
-                  writer=None) -> dict:
+                  float_params, train_stream, objective: losses.Objective, spec: QuantSpec,
+                  ckpt_dir: str, writer=None) -> dict:
   """Calibrates one OmniQuant run (resumable per block); returns its exported parent variables."""
   o = cfg.omniquant
   calib = pipeline.train_batch(train_stream, 0, o.samples, o.seq_len, cfg.seed + 1)[:, :-1]
-  q = cfg.qat.quant
-  spec = QuantSpec(r['parent_bits'], r['parent_bits'], r['extra_precision'], q.group_size,
-                   tuple(q.targets))
   ocfg = ml_collections.ConfigDict(o.to_dict())
   ocfg.epochs = max(1, round(o.epochs * r.get('budget', 1.0)))
   qtree = omniquant.calibrate(mcfg, float_params, calib, objective, spec, ocfg, ckpt_dir, writer,
@@ -157,7 +154,7 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     spec = QuantSpec(r['parent_bits'], r['parent_bits'], r['extra_precision'],
                      cfg.qat.quant.group_size, tuple(cfg.qat.quant.targets))
     if r.get('algo', 'qat') == 'omniquant':
-      models[r['name']] = (run_omniquant(cfg, r, mcfg, float_params, data.train, objective,
+      models[r['name']] = (run_omniquant(cfg, r, mcfg, float_params, data.train, objective, spec,
                                          ckpt_dir, writer), r)
       save_parent(os.path.join(workdir, 'parents', r['name']), models[r['name']][0])
     else:
