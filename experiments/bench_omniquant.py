@@ -8,9 +8,6 @@ with repeats interleaved; compilation is excluded. MatQuant runs three slices
 per step (forward and backward), so about 3x is expected.
 """
 
-import statistics
-import time
-
 from absl import app, flags
 import jax
 import jax.numpy as jnp
@@ -18,7 +15,7 @@ from ml_collections import config_flags
 import numpy as np
 import optax
 
-from matquant_jax import losses, omniquant, study
+from matquant_jax import losses, omniquant, study, timing
 from matquant_jax.models import gemma
 from matquant_jax.qeinsum import QuantSpec
 
@@ -61,23 +58,16 @@ def main(argv):
       aux, opt_state, _ = step(aux, opt_state, params[key], xs, x[sl], tokens[sl])
     jax.block_until_ready(aux)
 
-  for name in variants:  # compile
-    for key, block in layers[:2]:
-      epoch(name, key, block)
-  times = {name: [] for name in variants}
-  for _ in range(_REPEATS.value):
-    for name in variants:
-      t = time.perf_counter()
-      for key, block in layers:
-        epoch(name, key, block)
-      times[name].append((time.perf_counter() - t) / len(layers))
+  def run_all_blocks(name):
+    return lambda: [epoch(name, key, block) for key, block in layers]
+  med = {n: s / len(layers) for n, s in timing.interleaved_medians(
+      {n: run_all_blocks(n) for n in variants}, _REPEATS.value).items()}
 
   print(f'model: {mcfg.num_layers} blocks, D {mcfg.embed_dim}, H {mcfg.hidden_dim}; '
         f'{o.samples} x {o.seq_len} calibration tokens, batch {o.batch_size} '
         f'({steps_per_epoch} steps per epoch); {jax.devices()[0].platform}')
   print('| variant | s / block / epoch | ms / step |')
   print('|---|---|---|')
-  med = {n: statistics.median(t) for n, t in times.items()}
   for name, s in med.items():
     print(f'| {name} | {s:.3f} | {1000 * s / steps_per_epoch:.1f} |')
   sp, mq = med['single precision int2 (baseline)'], med['MatQuant [8,4,2]']

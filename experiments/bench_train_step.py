@@ -6,16 +6,16 @@ All variants train the same parameters (the config's qat.trainable, FFN by
 default) on the same batch shape, in one process, with repeats interleaved.
 """
 
-import statistics
 import time
 
 from absl import app, flags
 import jax
 import jax.numpy as jnp
+import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from matquant_jax import losses, study, train
+from matquant_jax import losses, study, timing, train
 from matquant_jax.models import gemma
 from matquant_jax.quant import fake_quant
 
@@ -37,28 +37,14 @@ def main(argv):
 
   variants = {'float': ('float', None, 8), 'QAT int8': ('8', None, 8), 'QAT int4': ('4', None, 4),
               'QAT int2': ('2', None, 2), 'MatQuant [8,4,2]': ('8,4,2', (0.1, 0.1, 1.0), 8)}
-  steps = {}
+  runners = {}
   for name, (obj, lambdas, parent) in variants.items():
-    tx = train.make_optimizer(cfg.qat.optimizer, 1000)
-    trainable, frozen = train.split_params(params, cfg.qat.trainable)
-    state = train.init_state(trainable, tx)
-    fn = train.make_train_step(model, losses.parse_objective(obj, lambdas, parent),
-                               dict(q, parent_bits=parent, extra_precision=False), tx)
-    state, _ = fn(state, frozen, batch)  # compile
-    jax.block_until_ready(state)
-    steps[name] = [fn, state, frozen]
-
-  times = {name: [] for name in variants}
-  for _ in range(_REPEATS.value):
-    for name, slot in steps.items():
-      fn, state, frozen = slot
-      t = time.perf_counter()
-      for _ in range(_STEPS.value):
-        state, _ = fn(state, frozen, batch)
-      jax.block_until_ready(state)
-      times[name].append((time.perf_counter() - t) / _STEPS.value)
-      slot[1] = state
-  med = {k: statistics.median(v) for k, v in times.items()}
+    run_cfg = ml_collections.ConfigDict(dict(steps=1000, trainable=cfg.qat.trainable,
+                                             optimizer=cfg.qat.optimizer,
+                                             quant=dict(q, parent_bits=parent, extra_precision=False)))
+    prepared = train.prepare(model, params, losses.parse_objective(obj, lambdas, parent), run_cfg)
+    runners[name] = timing.step_runner(prepared, batch, _STEPS.value)
+  med = {k: v / _STEPS.value for k, v in timing.interleaved_medians(runners, _REPEATS.value).items()}
 
   # Where the time goes: the quantizer alone, and forward passes at float and int2.
   axes = gemma.ffn_reduce_axes(mcfg)

@@ -38,28 +38,15 @@ _DATA_DIR = flags.DEFINE_string('data_dir', '~/.cache/matquant_jax', 'TFDS data 
 _OUT = flags.DEFINE_string('out', None, 'Write the rows as JSON here.')
 
 
-def pyramid(num_layers: int) -> tuple[int, ...]:
-  """int2 in the outer sixth at each end, int8 in the middle third, int4 between (spec section 5)."""
-  out = []
-  for i in range(num_layers):
-    d = min(i, num_layers - 1 - i) / (num_layers / 2)  # 0 at the ends, ~1 in the middle
-    out.append(2 if d < 1 / 3 else 4 if d < 2 / 3 else 8)
-  return tuple(out)
-
-
 def evaluate_rows(variables, tokenizer, specs, items, texts):
-  """One row per (label, model, spec): accuracy per task, Task Avg. and log pplx."""
+  """One row per (label, model, spec)."""
   rows = []
   for label, model, spec in specs:
     t = time.perf_counter()
-    accs = {name: evaluate.accuracy(model, variables, tokenizer, its, spec)['acc']
-            for name, its in items.items()}
-    nll = evaluate.log_perplexity(model, variables, tokenizer, texts, spec, _SEQ.value, 8,
-                                  _PPL_WINDOWS.value)
-    rows.append(dict(data_type=label, **accs, task_avg=sum(accs.values()) / max(len(accs), 1),
-                     log_pplx=nll))
-    logging.info('%-28s task avg %.3f  log pplx %.4f  (%.0fs)', label, rows[-1]['task_avg'], nll,
-                 time.perf_counter() - t)
+    rows.append(dict(data_type=label, **evaluate.table_row(model, variables, tokenizer, spec, items,
+                                                           texts, _SEQ.value, 8, _PPL_WINDOWS.value)))
+    logging.info('%-28s task avg %.3f  log pplx %.4f  (%.0fs)', label, rows[-1]['task_avg'],
+                 rows[-1]['log_pplx'], time.perf_counter() - t)
   return rows
 
 
@@ -70,7 +57,7 @@ def main(argv):
   items = {t: evaluate.task_items(t, files.get(t), _DATA_DIR.value, _LIMIT.value) for t in _TASKS.value}
   texts = evaluate.read_texts(_PPL.value, _DATA_DIR.value)
   layers = model.config.num_layers
-  mix = pyramid(layers) if _MIX.value == 'pyramid' else tuple(
+  mix = evaluate.pyramid(layers) if _MIX.value == 'pyramid' else tuple(
       int(b) for b in _MIX.value.split(',') if b)
   bits = [int(b) for b in _BITS.value]
   if _PARENT.value:

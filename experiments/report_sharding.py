@@ -14,17 +14,14 @@ import os
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 
-import statistics  # pylint: disable=g-import-not-at-top
-import time
-
-from absl import app, flags
+from absl import app, flags  # pylint: disable=g-import-not-at-top
 import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, AxisType
 import ml_collections
 import numpy as np
 
-from matquant_jax import configs, losses, omniquant, sharding, study, train
+from matquant_jax import configs, losses, omniquant, sharding, study, timing, train
 from matquant_jax.models import gemma
 from matquant_jax.qeinsum import QuantSpec
 
@@ -72,42 +69,21 @@ def throughput_table(steps: int) -> str:
   objective = losses.parse_objective('8,4,2', (0.1, 0.1, 1.0))
   meshes = {'1 device': (1, 1, 1), '8 devices, data': (8, 1, 1), '8 devices, fsdp': (1, 8, 1),
             '8 devices, data 2 x fsdp 2 x tensor 2': (2, 2, 2)}
-  run_cfg = ml_collections.ConfigDict(dict(steps=10**6, trainable='ffn', checkpoint_every=10**6,
-                                           log_every=10**6, optimizer=cfg.qat.optimizer,
+  run_cfg = ml_collections.ConfigDict(dict(steps=1000, trainable='ffn', optimizer=cfg.qat.optimizer,
                                            quant=dict(parent_bits=8)))
-  prepared = {}
+  runners = {}
   for label, shape in meshes.items():
     mesh = sharding.make_mesh(sharding.mesh_config(*shape), jax.devices()[:int(np.prod(shape))])
-    trainable, frozen = train.split_params(params, 'ffn')
-    tx = train.make_optimizer(run_cfg.optimizer, 1000)
-    t_sh = train.model_shardings(mcfg, trainable, mesh, sharding.DEFAULT_RULES)
-    f_sh = train.model_shardings(mcfg, frozen, mesh, sharding.DEFAULT_RULES)
-    make_state = lambda t, tx=tx: train.init_state(t, tx)
-    s_sh = sharding.state_shardings(jax.eval_shape(make_state, trainable), tx, t_sh, mesh)
-    state = jax.jit(make_state, out_shardings=s_sh)(jax.device_put(trainable, t_sh))
-    b_sh = sharding.batch_sharding(mesh, sharding.DEFAULT_RULES)
-    fn = train.make_train_step(model, objective, run_cfg.quant, tx, (s_sh, f_sh, b_sh))
-    frozen, gb = jax.device_put(frozen, f_sh), sharding.global_batch(batch, b_sh)
-    state, _ = fn(state, frozen, gb)  # compile
-    jax.block_until_ready(state)
-    prepared[label] = [fn, state, frozen, gb]
-  times = {k: [] for k in meshes}
-  for _ in range(3):
-    for label, slot in prepared.items():
-      fn, state, frozen, gb = slot
-      t = time.perf_counter()
-      for _ in range(steps):
-        state, _ = fn(state, frozen, gb)
-      jax.block_until_ready(state)
-      times[label].append((time.perf_counter() - t) / steps)
-      slot[1] = state
+    prepared = train.prepare(model, params, objective, run_cfg, mesh)
+    runners[label] = timing.step_runner(prepared, sharding.global_batch(batch, prepared.batch_sharding),
+                                        steps)
+  med = {k: v / steps for k, v in timing.interleaved_medians(runners, 3).items()}
   tokens = d.batch_size * d.seq_len
-  base = statistics.median(times['1 device'])
+  base = med['1 device']
   lines = [f'MatQuant [8,4,2] train step, default model, global batch {d.batch_size} x {d.seq_len}, '
            f'{os.cpu_count()} CPU cores shared by the simulated devices',
            '| mesh | ms / step | tokens / s | vs 1 device |', '|---|---|---|---|']
-  for label, ts in times.items():
-    s = statistics.median(ts)
+  for label, s in med.items():
     lines.append(f'| {label} | {1000 * s:.0f} | {tokens / s:,.0f} | {base / s:.2f}x |')
   return '\n'.join(lines)
 

@@ -78,8 +78,7 @@ def main(argv):
   study.save_parent(os.path.join(workdir, 'parents', 'matquant'), parent)  # for evaluate_model.py --parent
 
   items = evaluate.shakespeare_next_line(_DATA_DIR.value, _TASK_N.value)
-  mix = tuple(2 if min(i, cfg.num_layers - 1 - i) < 5 else 8 if 10 <= i < 20 else 4
-              for i in range(cfg.num_layers))  # pyramid: 10 x int2, 10 x int4, 10 x int8
+  mix = evaluate.pyramid(cfg.num_layers)  # 30 layers: 10 x int2, 10 x int4, 10 x int8
   bf16 = gemma.Transformer(dataclasses.replace(cfg, dtype='bfloat16'))
   rows = [('bf16', 'bf16 activations, float weights', bf16, params, None)]
   for b in _BITS:
@@ -94,13 +93,13 @@ def main(argv):
     if (dtype, method) in done:
       continue
     t = time.perf_counter()
-    acc = evaluate.accuracy(m, variables, tokenizer, items, spec)
-    nll = evaluate.log_perplexity(m, variables, tokenizer, texts, spec, 512, 8, _PPL_BATCHES.value)
+    row = evaluate.table_row(m, variables, tokenizer, spec, {'next_line': items}, texts, 512, 8,
+                             _PPL_BATCHES.value)
     bits = (sum(spec.bits) / len(spec.bits) if isinstance(spec.bits, tuple) else spec.bits) if spec else 16
-    results['rows'].append(dict(data_type=dtype, method=method, ffn_bits=bits, log_pplx=nll,
-                                next_line_acc=acc['acc'], next_line_acc_norm=acc['acc_norm']))
-    logging.info('%-22s %-26s log pplx %.4f  next-line acc %.3f / %.3f  (%.0fs)', dtype, method, nll,
-                 acc['acc'], acc['acc_norm'], time.perf_counter() - t)
+    results['rows'].append(dict(data_type=dtype, method=method, ffn_bits=bits, log_pplx=row['log_pplx'],
+                                next_line_acc=row['next_line'], next_line_acc_norm=row['next_line_norm']))
+    logging.info('%-22s %-26s log pplx %.4f  next-line acc %.3f / %.3f  (%.0fs)', dtype, method,
+                 row['log_pplx'], row['next_line'], row['next_line_norm'], time.perf_counter() - t)
     save()
   lines = ['| data type | method | FFN bits | log pplx | next-line acc | acc_norm |', '|---|---|---|---|---|---|']
   for r in results['rows']:

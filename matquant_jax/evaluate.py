@@ -245,3 +245,27 @@ def log_perplexity(model, variables, tokenizer, texts: Iterable[str], spec: Quan
   """Mean NLL (nats/token) over non-overlapping windows of the joined documents."""
   batches = pipeline.eval_batches(token_stream(tokenizer, texts), batch_size, seq_len, max_batches)
   return train.make_eval_fn(model)(variables, batches, spec)
+
+
+def pyramid(num_layers: int) -> tuple[int, ...]:
+  """Mix'n'Match Pyramid: int2 in the outer sixth at each end, int8 in the middle third,
+  int4 between (spec section 5)."""
+  out = []
+  for i in range(num_layers):
+    d = min(i, num_layers - 1 - i) / (num_layers / 2)  # 0 at the ends, ~1 in the middle
+    out.append(2 if d < 1 / 3 else 4 if d < 2 / 3 else 8)
+  return tuple(out)
+
+
+def table_row(model, variables, tokenizer, spec: QuantSpec | None, items: Mapping[str, Sequence[Item]],
+              texts: Sequence[str], seq_len: int = 512, batch_size: int = 8,
+              max_batches: int | None = None) -> dict[str, Any]:
+  """One row of the paper's table: accuracy and acc_norm per task, Task Avg. (mean accuracy), log pplx."""
+  row = {}
+  for name, its in items.items():
+    result = accuracy(model, variables, tokenizer, its, spec)
+    row[name], row[f'{name}_norm'] = result['acc'], result['acc_norm']
+  row['task_avg'] = float(np.mean([row[name] for name in items])) if items else float('nan')
+  row['log_pplx'] = log_perplexity(model, variables, tokenizer, texts, spec, seq_len, batch_size,
+                                   max_batches)
+  return row

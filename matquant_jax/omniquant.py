@@ -42,13 +42,16 @@ def _targets(config: gemma.TransformerConfig, spec: QuantSpec) -> dict[str, gemm
   return {p: i for p, i in gemma.quantizable_weights(config).items() if i.target in spec.targets}
 
 
-def check_options(cfg: ml_collections.ConfigDict, objective: losses.Objective) -> None:
-  """Raises ValueError naming the first bad calibration option."""
-  for key in ('samples', 'seq_len', 'batch_size', 'epochs'):
-    if not isinstance(cfg[key], int) or cfg[key] < 1:
-      raise ValueError(f'omniquant.{key} must be a positive integer, got {cfg[key]!r}')
-  if cfg.batch_size > cfg.samples:
-    raise ValueError(f'omniquant.batch_size={cfg.batch_size} exceeds omniquant.samples={cfg.samples}')
+def check_options(cfg: ml_collections.ConfigDict, objective: losses.Objective,
+                  tokens_shape: tuple[int, ...]) -> None:
+  """Raises ValueError naming the first bad calibration option (samples, seq_len: the tokens')."""
+  sizes = dict(samples=tokens_shape[0], seq_len=tokens_shape[1], batch_size=cfg.batch_size,
+               epochs=cfg.epochs)
+  for key, value in sizes.items():
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f'omniquant.{key} must be a positive integer, got {value!r}')
+  if cfg.batch_size > sizes['samples']:
+    raise ValueError(f'omniquant.batch_size={cfg.batch_size} exceeds omniquant.samples={sizes["samples"]}')
   if not cfg.learning_rate > 0:
     raise ValueError(f'omniquant.learning_rate must be positive, got {cfg.learning_rate!r}')
   if not (cfg.lwc or cfg.let):
@@ -113,9 +116,8 @@ def calibrate(config: gemma.TransformerConfig, params: Tree, tokens: np.ndarray,
   `omniquant` config is the caller's). With `ckpt_dir`, the transforms are
   saved after every block and a rerun resumes after the last finished one.
   """
-  check_options(ml_collections.ConfigDict({**cfg.to_dict(), 'samples': len(tokens),
-                                           'seq_len': tokens.shape[1]}), objective)
   tokens = np.asarray(tokens)
+  check_options(cfg, objective, tokens.shape)
   qtree = init_transforms(config, params, spec, cfg.lwc, cfg.let)
   mngr, done = None, 0
   if ckpt_dir:
@@ -125,6 +127,9 @@ def calibrate(config: gemma.TransformerConfig, params: Tree, tokens: np.ndarray,
       abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, qtree)
       qtree = mngr.restore(done, args=ocp.args.StandardRestore(abstract))
       logging.info('%s: resuming after block %d of %d', desc, done, config.num_layers)
+      if done >= config.num_layers:  # finished: no activation streams to rebuild
+        mngr.close()
+        return qtree
 
   widths = tuple(dict.fromkeys(objective.widths + objective.teachers))
   tx = optax.adamw(cfg.learning_rate, weight_decay=cfg.weight_decay)

@@ -8,6 +8,7 @@ an orbax CheckpointManager so a run resumes where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -160,6 +161,35 @@ def checkpoint_manager(directory: str, keep: int = 2) -> ocp.CheckpointManager:
                                options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
 
+@dataclasses.dataclass
+class Prepared:
+  """A sharded train state and the jitted step that advances it."""
+  state: dict
+  frozen: Params
+  step_fn: Callable
+  state_shardings: dict
+  batch_sharding: Any
+
+
+def prepare(model: gemma.Transformer, init_params: Params, objective: losses.Objective,
+            cfg: ml_collections.ConfigDict, mesh=None, rules=sharding.DEFAULT_RULES) -> Prepared:
+  """Splits, shards and initialises the train state over `mesh` (default: the first device)
+  and jits the step with explicit in/out shardings."""
+  if mesh is None:
+    mesh = sharding.make_mesh(sharding.mesh_config(), jax.devices()[:1])
+  trainable, frozen = split_params(init_params, cfg.trainable)
+  tx = make_optimizer(cfg.optimizer, cfg.steps)
+  t_sh = model_shardings(model.config, trainable, mesh, rules)
+  f_sh = model_shardings(model.config, frozen, mesh, rules)
+  trainable, frozen = jax.device_put(trainable, t_sh), jax.device_put(frozen, f_sh)
+  make_state = functools.partial(init_state, tx=tx)
+  s_sh = sharding.state_shardings(jax.eval_shape(make_state, trainable), tx, t_sh, mesh)
+  state = jax.jit(make_state, out_shardings=s_sh)(trainable)
+  b_sh = sharding.batch_sharding(mesh, rules)
+  step_fn = make_train_step(model, objective, cfg.get('quant'), tx, (s_sh, f_sh, b_sh))
+  return Prepared(state, frozen, step_fn, s_sh, b_sh)
+
+
 def train(model: gemma.Transformer, init_params: Params, objective: losses.Objective,
           batch_fn: Callable[[int], np.ndarray], cfg: ml_collections.ConfigDict,
           ckpt_dir: str | None = None, writer=None, desc: str = 'train',
@@ -172,24 +202,14 @@ def train(model: gemma.Transformer, init_params: Params, objective: losses.Objec
   by `rules`; a checkpoint saved on another mesh restores onto this one.
   Returns the full parameters and the last metrics.
   """
-  if mesh is None:
-    mesh = sharding.make_mesh(sharding.mesh_config(), jax.devices()[:1])
-  trainable, frozen = split_params(init_params, cfg.trainable)
-  tx = make_optimizer(cfg.optimizer, cfg.steps)
-  t_sh = model_shardings(model.config, trainable, mesh, rules)
-  f_sh = model_shardings(model.config, frozen, mesh, rules)
-  trainable, frozen = jax.device_put(trainable, t_sh), jax.device_put(frozen, f_sh)
-  make_state = functools.partial(init_state, tx=tx)
-  s_sh = sharding.state_shardings(jax.eval_shape(make_state, trainable), tx, t_sh, mesh)
-  state = jax.jit(make_state, out_shardings=s_sh)(trainable)
-  b_sh = sharding.batch_sharding(mesh, rules)
+  p = prepare(model, init_params, objective, cfg, mesh, rules)
+  state, frozen, step_fn, b_sh = p.state, p.frozen, p.step_fn, p.batch_sharding
   mngr = checkpoint_manager(ckpt_dir) if ckpt_dir else None
   if mngr is not None and mngr.latest_step() is not None:
     abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                            state, s_sh)
+                            state, p.state_shardings)
     state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(abstract))
     logging.info('%s: resumed at step %d from %s', desc, int(state['step']), ckpt_dir)
-  step_fn = make_train_step(model, objective, cfg.get('quant'), tx, (s_sh, f_sh, b_sh))
   start = int(state['step'])
   metrics = {}
   bar = tqdm.tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps,
