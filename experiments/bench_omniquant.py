@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
-import optax
 
 from matquant_jax import losses, omniquant, study, timing
 from matquant_jax.models import gemma
@@ -32,7 +31,8 @@ def main(argv):
   tokens = rng.integers(4, cfg.data.vocab_size, (o.samples, o.seq_len)).astype(np.int32)
   params = gemma.Transformer(mcfg).init(jax.random.PRNGKey(0), jnp.asarray(tokens[:1]))['params']
   x = gemma.embed(mcfg, params, tokens)
-  tx = optax.adamw(o.learning_rate, weight_decay=o.weight_decay)
+  opts = omniquant.Options.from_config(o)
+  tx = omniquant.optimizer(opts)
   q = cfg.qat.quant
   variants = {'single precision int2 (baseline)': ('2', None, 2),
               'MatQuant [8,4,2]': ('8,4,2', (0.1, 0.1, 1.0), 8)}
@@ -41,9 +41,9 @@ def main(argv):
   prepared = {}
   for name, (obj, lambdas, parent) in variants.items():
     objective = losses.parse_objective(obj, lambdas, parent)
-    spec = QuantSpec(parent, parent, False, q.group_size, tuple(q.targets))
+    spec = QuantSpec(parent, parent, False, q.group_size, tuple(q.targets), q.slice_grad)
     qtree = omniquant.init_transforms(mcfg, params, spec, o.lwc, o.let)
-    fns = {a: omniquant._layer_fns(b, objective, spec, tx)[0]  # pylint: disable=protected-access
+    fns = {a: omniquant._layer_fns(b, objective, spec, tx, opts)[0]  # pylint: disable=protected-access
            for a, b in {blk.attn_type: blk for _, blk in layers}.items()}
     prepared[name] = (objective, qtree, fns)
 
@@ -55,7 +55,7 @@ def main(argv):
     for b in range(steps_per_epoch):
       sl = slice(b * o.batch_size, (b + 1) * o.batch_size)
       xs = {r: x[sl] for r in objective.widths}
-      aux, opt_state, _ = step(aux, opt_state, params[key], xs, x[sl], tokens[sl])
+      aux, opt_state, _ = step(aux, opt_state, params[key], xs, x[sl], tokens[sl], {}, None)
     jax.block_until_ready(aux)
 
   def run_all_blocks(name):

@@ -21,7 +21,6 @@ import time
 from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from matquant_jax import checkpoints, configs, evaluate, losses, omniquant, study
@@ -67,11 +66,11 @@ def main(argv):
   train_texts = pipeline.load_split_texts('shakespeare_plays', _DATA_DIR.value, 'train')
   stream = evaluate.token_stream(tokenizer, train_texts[:8])
   calib = pipeline.train_batch(stream, 0, _SAMPLES.value, _SEQ.value, seed=1)[:, :-1]
-  ocfg = ml_collections.ConfigDict(dict(configs.base_config().omniquant.to_dict(), epochs=_EPOCHS.value))
+  opts = omniquant.Options.from_config(configs.base_config().omniquant, epochs=_EPOCHS.value)
   spec8 = QuantSpec(8)
   t = time.perf_counter()
   qtree = omniquant.calibrate(cfg, params, calib, losses.parse_objective('8,4,2', (0.1, 0.1, 1.0)),
-                              spec8, ocfg, os.path.join(workdir, 'checkpoints', 'matquant'),
+                              spec8, opts, os.path.join(workdir, 'checkpoints', 'matquant'),
                               desc='smollm2 matquant')
   results.setdefault('calibration_s', time.perf_counter() - t)
   parent = omniquant.export_parent(cfg, params, qtree, spec8)

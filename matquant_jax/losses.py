@@ -112,12 +112,14 @@ def mse_distillation(teacher: jax.Array, student: jax.Array, mask: jax.Array) ->
 
 def matquant_loss(outputs_fn: Callable[[Bits], jax.Array], targets: jax.Array, mask: jax.Array,
                   objective: Objective, data_loss=cross_entropy, distill_loss=distillation,
-                  names: tuple[str, str] = ('ce', 'kl')) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """sum_r lambda_r * (data_loss_r if r is a data term + sum of distill_loss(teacher -> r)).
+                  names: tuple[str, str] = ('ce', 'kl'), scales: dict | None = None
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """sum_r lambda_r * (data_loss_r if r is a data term + sum of distill_loss(teacher -> r)) / scale_r.
 
   outputs_fn(bits) runs the model with its weights sliced to `bits` (logits
   for QAT; a layer's output for OmniQuant, with mse / mse_distillation); each
-  slice is run once per step.
+  slice is run once per step. scales: {r: positive scale} to balance widths
+  whose raw losses differ by orders of magnitude (metrics stay unscaled).
   """
   outputs = {}
   def get(bits):
@@ -137,6 +139,6 @@ def matquant_loss(outputs_fn: Callable[[Bits], jax.Array], targets: jax.Array, m
         loss = distill_loss(get(t), get(r), mask)
         metrics[f'{names[1]}_{_name(t)}_to_{_name(r)}'] = loss
         term += loss
-    total += lam * term
+    total += lam * term / (1.0 if scales is None else scales[r])
   metrics['loss'] = total
   return total, metrics

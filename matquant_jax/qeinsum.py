@@ -25,12 +25,15 @@ class QuantSpec:
     the tuple leaves that layer in float).
   targets: which weights are quantized: 'ffn' (default, the paper's setting)
     and/or 'attn'.
+  slice_grad: the slice's straight-through gradient in training, 'clamp' or
+    'identity' (`quant.slice_ste`); no effect on the forward pass.
   """
   bits: int | tuple[int | None, ...]
   parent_bits: int = 8
   extra_precision: bool = False
   group_size: int | None = None
   targets: tuple[str, ...] = ('ffn',)
+  slice_grad: str = 'clamp'
 
   def __post_init__(self):
     if isinstance(self.bits, list):
@@ -41,6 +44,8 @@ class QuantSpec:
     unknown = set(self.targets) - set(TARGETS)
     if unknown:
       raise ValueError(f'unknown quantization targets {sorted(unknown)}; choose from {TARGETS}')
+    if self.slice_grad not in quant.SLICE_GRADS:
+      raise ValueError(f'slice_grad must be one of {quant.SLICE_GRADS}, got {self.slice_grad!r}')
 
   def bits_for(self, layer: int, num_layers: int) -> int | None:
     """The bit-width of layer `layer` (None: float)."""
@@ -92,7 +97,7 @@ def quantized_weight(w, reduce_axes: Sequence[int], bits: int | None,
   return quant.fake_quant(w.astype(jnp.float32), bits, parent_bits=spec.parent_bits,
                           reduce_axes=reduce_axes, extra_precision=spec.extra_precision,
                           group_size=spec.group_size, gamma=gamma, beta=beta,
-                          stats_grad='smooth' in aux).astype(w.dtype)
+                          stats_grad='smooth' in aux, slice_grad=spec.slice_grad).astype(w.dtype)
 
 
 def einsum(eqn: str, x: jax.Array, w, *, reduce_axes: Sequence[int],

@@ -70,20 +70,42 @@ def _slice_float(q, bits: int, parent_bits: int, extra_precision: bool):
   return s * step
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _slice_ste(q, bits, parent_bits, extra_precision):
+SLICE_GRADS = ('clamp', 'identity')
+
+
+def _slice_fwd(q, bits, parent_bits, extra_precision, grad):
+  s = _slice_float(q, bits, parent_bits, extra_precision)
+  if grad == 'identity' or extra_precision or bits == parent_bits:
+    return s, None
+  step = float(2 ** (parent_bits - bits))
+  return s, jnp.floor(q / step + 0.5) <= 2**bits - 1  # False where the slice clamped
+
+
+def _slice_bwd(bits, parent_bits, extra_precision, grad, inside, g):
+  del bits, parent_bits, extra_precision, grad
+  return (g if inside is None else g * inside.astype(g.dtype),)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _slice_ste(q, bits, parent_bits, extra_precision, grad):
   return _slice_float(q, bits, parent_bits, extra_precision)
 
 
-_slice_ste.defvjp(
-    lambda q, *a: (_slice_float(q, *a), None),
-    lambda bits, parent_bits, extra_precision, _, g: (g,))
+_slice_ste.defvjp(lambda q, *a: _slice_fwd(q, *a), _slice_bwd)
 
 
-def slice_ste(q: jax.Array, bits: int, parent_bits: int = 8, extra_precision: bool = False) -> jax.Array:
-  """The Matryoshka slice S(q, r) on float codes, with an identity gradient."""
+def slice_ste(q: jax.Array, bits: int, parent_bits: int = 8, extra_precision: bool = False,
+              grad: str = 'clamp') -> jax.Array:
+  """The Matryoshka slice S(q, r) on float codes, straight-through.
+
+  grad='clamp': identity gradient except for codes the slice clamps into its
+  top bucket (int2: 224..255 -> 192), which get zero, as `round_clip_ste` does
+  for the parent's clamp. grad='identity': the gradient passes everywhere.
+  """
   check_bits(bits, parent_bits)
-  return _slice_ste(q, bits, parent_bits, extra_precision)
+  if grad not in SLICE_GRADS:
+    raise ValueError(f'slice gradient must be one of {SLICE_GRADS}, got {grad!r}')
+  return _slice_ste(q, bits, parent_bits, extra_precision, grad)
 
 
 # --- Integer slicing ---------------------------------------------------------
@@ -179,20 +201,20 @@ def dequantize(q, scale, zero_point):
 
 def fake_quant(w, bits: int, *, parent_bits: int = 8, reduce_axes: Sequence[int] = (0,),
                extra_precision: bool = False, group_size: int | None = None,
-               gamma=None, beta=None, stats_grad: bool = False):
+               gamma=None, beta=None, stats_grad: bool = False, slice_grad: str = 'clamp'):
   """Quantize w to a parent_bits parent, slice to `bits`, dequantize.
 
   Statistics are taken over `reduce_axes` (the contraction axes: one scale per
   output channel), optionally in groups of `group_size` along the one
   contraction axis. The gradient w.r.t. w is the identity wherever the code is
   not clipped (always, without clipping factors), plus, with `stats_grad`, the
-  path through the min/max statistics.
+  path through the min/max statistics. `slice_grad`: see `slice_ste`.
   """
   check_bits(bits, parent_bits)
   shape = jnp.shape(w)
   wg, axes = group(w, reduce_axes, group_size)
   scale, zero = calibrate(wg, parent_bits, axes, gamma, beta, stats_grad)
-  q = slice_ste(quantize(wg, scale, zero, parent_bits), bits, parent_bits, extra_precision)
+  q = slice_ste(quantize(wg, scale, zero, parent_bits), bits, parent_bits, extra_precision, slice_grad)
   return dequantize(q, scale, zero).reshape(shape).astype(jnp.asarray(w).dtype)
 
 

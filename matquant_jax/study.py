@@ -93,11 +93,17 @@ def run_omniquant(cfg: ml_collections.ConfigDict, r: dict, mcfg: gemma.Transform
   """Calibrates one OmniQuant run (resumable per block); returns its exported parent variables."""
   o = cfg.omniquant
   calib = pipeline.train_batch(train_stream, 0, o.samples, o.seq_len, cfg.seed + 1)[:, :-1]
-  ocfg = ml_collections.ConfigDict(o.to_dict())
-  ocfg.epochs = max(1, round(o.epochs * r.get('budget', 1.0)))
-  qtree = omniquant.calibrate(mcfg, float_params, calib, objective, spec, ocfg, ckpt_dir, writer,
+  opts = omniquant.Options.from_config(o, epochs=max(1, round(o.epochs * r.get('budget', 1.0))))
+  qtree = omniquant.calibrate(mcfg, float_params, calib, objective, spec, opts, ckpt_dir, writer,
                               r['name'], cfg.seed)
   return omniquant.export_parent(mcfg, float_params, qtree, spec)
+
+
+def run_spec(cfg: ml_collections.ConfigDict, r: dict, bits=None) -> QuantSpec:
+  """The QuantSpec of run `r` at `bits` (default: its parent), from the config's quantizer."""
+  q = cfg.qat.quant
+  return QuantSpec(r['parent_bits'] if bits is None else bits, r['parent_bits'], r['extra_precision'],
+                   q.group_size, tuple(q.targets), q.slice_grad)
 
 
 def save_parent(directory: str, parent) -> None:
@@ -127,9 +133,10 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   mcfg = model_config(cfg, data.tokenizer.vocab_size())
   model = gemma.Transformer(mcfg)
   d = cfg.data
-  def batch_fn(step):
-    return pipeline.train_batch(data.train, step, d.batch_size, d.seq_len, cfg.seed,
+  def batch_fn(step, seed=cfg.seed):
+    return pipeline.train_batch(data.train, step, d.batch_size, d.seq_len, seed,
                                 jax.process_index(), jax.process_count())
+  qat_batch_fn = lambda step: batch_fn(step, (cfg.seed, 1, cfg.qat.data_seed))
   val = pipeline.eval_batches(data.validation, d.eval_batch_size, d.seq_len, d.eval_batches)
   logging.info('data: %d train / %d validation tokens; eval on %d tokens', len(data.train),
                len(data.validation), sum(b[:, 1:].size for b in val))
@@ -141,9 +148,9 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   timings = {}
   t = time.perf_counter()
   pre = ml_collections.ConfigDict(cfg.pretrain.to_dict())
+  float_dir = os.path.abspath(pre.checkpoint_dir or os.path.join(workdir, 'checkpoints', 'float'))
   float_params, _ = train.train(model, init, losses.parse_objective('float'), batch_fn, pre,
-                                os.path.join(workdir, 'checkpoints', 'float'), writer, 'float',
-                                mesh, rules)
+                                float_dir, writer, 'float', mesh, rules)
   timings['float'] = time.perf_counter() - t
 
   models = {'float': (float_params, None)}
@@ -151,8 +158,7 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     t = time.perf_counter()
     objective = losses.parse_objective(r['objective'], r['lambdas'], r['parent_bits'])
     ckpt_dir = os.path.join(workdir, 'checkpoints', r['name'])
-    spec = QuantSpec(r['parent_bits'], r['parent_bits'], r['extra_precision'],
-                     cfg.qat.quant.group_size, tuple(cfg.qat.quant.targets))
+    spec = run_spec(cfg, r)
     if r.get('algo', 'qat') == 'omniquant':
       models[r['name']] = (run_omniquant(cfg, r, mcfg, float_params, data.train, objective, spec,
                                          ckpt_dir, writer), r)
@@ -161,11 +167,12 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       run_cfg = ml_collections.ConfigDict(cfg.qat.to_dict())
       run_cfg.steps = round(run_cfg.steps * r.get('budget', 1.0))
       run_cfg.quant.update(parent_bits=r['parent_bits'], extra_precision=r['extra_precision'])
-      params, _ = train.train(model, float_params, objective, batch_fn, run_cfg, ckpt_dir, writer,
+      params, _ = train.train(model, float_params, objective, qat_batch_fn, run_cfg, ckpt_dir, writer,
                               r['name'], mesh, rules)
       models[r['name']] = (params, r)
-      save_parent(os.path.join(workdir, 'parents', r['name']),
-                  omniquant.export_parent(mcfg, params, None, spec))
+      if r['objective'] != 'float':
+        save_parent(os.path.join(workdir, 'parents', r['name']),
+                    omniquant.export_parent(mcfg, params, None, spec))
     timings[r['name']] = time.perf_counter() - t
 
   t = time.perf_counter()
@@ -175,7 +182,7 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   bits_per_param = {}
   def measure(name, params, key, spec):
     results.setdefault(name, {})[key] = evaluate(params, val, spec)
-    bits_per_param.setdefault(name, {})[key] = ffn_average_bits(params, spec, mcfg)
+    bits_per_param.setdefault(name, {})[key] = ffn_average_bits(params, spec, mcfg) if spec else 32.0
     logging.info('eval %-20s %-14s log pplx %.4f', name, key, results[name][key])
 
   for bits in cfg.eval.bits:  # min-max PTQ of the float model, r-bit grid
@@ -183,7 +190,10 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   for name, (params, r) in models.items():
     if r is None:
       continue
-    spec = lambda b: QuantSpec(b, r['parent_bits'], r['extra_precision'], q.group_size, tuple(q.targets))
+    if r['objective'] == 'float':  # the float model trained on the QAT tokens: a reference row
+      measure(name, params, 'float', None)
+      continue
+    spec = lambda b, r=r: run_spec(cfg, r, b)
     if r['label'] == 'Baseline' and r['parent_bits'] != 8:
       # A one-precision model is evaluated at its own precision; the int8 one,
       # sliced, at every precision below ("Sliced int8").

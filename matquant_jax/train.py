@@ -67,7 +67,8 @@ def quant_spec(bits: int | None, quant: ml_collections.ConfigDict | None) -> Qua
   q = quant or {}
   return QuantSpec(bits=bits, parent_bits=q.get('parent_bits', 8),
                    extra_precision=q.get('extra_precision', False),
-                   group_size=q.get('group_size', None), targets=tuple(q.get('targets', ('ffn',))))
+                   group_size=q.get('group_size', None), targets=tuple(q.get('targets', ('ffn',))),
+                   slice_grad=q.get('slice_grad', 'clamp'))
 
 
 def init_state(trainable: Params, tx: optax.GradientTransformation) -> dict:

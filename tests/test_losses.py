@@ -76,3 +76,14 @@ def test_cross_entropy_respects_mask():
   logits = jnp.zeros((1, 3, 4)).at[0, 2].set(jnp.array([9.0, 0, 0, 0]))
   ce = losses.cross_entropy(logits, jnp.array([[1, 1, 1]]), jnp.array([[1.0, 1.0, 0.0]]))
   assert float(ce) == pytest.approx(np.log(4))
+
+
+def test_scales_balance_each_width():
+  outs = {8: jnp.array([[1.0]]), 4: jnp.array([[2.0]]), 2: jnp.array([[4.0]])}
+  obj = losses.parse_objective('8,4,2', (0.1, 0.1, 1.0))
+  sq = lambda o, t, m: jnp.sum(jnp.square(o - t) * m)
+  total, metrics = losses.matquant_loss(outs.get, jnp.zeros((1, 1)), jnp.ones((1, 1)), obj, sq, sq,
+                                        scales={8: 0.5, 4: 2.0, 2: 8.0})
+  # 0.1 * 1 / 0.5 + 0.1 * 4 / 2 + 1 * 16 / 8; metrics stay unscaled
+  assert float(total) == pytest.approx(0.2 + 0.2 + 2.0)
+  assert float(metrics['ce_int2']) == 16.0

@@ -1,8 +1,9 @@
 """OmniQuant: LWC numerics, the shift/scale identity, calibration, the stored parent, resume."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -11,7 +12,7 @@ from matquant_jax.models import gemma
 from matquant_jax.qeinsum import QuantSpec
 
 CFG = gemma.TransformerConfig.tiny()
-OPTS = dict(epochs=4, batch_size=4, learning_rate=5e-2, weight_decay=0.0, lwc=True, let=True)
+OPTS = omniquant.Options(epochs=4, batch_size=4, lwc_lr=5e-2, let_lr=5e-2)
 
 
 def _logit(p):
@@ -30,8 +31,7 @@ def setup():
 def calibrated(setup):
   _, params, tokens = setup
   objective = losses.parse_objective('8,4,2', (0.1, 0.1, 1.0))
-  qtree = omniquant.calibrate(CFG, params, tokens, objective, QuantSpec(8),
-                              ml_collections.ConfigDict(OPTS))
+  qtree = omniquant.calibrate(CFG, params, tokens, objective, QuantSpec(8), OPTS)
   return objective, qtree
 
 
@@ -147,7 +147,7 @@ class _StopAfterFirstBlock:
 def test_resume_between_blocks_gives_the_same_parent(setup, calibrated, tmp_path):
   _, params, tokens = setup
   objective, uninterrupted = calibrated
-  opts = ml_collections.ConfigDict(OPTS)
+  opts = OPTS
   with pytest.raises(KeyboardInterrupt):
     omniquant.calibrate(CFG, params, tokens, objective, QuantSpec(8), opts, str(tmp_path),
                         writer=_StopAfterFirstBlock())
@@ -160,21 +160,52 @@ def test_resume_between_blocks_gives_the_same_parent(setup, calibrated, tmp_path
     (dict(batch_size=32), 'batch_size=32 exceeds omniquant.samples=16'),
     (dict(epochs=0), 'omniquant.epochs must be a positive integer'),
     (dict(lwc=False, let=False), 'needs something to learn'),
-    (dict(learning_rate=0.0), 'learning_rate must be positive'),
+    (dict(lwc_lr=0.0), 'lwc_lr must be positive'),
+    (dict(skip_tokens=-1), 'skip_tokens must be a non-negative integer'),
 ])
 def test_bad_options_are_named(setup, change, match):
   _, params, tokens = setup
   with pytest.raises(ValueError, match=match):
     omniquant.calibrate(CFG, params, tokens, losses.parse_objective('2'), QuantSpec(8),
-                        ml_collections.ConfigDict({**OPTS, **change}))
+                        dataclasses.replace(OPTS, **change))
 
 
 def test_float_in_objective_and_bad_algo_are_rejected(setup):
   _, params, tokens = setup
   with pytest.raises(ValueError, match='may not contain "float"'):
-    omniquant.calibrate(CFG, params, tokens, losses.parse_objective('8,float'), QuantSpec(8),
-                        ml_collections.ConfigDict(OPTS))
+    omniquant.calibrate(CFG, params, tokens, losses.parse_objective('8,float'), QuantSpec(8), OPTS)
   cfg = configs.base_config()
   cfg.runs = [configs.run('x', 'X', '2', algo='gptq')]
   with pytest.raises(ValueError, match="algo must be one of \\('qat', 'omniquant'\\)"):
     configs.check_config(cfg)
+
+
+def test_parameter_groups_get_their_own_learning_rate():
+  tx = omniquant.optimizer(omniquant.Options(lwc_lr=0.1, let_lr=0.01))
+  aux = {'mlp': {'linear': {'gamma_logit': jnp.ones(3), 'beta_logit': jnp.ones(3),
+                            'shift': jnp.ones(2), 'smooth': jnp.ones(2)}}}
+  grads = jax.tree.map(lambda x: 0.5 * x, aux)
+  updates, _ = tx.update(grads, tx.init(aux), aux)
+  u = updates['mlp']['linear']
+  # Adam's first step is -lr * g / (|g| + eps) = -lr
+  for name, lr in (('gamma_logit', 0.1), ('beta_logit', 0.1), ('shift', 0.01), ('smooth', 0.01)):
+    np.testing.assert_allclose(np.asarray(u[name]), -lr, rtol=2e-5)
+
+
+def test_loss_mask_skips_leading_positions_and_padding():
+  tokens = jnp.array([[2, 5, 6, 0], [2, 7, 8, 9]])  # pad id 0
+  np.testing.assert_array_equal(omniquant.loss_mask(CFG, tokens, 1), [[0, 1, 1, 0], [0, 1, 1, 1]])
+  np.testing.assert_array_equal(omniquant.loss_mask(CFG, tokens), [[1, 1, 1, 0], [1, 1, 1, 1]])
+
+
+def test_balanced_aug_loss_calibration_lowers_int2_error(setup):
+  _, params, tokens = setup
+  opts = dataclasses.replace(OPTS, balance=True, aug_loss=True, skip_tokens=1)
+  qtree = omniquant.calibrate(CFG, params, tokens, losses.parse_objective('8,4,2', (0.1, 0.1, 1.0)),
+                              QuantSpec(8), opts)
+  model = gemma.Transformer(CFG)
+  plain = model.apply({'params': params}, tokens)
+  def err(variables):
+    return float(jnp.mean((model.apply(variables, tokens, quant=QuantSpec(2)) - plain) ** 2))
+  assert err({'params': params, 'quant': qtree}) < err(
+      {'params': params, 'quant': omniquant.init_transforms(CFG, params, QuantSpec(8))})

@@ -89,12 +89,30 @@ def test_group_size():
     quant.fake_quant(jnp.asarray(w), 4, group_size=5)
 
 
-@pytest.mark.parametrize('bits', [8, 2])
-def test_ste_gradient_is_identity_wrt_w(bits):
+@pytest.mark.parametrize('bits', [8, 4, 2])
+@pytest.mark.parametrize('slice_grad', ['identity', 'clamp'])
+def test_ste_gradient_wrt_w(bits, slice_grad):
+  """Identity, except (clamp) where S(q, r) clamps: round(q / 2^(8-r)) > 2^r - 1, from numpy codes."""
   w = jax.random.normal(jax.random.PRNGKey(0), (32, 8))
   cot = jax.random.normal(jax.random.PRNGKey(1), (32, 8))
-  g = jax.grad(lambda w: jnp.sum(quant.fake_quant(w, bits) * cot))(w)
-  np.testing.assert_allclose(g, cot, rtol=1e-5, atol=1e-6)
+  g = jax.grad(lambda w: jnp.sum(quant.fake_quant(w, bits, slice_grad=slice_grad) * cot))(w)
+  wn = np.asarray(w, np.float64)
+  scale = (wn.max(0) - wn.min(0)) / 255
+  codes = np.clip(np.round(wn / scale + np.round(-wn.min(0) / scale)), 0, 255)
+  clamped = np.floor(codes / 2 ** (8 - bits) + 0.5) > 2**bits - 1
+  expect = np.where(clamped & (slice_grad == 'clamp'), 0.0, np.asarray(cot))
+  assert (bits == 8) == (not clamped.any())  # int4/int2 clamp the top codes of every channel
+  np.testing.assert_allclose(g, expect, rtol=1e-5, atol=1e-6)
+
+
+def test_slice_gradient_by_hand():
+  q = jnp.array([53.0, 240.0, 234.0, 31.0, 200.0, 223.0])  # int2 buckets 1, 4->3, 4->3, 0, 3, 3
+  grad = lambda **kw: np.asarray(jax.grad(lambda q: jnp.sum(quant.slice_ste(q, 2, **kw) * 2.0))(q))
+  np.testing.assert_array_equal(grad(grad='identity'), [2, 2, 2, 2, 2, 2])
+  np.testing.assert_array_equal(grad(grad='clamp'), [2, 0, 0, 2, 2, 2])
+  np.testing.assert_array_equal(grad(grad='clamp', extra_precision=True), [2, 2, 2, 2, 2, 2])
+  with pytest.raises(ValueError, match="slice gradient must be one of"):
+    quant.slice_ste(q, 2, grad='zero')
 
 
 def test_gradient_reaches_clipping_factors():

@@ -10,10 +10,5 @@ from matquant_jax import configs
 
 def get_config():
   c = configs.base_config()
-  omni = dict(algo='omniquant')
-  c.runs = [configs.baseline(b, 'omniquant') for b in (8, 4, 2, 6, 3)] + [
-      configs.run('matquant', 'MatQuant', '8,4,2', (0.1, 0.1, 1.0), **omni),
-      configs.run('sp_matquant', 'S.P. MatQuant', '2', (1.0,), **omni),
-      configs.run('ep_matquant', 'E.P. MatQuant', '8,4,2', (1.0, 1.0, 1.0), extra_precision=True, **omni),
-  ]
+  c.runs = configs.omniquant_table_runs()
   return c

@@ -65,9 +65,11 @@ def load_tokens(name: str, data_dir: str, vocab_size: int) -> TokenData:
   return TokenData(streams['train'], streams['validation'], sp)
 
 
-def train_batch(stream: np.ndarray, step: int, batch_size: int, seq_len: int, seed: int,
+def train_batch(stream: np.ndarray, step: int, batch_size: int, seq_len: int, seed: int | tuple[int, ...],
                 process_index: int = 0, process_count: int = 1) -> np.ndarray:
   """Random windows [batch_size / process_count, seq_len + 1], a pure function of (seed, step).
+
+  seed: an int or a tuple of ints (e.g. (seed, phase, run seed) for separate streams).
 
   The global batch is the same for any number of processes; each process reads
   only its own contiguous block of rows.
@@ -76,7 +78,7 @@ def train_batch(stream: np.ndarray, step: int, batch_size: int, seq_len: int, se
     raise ValueError(f'token stream of {len(stream)} tokens is shorter than seq_len + 1 = {seq_len + 1}')
   if batch_size % process_count:
     raise ValueError(f'batch_size={batch_size} is not divisible by the {process_count} processes')
-  rng = np.random.default_rng([seed, step])
+  rng = np.random.default_rng([*(seed if isinstance(seed, tuple) else (seed,)), step])
   starts = rng.integers(0, len(stream) - seq_len - 1, size=batch_size)
   rows = batch_size // process_count
   mine = starts[process_index * rows:(process_index + 1) * rows]
