@@ -24,7 +24,8 @@ def test_quick_main_job_end_to_end_and_resume(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.load(open(tmp_path / 'results.json'))
   ll = out['log_pplx']
-  assert set(ll) == {'float', 'baseline_int8', 'baseline_int4', 'baseline_int2', 'matquant'}
+  assert set(ll) == {'float', 'float_qat', 'baseline_int8', 'baseline_int4', 'baseline_int2', 'matquant'}
+  assert set(ll['float_qat']) == {'float'}  # the float model trained on the QAT tokens
   assert set(ll['matquant']) == {'int8', 'int6', 'int4', 'int3', 'int2', 'mix:pyramid'}
   assert 0 < ll['float']['float'] < math.log(512) - 0.5  # it learned more than a uniform guess
   assert out['bits_per_ffn_param']['matquant']['mix:pyramid'] == pytest.approx(5.0)
@@ -39,7 +40,7 @@ def test_quick_main_job_end_to_end_and_resume(tmp_path):
   # the same command again restores every finished run instead of training it
   again = _run(tmp_path)
   assert again.returncode == 0, again.stderr[-3000:]
-  assert again.stderr.count('resumed at step') == 5
+  assert again.stderr.count('resumed at step') == 6
   assert json.load(open(tmp_path / 'results.json'))['log_pplx'] == ll
 
 
@@ -60,11 +61,13 @@ def test_unknown_config_fields_are_rejected():
 
 def test_all_config_files_are_valid():
   import importlib.util
-  for name in ('default', 'quick', 'long', 'lambda_ablation'):
+  for name in ('default', 'quick', 'long', 'lambda_ablation', 'omniquant', 'omniquant_paper_lr',
+               'ablation:qat', 'ablation:omniquant', 'ablation:omniquant_lambda'):
+    name, _, arg = name.partition(':')
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'experiments', 'configs', name + '.py'))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    configs.check_config(mod.get_config())
+    configs.check_config(mod.get_config(arg) if arg else mod.get_config())
 
 
 def test_workdir_config_mismatch_is_named(tmp_path):
@@ -77,7 +80,7 @@ def test_workdir_config_mismatch_is_named(tmp_path):
   with pytest.raises(ValueError, match=r'made with model.embed_dim=128, but the config says 256'):
     study.check_workdir(str(tmp_path), c)
   c = configs.base_config()
-  c.runs[3]['lambdas'] = (0.5, 0.5, 1.0)
+  c.runs[4]['lambdas'] = (0.5, 0.5, 1.0)
   with pytest.raises(ValueError, match=r"runs.matquant.lambdas=\[0.1, 0.1, 1.0\], but the config says \[0.5, 0.5, 1.0\]"):
     study.check_workdir(str(tmp_path), c)
 
@@ -103,3 +106,19 @@ def test_ffn_average_bits_counts_the_extra_bucket():
   got = study.ffn_average_bits(p, QuantSpec(2, extra_precision=True), cfg)
   assert got == pytest.approx(2 + extra / total, abs=1e-6)
   assert study.ffn_average_bits(p, QuantSpec((2, None)), cfg) == pytest.approx(17.0)
+
+
+def test_gap_closure_and_seed_aggregation_by_hand():
+  from matquant_jax import report
+  def table(b2, m2, ref):
+    return [dict(data_type='float32', method='Float, same tokens', log_pplx=ref, bits_per_ffn_param=32.0),
+            dict(data_type='int8', method='Baseline', log_pplx=ref + 0.1, bits_per_ffn_param=8.0),
+            dict(data_type='int2', method='Baseline', log_pplx=b2, bits_per_ffn_param=2.0),
+            dict(data_type='int2', method='MatQuant', log_pplx=m2, bits_per_ffn_param=2.0)]
+  # (5.0 - 4.6) / (5.0 - 4.0) = 0.4 against the float row; (5.0 - 4.6) / (5.0 - 4.1) = 0.444 against int8
+  got = report.gap_closure(table(5.0, 4.6, 4.0))
+  assert got == pytest.approx({'float_same_tokens': 0.4, 'int8_baseline': 0.4 / 0.9})
+  rows = {(r['data_type'], r['method']): r for r in report.aggregate([table(5.0, 4.6, 4.0), table(5.2, 4.6, 4.0)])}
+  assert rows[('int2', 'Baseline')]['log_pplx'] == pytest.approx(5.1)
+  assert rows[('int2', 'Baseline')]['std'] == pytest.approx(0.1 * 2 ** 0.5)  # sample std of 5.0, 5.2
+  assert rows[('int2', 'MatQuant')]['std'] == 0.0 and rows[('int2', 'MatQuant')]['n'] == 2
