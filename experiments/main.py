@@ -8,14 +8,13 @@ hosts (TPU pod slice, multi-host GPU) every host runs the same command; see
 launch/ and the README.
 """
 
-import logging as std_logging
 import os
 
 from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from matquant_jax import study
+from matquant_jax import logs, study
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/default.py',
                                           'Experiment config file.')
@@ -45,18 +44,9 @@ def _init_distributed() -> None:
                  jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
-class _QuietLibraries(std_logging.Filter):
-  """Keeps per-save orbax and per-shard TFDS chatter out of the progress log."""
-
-  def filter(self, record):
-    return record.levelno >= std_logging.WARNING or not any(
-        lib in record.pathname for lib in ('orbax', 'tensorflow_datasets', 'xla_bridge'))
-
-
 def main(argv):
   del argv
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  logs.setup()
   _init_distributed()
   study.run_study(_CONFIG.value, _WORKDIR.value)
 

