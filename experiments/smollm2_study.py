@@ -45,7 +45,8 @@ _SKIP = flags.DEFINE_integer('skip_tokens', 0, 'Leading positions left out of th
 _BASELINES = flags.DEFINE_list('baselines', ['4', '2'], 'Widths of OmniQuant single-precision baselines.')
 _PPL_BATCHES = flags.DEFINE_integer('ppl_batches', 4, 'Perplexity batches of 8 x 512 tokens.')
 _TASK_N = flags.DEFINE_integer('task_n', 100, 'Offline next-line task items.')
-_BITS = (8, 6, 4, 3, 2)
+_BITS = flags.DEFINE_list('bits', ['8', '6', '4', '3', '2'], 'Widths to evaluate.')
+_MIX = flags.DEFINE_bool('mixnmatch', True, 'Evaluate the pyramid Mix\'n\'Match rows.')
 _EP_BITS = (4, 3, 2)
 
 
@@ -103,7 +104,7 @@ def main(argv):
   bf16 = gemma.Transformer(dataclasses.replace(cfg, dtype='bfloat16'))
   spec = lambda b, **kw: QuantSpec(b, group_size=group, **kw)
   rows = [('bf16', 'bf16 activations, float weights', bf16, params, None)]
-  for b in _BITS:
+  for b in map(int, _BITS.value):
     rows.append((f'int{b}', f'PTQ min-max ({gran})', model, params, QuantSpec(b, b, group_size=group)))
     if b != 8:
       rows.append((f'int{b}', f'Sliced int8 (min-max, {gran})', model, params, spec(b)))
@@ -114,8 +115,10 @@ def main(argv):
     if b in _EP_BITS:
       rows.append((f'int{b}', f'E.P. MatQuant (OmniQuant, {recipe})', model, parents['matquant'],
                    spec(b, extra_precision=True)))
-  rows.append(("Mix'n'Match pyramid", f'Sliced int8 (min-max, {gran})', model, params, spec(mix)))
-  rows.append(("Mix'n'Match pyramid", f'MatQuant (OmniQuant, {recipe})', model, parents['matquant'], spec(mix)))
+  if _MIX.value:
+    rows.append(("Mix'n'Match pyramid", f'Sliced int8 (min-max, {gran})', model, params, spec(mix)))
+    rows.append(("Mix'n'Match pyramid", f'MatQuant (OmniQuant, {recipe})', model, parents['matquant'],
+                 spec(mix)))
   done = {(r['data_type'], r['method']) for r in results['rows']}
   for dtype, method, m, variables, s in rows:
     if (dtype, method) in done:
