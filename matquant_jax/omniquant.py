@@ -162,10 +162,6 @@ def _chunked(fn, x: jax.Array, tokens: np.ndarray, size: int) -> jax.Array:
   return jnp.concatenate([fn(x[i:i + size], tokens[i:i + size]) for i in range(0, len(x), size)])
 
 
-def _mean_loss(config, outputs: jax.Array, target: jax.Array, tokens, skip_tokens: int) -> jax.Array:
-  return losses.mse(outputs, target, loss_mask(config, tokens, skip_tokens))
-
-
 def calibrate(config: gemma.TransformerConfig, params: Tree, tokens: np.ndarray,
               objective: losses.Objective, spec: QuantSpec, opts: Options = Options(),
               ckpt_dir: str | None = None, writer=None, desc: str = 'omniquant', seed: int = 0) -> Tree:
@@ -176,9 +172,10 @@ def calibrate(config: gemma.TransformerConfig, params: Tree, tokens: np.ndarray,
   finished one.
   """
   tokens = np.asarray(tokens)
-  if tokens.ndim != 2 or opts.batch_size > len(tokens):
-    raise ValueError(f'omniquant.batch_size={opts.batch_size} exceeds omniquant.samples={len(tokens)}'
-                     if tokens.ndim == 2 else f'calibration tokens must be [samples, seq_len], got {tokens.shape}')
+  if tokens.ndim != 2:
+    raise ValueError(f'calibration tokens must be [samples, seq_len], got shape {tokens.shape}')
+  if opts.batch_size > len(tokens):
+    raise ValueError(f'omniquant.batch_size={opts.batch_size} exceeds omniquant.samples={len(tokens)}')
   if None in objective.widths:
     raise ValueError('OmniQuant calibrates quantized slices; the objective may not contain "float"')
   qtree = init_transforms(config, params, spec, opts.lwc, opts.let)
@@ -218,8 +215,9 @@ def calibrate(config: gemma.TransformerConfig, params: Tree, tokens: np.ndarray,
       aug = {r: _chunked(float_block, streams[r], tokens, bs) for r in objective.data} if opts.aug_loss else {}
       scales = None
       if opts.balance:  # each width's block loss at the start, on the whole calibration set
-        scales = {r: _mean_loss(config, _chunked(lambda x, t: forward(lp, aux, x, t, r), streams[r], tokens, bs),
-                                target, tokens, opts.skip_tokens) for r in objective.widths}
+        mask = loss_mask(config, tokens, opts.skip_tokens)
+        scales = {r: losses.mse(_chunked(lambda x, t: forward(lp, aux, x, t, r), streams[r], tokens, bs),
+                                target, mask) for r in objective.widths}
       aux = jax.tree.map(jnp.copy, aux)  # the step donates it
       opt_state = tx.init(aux)
       bar.set_description(f'{desc} block {i + 1}/{len(layers)}')
