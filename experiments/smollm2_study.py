@@ -109,6 +109,9 @@ def main(argv):
     rows.append((f'int{b}', f'PTQ min-max ({gran})', model, params, QuantSpec(b, b, group_size=group)))
     if b != 8:
       rows.append((f'int{b}', f'Sliced int8 (min-max, {gran})', model, params, spec(b)))
+    if b in _EP_BITS:
+      rows.append((f'int{b}', f'Sliced int8, E.P. slice (min-max, {gran})', model, params,
+                   spec(b, extra_precision=True)))
     if f'baseline_int{b}' in parents:
       rows.append((f'int{b}', f'OmniQuant baseline ({recipe})', model, parents[f'baseline_int{b}'],
                    QuantSpec(b, b, group_size=group)))
