@@ -18,7 +18,8 @@ INSTALL_REQUIRES = [
     'tqdm>=4.66',
     'matplotlib>=3.8',
     'numpy>=1.26',
-    'ml_dtypes>=0.5',  # bfloat16 safetensors
+    'ml_dtypes>=0.5',  # bfloat16 in numpy
+    'safetensors==0.8.0',  # Hugging Face checkpoints and the parent artifact
     'gguf==0.19.0',  # GGUF checkpoints (dequantized with its numpy kernels)
     'tokenizers==0.23.3',  # tokenizer.json and GGUF byte-level BPE vocabularies
 ]

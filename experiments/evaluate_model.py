@@ -1,13 +1,13 @@
 r"""Evaluates a loaded model at bf16 and at every bit-width, in the paper's table layout.
 
-  python experiments/evaluate_model.py --model=smollm2-135m \
-      [--parent=runs/x/parents/matquant] [--tasks=shakespeare_next_line,arc_easy,...] \
+  python experiments/evaluate_model.py --model=smollm2-135m|<parent dir> \
+      [--tasks=shakespeare_next_line,arc_easy,...] \
       [--ppl=tfds:shakespeare_plays:validation] [--bits=8,6,4,3,2] [--out=table.json]
 
---model: a checkpoint directory, a .gguf file or 'smollm2-135m'. Without
---parent, every width is min-max PTQ of the float weights ('PTQ') and the int8
-min-max parent sliced ('Sliced int8'); with --parent (a stored MatQuant parent
-saved by a study), its slices. Rows: data type; columns: accuracy per task,
+--model: a checkpoint directory, a .gguf file, 'smollm2-135m', or a stored
+parent (`parent.save`, e.g. runs/x/parents/<run>). For float weights every
+width is min-max PTQ ('PTQ') and the int8 min-max parent sliced ('Sliced
+int8'); for a stored parent, its slices. Rows: data type; columns: accuracy per task,
 Task Avg. (mean accuracy) and log pplx (nats/token).
 """
 
@@ -17,13 +17,11 @@ import time
 
 from absl import app, flags, logging
 
-from matquant_jax import checkpoints, evaluate, omniquant
+from matquant_jax import checkpoints, evaluate, parent
 from matquant_jax.models import gemma
 from matquant_jax.qeinsum import QuantSpec
 
 _MODEL = flags.DEFINE_string('model', 'smollm2-135m', 'Checkpoint directory, .gguf file or model name.')
-_PARENT = flags.DEFINE_string('parent', None, 'A stored parent (orbax directory) to slice instead.')
-_PARENT_BITS = flags.DEFINE_integer('parent_bits', 8, "The stored parent's bits.")
 _TASKS = flags.DEFINE_list('tasks', [evaluate.OFFLINE_TASK], 'Tasks: ' + ', '.join(
     list(evaluate.TASKS) + [evaluate.OFFLINE_TASK]))
 _TASK_FILES = flags.DEFINE_list('task_files', [], 'task=path.jsonl overrides (local examples).')
@@ -52,7 +50,7 @@ def evaluate_rows(variables, tokenizer, specs, items, texts):
 
 def main(argv):
   del argv
-  model, params, tokenizer = checkpoints.load(_MODEL.value)
+  model, variables, tokenizer = checkpoints.load(_MODEL.value)
   files = dict(kv.split('=', 1) for kv in _TASK_FILES.value)
   items = {t: evaluate.task_items(t, files.get(t), _DATA_DIR.value, _LIMIT.value) for t in _TASKS.value}
   texts = evaluate.read_texts(_PPL.value, _DATA_DIR.value)
@@ -60,18 +58,20 @@ def main(argv):
   mix = evaluate.pyramid(layers) if _MIX.value == 'pyramid' else tuple(
       int(b) for b in _MIX.value.split(',') if b)
   bits = [int(b) for b in _BITS.value]
-  if _PARENT.value:
-    parent = QuantSpec(_PARENT_BITS.value, _PARENT_BITS.value)
-    variables = omniquant.restore_parent(_PARENT.value, model.config, params, parent)
-    specs = [(f'int{b} (parent slice)', model, dataclasses.replace(parent, bits=b)) for b in bits]
+  stored = parent.stored_bits(variables)
+  if stored:
+    targets = parent.quantized_targets(variables)
+    specs = [(f'int{b} (parent slice)', model, QuantSpec(b, stored, targets=targets))
+             for b in bits if b <= stored]
+    mix_spec = QuantSpec(mix, stored, targets=targets) if mix else None
   else:
-    variables = params
+    mix_spec = QuantSpec(mix) if mix else None
     bf16 = gemma.Transformer(dataclasses.replace(model.config, dtype='bfloat16'))
     specs = [('bf16', bf16, None)]
     specs += [(f'int{b} (PTQ min-max)', model, QuantSpec(b, b)) for b in bits]
     specs += [(f'int{b} (Sliced int8)', model, QuantSpec(b)) for b in bits if b != 8]
   if mix:
-    specs.append((f"Mix'n'Match {','.join(map(str, mix))}", model, QuantSpec(mix, _PARENT_BITS.value)))
+    specs.append((f"Mix'n'Match {','.join(map(str, mix))}", model, mix_spec))
   rows = evaluate_rows(variables, tokenizer, specs, items, texts)
   names = list(items)
   print('| data type | ' + ' | '.join(names) + ' | Task Avg. | log pplx |')

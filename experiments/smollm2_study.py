@@ -63,7 +63,8 @@ def main(argv):
       json.dump(results, f, indent=1)
     os.replace(path + '.tmp', path)
 
-  model, params, tokenizer = checkpoints.load('smollm2-135m')
+  model, variables, tokenizer = checkpoints.load('smollm2-135m')
+  params = variables['params']
   cfg = model.config
   texts = evaluate.read_texts('tfds:shakespeare_plays:validation', _DATA_DIR.value)
   if 'reference' not in results:
@@ -97,7 +98,9 @@ def main(argv):
                                 desc=f'smollm2 {tag} {name}')
     results.setdefault('calibration_s', {}).setdefault(f'{tag}_{name}', time.perf_counter() - t)
     parents[name] = omniquant.export_parent(cfg, params, qtree, spec)
-    study.save_parent(os.path.join(workdir, 'parents', f'{tag}_{name}'), parents[name])
+    study.save_parent(os.path.join(workdir, 'parents', f'{tag}_{name}'), parents[name], cfg, tokenizer,
+                      {'name': name, 'objective': objective, 'lambdas': lambdas, 'recipe': recipe,
+                       'algo': 'omniquant', 'epochs': opts.epochs, 'samples': _SAMPLES.value})
   save()
 
   items = evaluate.shakespeare_next_line(_DATA_DIR.value, _TASK_N.value)

@@ -1,7 +1,8 @@
 """Loading real models: official Gemma-2 JAX checkpoints, Hugging Face directories, GGUF files.
 
-`load(source)` returns `(model, params, tokenizer)` with
-`model.apply({'params': params}, tokens)` giving logits. `source` is an orbax
+`load(source)` returns `(model, variables, tokenizer)` with
+`model.apply(variables, tokens)` giving logits. `source` is a stored parent
+directory (parent.py), an orbax
 checkpoint directory (official Gemma-2, flat 'transformer/...' or nested
 layout), a Hugging Face directory (config.json + *.safetensors; Gemma-2, Llama,
 Mistral), a .gguf file (Llama family, dequantized to float32), or the name
@@ -21,11 +22,11 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
+import safetensors.numpy
 from flax import traverse_util
 
-from matquant_jax import tokenization as tok
+from matquant_jax import parent, tokenization as tok
 from matquant_jax.models import gemma, llama
 
 Params = Any
@@ -34,16 +35,9 @@ SMOLLM2_FILE = 'SmolLM2-135M-Instruct.Q4_1.gguf'
 
 # --- Validation ---------------------------------------------------------------
 
-def expected_shapes(config: gemma.TransformerConfig) -> dict[str, jax.ShapeDtypeStruct]:
-  """Flat '/'-joined path -> shape and dtype of every parameter of `config`'s model."""
-  model = gemma.Transformer(config)
-  tree = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))['params']
-  return traverse_util.flatten_dict(tree, sep='/')
-
-
 def check_params(params: Params, config: gemma.TransformerConfig, source: str = 'checkpoint') -> Params:
   """Raises ValueError naming the first missing, unexpected or mis-shaped parameter; casts to float32."""
-  want = expected_shapes(config)
+  want = gemma.param_shapes(config)
   got = traverse_util.flatten_dict(params, sep='/')
   for path in sorted(want.keys() | got.keys()):
     if path not in got:
@@ -154,44 +148,10 @@ def gemma2_from_hf_config(hf: dict, dtype: str = 'float32') -> gemma.Transformer
       rope_base=hf.get('rope_theta', 10_000.0), dtype=dtype)
 
 
-# --- safetensors (read and written here: numpy has no bfloat16, ml_dtypes does) ----
-
-_ST_DTYPES = {'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16, 'F64': np.float64,
-              'I64': np.int64, 'I32': np.int32, 'U8': np.uint8}
-
-
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """All tensors of one .safetensors file (memory-mapped)."""
-  with open(path, 'rb') as f:
-    n = int.from_bytes(f.read(8), 'little')
-    header = json.loads(f.read(n))
-  data = np.memmap(path, np.uint8, 'r', offset=8 + n)
-  out = {}
-  for name, info in header.items():
-    if name == '__metadata__':
-      continue
-    if info['dtype'] not in _ST_DTYPES:
-      raise ValueError(f'{path}: tensor {name!r} has unsupported dtype {info["dtype"]}')
-    a, b = info['data_offsets']
-    out[name] = data[a:b].view(_ST_DTYPES[info['dtype']]).reshape(info['shape'])
-  return out
-
-
-def write_safetensors(path: str, tensors: Mapping[str, np.ndarray]) -> None:
-  """Writes tensors in the safetensors format (atomically)."""
-  rev = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
-  header, blobs, offset = {}, [], 0
-  for name, arr in tensors.items():
-    arr = np.ascontiguousarray(arr)
-    header[name] = {'dtype': rev[arr.dtype], 'shape': list(arr.shape),
-                    'data_offsets': [offset, offset + arr.nbytes]}
-    blobs.append(arr.tobytes())
-    offset += arr.nbytes
-  raw = json.dumps(header).encode()
-  raw += b' ' * (-len(raw) % 8)
+def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata=None) -> None:
+  """Writes tensors as one .safetensors file, atomically (no half-written file on failure)."""
   tmp = path + '.tmp'
-  with open(tmp, 'wb') as f:
-    f.write(len(raw).to_bytes(8, 'little') + raw + b''.join(blobs))
+  safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata)
   os.replace(tmp, path)
 
 
@@ -215,7 +175,7 @@ def load_hf(directory: str, dtype: str = 'float32'):
     raise FileNotFoundError(f'{directory}: no *.safetensors files')
   tensors = {}
   for path in files:
-    tensors.update(read_safetensors(path))
+    tensors.update(safetensors.numpy.load_file(path))
   get = _getter(tensors, directory)
   arch = (hf.get('architectures') or [hf.get('model_type', '?')])[0]
   if arch in ('LlamaForCausalLM', 'MistralForCausalLM'):
@@ -273,7 +233,7 @@ def _infer_gemma2_config(params: Params, dtype: str) -> gemma.TransformerConfig:
   """The official preset whose shapes match, else a config read off the shapes."""
   for preset in ('gemma2_2b', 'gemma2_9b', 'gemma2_27b'):
     config = getattr(gemma.TransformerConfig, preset)(dtype=dtype)
-    want = {k: v.shape for k, v in expected_shapes(config).items()}
+    want = {k: v.shape for k, v in gemma.param_shapes(config).items()}
     got = {k: tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(params, sep='/').items()}
     if want == got:
       return config
@@ -419,9 +379,12 @@ def smollm2_path() -> str:
 
 
 def load(source: str, dtype: str = 'float32'):
-  """(model, params, tokenizer) from a checkpoint directory, a .gguf file, or 'smollm2-135m'."""
+  """(model, variables, tokenizer) from a stored parent directory (`parent.save`/`export`),
+  a checkpoint directory, a .gguf file, or 'smollm2-135m'; variables = {'params': ...}."""
   if source == 'smollm2-135m':
     source = smollm2_path()
+  if os.path.isdir(source) and os.path.exists(os.path.join(source, parent.MANIFEST)):
+    return parent.load(source)
   if source.endswith('.gguf'):
     config, params, tokenizer = load_gguf(source, dtype)
   elif os.path.isdir(source) and os.path.exists(os.path.join(source, 'config.json')):
@@ -431,4 +394,4 @@ def load(source: str, dtype: str = 'float32'):
   else:
     raise FileNotFoundError(f'{source!r} is not a checkpoint directory, a .gguf file or a known '
                             "model name ('smollm2-135m')")
-  return gemma.Transformer(config), params, tokenizer
+  return gemma.Transformer(config), {'params': params}, tokenizer

@@ -125,7 +125,7 @@ def _layer_fns(block, objective: losses.Objective, spec: QuantSpec, tx: optax.Gr
   def forward(layer_params, aux, x, tokens, bits):
     positions, mask = gemma.attention_inputs(block.config, tokens)
     variables = {'params': layer_params} if aux is None else {'params': layer_params, 'quant': aux}
-    return block.apply(variables, x, positions, mask, bits, None if bits is None else spec)
+    return block.apply(variables, x, positions, mask, bits, None if bits is None else spec)[0]
 
   def step(aux, opt_state, layer_params, xs, target, tokens, aug, scales):
     """aug: {r: float block on stream r} (aug_loss) or {}; scales: {r: initial loss} or None."""
@@ -283,29 +283,4 @@ def export_parent(config: gemma.TransformerConfig, params: Tree, qtree: Tree | N
   out = {'params': traverse_util.unflatten_dict(flat_p, sep='/')}
   if flat_q:
     out['quant'] = traverse_util.unflatten_dict(flat_q, sep='/')
-  return out
-
-
-def restore_parent(directory: str, config: gemma.TransformerConfig, params: Tree,
-                   spec: QuantSpec) -> dict[str, Tree]:
-  """A parent written by `study.save_parent` (orbax), restored onto the first device.
-
-  params (or their shapes) give the structure; spec gives the parent bits and group size
-  it was exported with (static, so not stored).
-  """
-  mngr = ocp.CheckpointManager(os.path.abspath(directory))
-  step = mngr.latest_step()
-  if step is None:
-    raise FileNotFoundError(f'no saved parent under {directory}')
-  saved = ocp.StandardCheckpointer().metadata(
-      os.path.join(os.path.abspath(directory), str(step), 'default')).item_metadata
-  has_transforms = 'quant' in getattr(saved, 'tree', saved)
-  def build(p):
-    qtree = init_transforms(config, p, spec, lwc=True, let=has_transforms)
-    return export_parent(config, p, qtree if has_transforms else None, spec)
-  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one),
-                          jax.eval_shape(build, params))
-  out = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
-  mngr.close()
   return out

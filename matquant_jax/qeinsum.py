@@ -81,12 +81,13 @@ def quantized_weight(w, reduce_axes: Sequence[int], bits: int | None,
 
   w is a float weight, fake-quantized here (with OmniQuant's clipping factors
   and input scale s from `aux` when given: Q(W * s)), or a stored
-  `QuantizedArray` parent (s already folded in), which is sliced and dequantized.
+  `QuantizedArray` parent (s already folded in), which is sliced and dequantized
+  (its own parent_bits, not spec's, define the slice).
   """
   aux = aux or {}
   if isinstance(w, quant.QuantizedArray):
-    if spec is not None and spec.parent_bits != w.parent_bits:
-      raise ValueError(f'spec.parent_bits={spec.parent_bits} but the stored parent has {w.parent_bits} bits')
+    if bits is not None and bits > w.parent_bits:
+      raise ValueError(f'bits={bits}, but the stored weight has {w.parent_bits} bits')
     ep = spec is not None and spec.extra_precision
     return w.dequantize(w.parent_bits if bits is None else bits, ep)
   if 'smooth' in aux:

@@ -23,8 +23,8 @@ SCALE_FLOOR = 1e-8  # guards max == min channels against division by zero
 
 def check_bits(bits: int, parent_bits: int = 8) -> None:
   """Raises ValueError unless 1 <= bits <= parent_bits <= 8 are integers."""
-  if not isinstance(parent_bits, (int, np.integer)) or not 2 <= parent_bits <= MAX_PARENT_BITS:
-    raise ValueError(f'parent_bits must be an integer in [2, {MAX_PARENT_BITS}], got {parent_bits!r}')
+  if not isinstance(parent_bits, (int, np.integer)) or not 1 <= parent_bits <= MAX_PARENT_BITS:
+    raise ValueError(f'parent_bits must be an integer in [1, {MAX_PARENT_BITS}], got {parent_bits!r}')
   if not isinstance(bits, (int, np.integer)) or isinstance(bits, bool) or not 1 <= bits <= parent_bits:
     raise ValueError(f'bits must be an integer in [1, parent_bits={parent_bits}], got {bits!r}')
 

@@ -11,11 +11,10 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
-import orbax.checkpoint as ocp
 from flax import traverse_util
 from tensorboardX import SummaryWriter
 
-from matquant_jax import configs, losses, omniquant, report, sharding, train
+from matquant_jax import configs, losses, omniquant, parent, report, sharding, train
 from matquant_jax.data import pipeline
 from matquant_jax.models import gemma
 from matquant_jax.qeinsum import QuantSpec
@@ -106,13 +105,10 @@ def run_spec(cfg: ml_collections.ConfigDict, r: dict, bits=None) -> QuantSpec:
                    q.group_size, tuple(q.targets), q.slice_grad)
 
 
-def save_parent(directory: str, parent) -> None:
-  """Writes a run's stored parent (uint8 codes, scales, zero points, transforms) once, with orbax."""
-  mngr = train.checkpoint_manager(directory, keep=1)
-  if mngr.latest_step() is None:
-    mngr.save(0, args=ocp.args.StandardSave(parent))
-  mngr.wait_until_finished()
-  mngr.close()
+def save_parent(directory: str, variables, mcfg: gemma.TransformerConfig, tokenizer, run: dict) -> None:
+  """Writes a run's stored parent once (a resumed study keeps the one it wrote)."""
+  if jax.process_index() == 0 and not parent.is_parent(directory):
+    parent.save(directory, variables, mcfg, tokenizer, run=run)
 
 
 def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -162,7 +158,8 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     if r.get('algo', 'qat') == 'omniquant':
       models[r['name']] = (run_omniquant(cfg, r, mcfg, float_params, data.train, objective, spec,
                                          ckpt_dir, writer), r)
-      save_parent(os.path.join(workdir, 'parents', r['name']), models[r['name']][0])
+      save_parent(os.path.join(workdir, 'parents', r['name']), models[r['name']][0], mcfg, data.tokenizer,
+                  dict(r))
     else:
       run_cfg = ml_collections.ConfigDict(cfg.qat.to_dict())
       run_cfg.steps = round(run_cfg.steps * r.get('budget', 1.0))
@@ -172,7 +169,7 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       models[r['name']] = (params, r)
       if r['objective'] != 'float':
         save_parent(os.path.join(workdir, 'parents', r['name']),
-                    omniquant.export_parent(mcfg, params, None, spec))
+                    omniquant.export_parent(mcfg, params, None, spec), mcfg, data.tokenizer, dict(r))
     timings[r['name']] = time.perf_counter() - t
 
   t = time.perf_counter()

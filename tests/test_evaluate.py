@@ -89,9 +89,9 @@ def test_text_sources_and_their_errors(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_beats_chance_on_the_offline_task(data_dir):
-  model, params, tokenizer = checkpoints.load('smollm2-135m')
+  model, variables, tokenizer = checkpoints.load('smollm2-135m')
   items = evaluate.shakespeare_next_line(data_dir, n=48)
-  result = evaluate.accuracy(model, params, tokenizer, items)
+  result = evaluate.accuracy(model, variables, tokenizer, items)
   assert result['acc_norm'] > 0.35, result  # chance is 0.25; measured 0.52 on 60 items
 
 

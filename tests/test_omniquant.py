@@ -72,9 +72,9 @@ def test_calibration_lowers_int2_block_error(setup, calibrated):
   key, block = gemma.blocks(CFG)[0]
   x = gemma.embed(CFG, params, tokens)
   pos, mask = gemma.attention_inputs(CFG, jnp.asarray(tokens))
-  target = block.apply({'params': params[key]}, x, pos, mask)
+  target = block.apply({'params': params[key]}, x, pos, mask)[0]
   def err(q):
-    out = block.apply({'params': params[key], 'quant': q[key]}, x, pos, mask, 2, QuantSpec(2))
+    out = block.apply({'params': params[key], 'quant': q[key]}, x, pos, mask, 2, QuantSpec(2))[0]
     return float(jnp.mean((out - target) ** 2))
   minmax = err(omniquant.init_transforms(CFG, params, QuantSpec(8)))
   learned = err(qtree)
@@ -88,7 +88,7 @@ def test_gradient_reaches_clipping_and_scale(setup):
   x = gemma.embed(CFG, params, tokens)
   pos, mask = gemma.attention_inputs(CFG, jnp.asarray(tokens))
   def loss(q):
-    return jnp.mean(block.apply({'params': params[key], 'quant': q}, x, pos, mask, 2, QuantSpec(2)) ** 2)
+    return jnp.mean(block.apply({'params': params[key], 'quant': q}, x, pos, mask, 2, QuantSpec(2))[0] ** 2)
   g = jax.grad(loss)(qtree[key])['mlp']['linear']
   for name in ('gamma_logit', 'beta_logit', 'shift', 'smooth'):
     assert float(jnp.max(jnp.abs(g[name]))) > 0, name
@@ -131,8 +131,10 @@ def test_exported_parent_matches_fake_quant_and_round_trips(setup, calibrated, t
   restored = mngr.restore(0, args=train.ocp.args.StandardRestore(abstract))
   np.testing.assert_array_equal(np.asarray(model.apply(restored, tokens, quant=QuantSpec(2))),
                                 np.asarray(model.apply(parent, tokens, quant=QuantSpec(2))))
-  with pytest.raises(ValueError, match='parent_bits=4 but the stored parent has 8'):
-    model.apply(parent, tokens, quant=QuantSpec(4, parent_bits=4))
+  int4 = jax.tree.map(lambda x: x, parent)  # a stored int4 weight cannot give 8 bits
+  int4['params']['layer_0']['mlp']['linear'] = dataclasses.replace(qa, parent_bits=4)
+  with pytest.raises(ValueError, match='bits=8, but the stored weight has 4 bits'):
+    model.apply(int4, tokens, quant=QuantSpec(8))
 
 
 class _StopAfterFirstBlock:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -231,12 +232,19 @@ class Einsum(nn.Module):
 
 
 class Attention(nn.Module):
-  """Grouped-query attention with logit soft cap and optional sliding window."""
+  """Grouped-query attention with logit soft cap and optional sliding window.
+
+  Without a cache, keys are the T inputs. With one (decoding), this step's
+  keys and values are written at slot cache['end_index'] of the [B, S, K, H]
+  cache and the queries attend over all S slots; cache['positions'] holds
+  every slot's position (for the sliding window) and `mask` [B, T, S] which
+  slots are written, real and causal. Returns (output, new {'k', 'v'} or None).
+  """
   config: TransformerConfig
   attn_type: AttentionType
 
   @nn.compact
-  def __call__(self, x, positions, mask, bits=None, spec=None):
+  def __call__(self, x, positions, mask, bits=None, spec=None, cache=None):
     c = self.config
     w = quantizable_weights(c)
     n, k, d, h = c.num_heads, c.num_kv_heads, c.embed_dim, c.head_dim
@@ -249,20 +257,30 @@ class Attention(nn.Module):
       key, value = kv[0], kv[1]
     q = apply_rope(q, positions, c.rope_base) * jnp.asarray(c.query_scale, x.dtype)
     key = apply_rope(key, positions, c.rope_base)
+    key_positions = positions
+    if cache is not None:
+      start = (0, cache['end_index'], 0, 0)
+      key = jax.lax.dynamic_update_slice(cache['k'], key.astype(cache['k'].dtype), start)
+      value = jax.lax.dynamic_update_slice(cache['v'], value.astype(cache['v'].dtype), start)
+      key_positions = cache['positions']
+      cache = {'k': key, 'v': value}
+      key, value = key.astype(x.dtype), value.astype(x.dtype)
 
     b, t = x.shape[:2]
+    s = key.shape[1]
     qg = q.reshape(b, t, k, n // k, h)
-    logits = jnp.einsum('BTKGH,BSKH->BTKGS', qg, key).reshape(b, t, n, t).astype(jnp.float32)
+    logits = jnp.einsum('BTKGH,BSKH->BTKGS', qg, key).reshape(b, t, n, s).astype(jnp.float32)
     if c.attn_logits_soft_cap is not None:
       logits = jnp.tanh(logits / c.attn_logits_soft_cap) * c.attn_logits_soft_cap
     if self.attn_type == AttentionType.LOCAL_SLIDING:
-      dist = positions[:, :, None] - positions[:, None, :]
+      dist = positions[:, :, None] - key_positions[:, None, :]
       mask = mask & (dist < c.sliding_window_size)
     logits = jnp.where(mask[:, :, None, :], logits, K_MASK)
     probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
-    probs = probs.reshape(b, t, k, n // k, t)
+    probs = probs.reshape(b, t, k, n // k, s)
     encoded = jnp.einsum('BTKGS,BSKH->BTKGH', probs, value).reshape(b, t, n, h)
-    return Einsum((n, h, d), w['attn/attn_vec_einsum/w'], name='attn_vec_einsum')(encoded, bits, spec)
+    out = Einsum((n, h, d), w['attn/attn_vec_einsum/w'], name='attn_vec_einsum')(encoded, bits, spec)
+    return out, cache
 
 
 class FeedForward(nn.Module):
@@ -288,20 +306,21 @@ class Block(nn.Module):
   """h = x + post_attn_norm(attn(pre_attn_norm(x))); out = h + post_ffw_norm(mlp(pre_ffw_norm(h))).
 
   Without post_norms (Llama/Mistral) the post norms are the identity.
+  Returns (out, the attention's new cache or None).
   """
   config: TransformerConfig
   attn_type: AttentionType
 
   @nn.compact
-  def __call__(self, x, positions, mask, bits=None, spec=None):
+  def __call__(self, x, positions, mask, bits=None, spec=None, cache=None):
     c = self.config
     post = (lambda name: _norm(c, name)) if c.post_norms else (lambda name: lambda y: y)
     a = _norm(c, 'pre_attention_norm')(x)
-    a = Attention(c, self.attn_type, name='attn')(a, positions, mask, bits, spec)
+    a, cache = Attention(c, self.attn_type, name='attn')(a, positions, mask, bits, spec, cache)
     x = x + post('post_attention_norm')(a)
     f = _norm(c, 'pre_ffw_norm')(x)
     f = FeedForward(c, name='mlp')(f, bits, spec)
-    return x + post('post_ffw_norm')(f)
+    return x + post('post_ffw_norm')(f), cache
 
 
 def token_mask(config: TransformerConfig, tokens: jax.Array) -> jax.Array:
@@ -331,23 +350,75 @@ def blocks(config: TransformerConfig) -> list[tuple[str, Block]]:
   return [(f'layer_{i}', Block(config, a)) for i, a in enumerate(config.attention_types)]
 
 
+def param_shapes(config: TransformerConfig) -> dict[str, jax.ShapeDtypeStruct]:
+  """Flat '/'-joined path -> shape and dtype of every parameter of `config`'s model."""
+  tree = jax.eval_shape(Transformer(config).init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
+  return traverse_util.flatten_dict(tree['params'], sep='/')
+
+
+def init_cache(config: TransformerConfig, batch_size: int, cache_size: int, dtype=None) -> dict:
+  """An empty KV cache: per layer 'k', 'v' [B, S, K, H]; shared 'positions' and 'valid' [B, S]
+  (each slot's position, and whether it holds a real token) and the next slot 'end_index'."""
+  kv = jnp.zeros((batch_size, cache_size, config.num_kv_heads, config.head_dim),
+                 jnp.dtype(dtype or config.dtype))
+  cache = {'end_index': jnp.zeros((), jnp.int32),
+           'positions': jnp.zeros((batch_size, cache_size), jnp.int32),
+           'valid': jnp.zeros((batch_size, cache_size), bool)}
+  cache.update({f'layer_{i}': {'k': kv, 'v': kv} for i in range(config.num_layers)})
+  return cache
+
+
+def cache_inputs(tokens: jax.Array, positions: jax.Array, input_mask: jax.Array, cache: dict):
+  """Writes this step's positions and validity into the cache's shared slots.
+
+  Returns (mask [B, T, S]: written, real and not in the future; the updated shared fields).
+  """
+  start = (0, cache['end_index'])
+  if tokens.shape[1] > cache['valid'].shape[1]:
+    raise ValueError(f'{tokens.shape[1]} tokens do not fit a cache of {cache["valid"].shape[1]} slots')
+  key_positions = jax.lax.dynamic_update_slice(cache['positions'], positions.astype(jnp.int32), start)
+  valid = jax.lax.dynamic_update_slice(cache['valid'], input_mask.astype(bool), start)
+  mask = valid[:, None, :] & (key_positions[:, None, :] <= positions[:, :, None])
+  return mask, {'end_index': cache['end_index'] + tokens.shape[1], 'positions': key_positions,
+                'valid': valid}
+
+
 class Transformer(nn.Module):
-  """Gemma-2 decoder. `apply({'params': p}, tokens, quant=QuantSpec(...))` gives logits."""
+  """Gemma-2 decoder. `apply({'params': p}, tokens, quant=QuantSpec(...))` gives logits.
+
+  Decoding: `apply(variables, tokens, positions, quant=..., cache=cache, input_mask=m)`
+  with a cache from `init_cache` gives (logits, new cache); `input_mask` [B, T] marks
+  real tokens (default: not the padding id).
+  """
   config: TransformerConfig
 
   @nn.compact
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-               quant: QuantSpec | None = None) -> jax.Array:
+               quant: QuantSpec | None = None, cache: dict | None = None,
+               input_mask: jax.Array | None = None):
     c = self.config
     dtype = jnp.dtype(c.dtype)
-    positions, mask = attention_inputs(c, tokens, positions)
+    if cache is None:
+      positions, mask = attention_inputs(c, tokens, positions)
+    else:
+      if positions is None:
+        raise ValueError('decoding with a cache needs the positions of the tokens')
+      if input_mask is None:
+        input_mask = token_mask(c, tokens) > 0
+      mask, new_cache = cache_inputs(tokens, positions, input_mask, cache)
     embedder = _embedder(c, name='embedder')
     x = embedder.encode(tokens, dtype)
     for i, attn_type in enumerate(c.attention_types):
       bits = quant.bits_for(i, c.num_layers) if quant is not None else None
-      x = Block(c, attn_type, name=f'layer_{i}')(x, positions, mask, bits, quant)
+      layer_cache = None
+      if cache is not None:
+        layer_cache = {**cache[f'layer_{i}'], 'end_index': cache['end_index'],
+                       'positions': new_cache['positions']}
+      x, layer_cache = Block(c, attn_type, name=f'layer_{i}')(x, positions, mask, bits, quant, layer_cache)
+      if cache is not None:
+        new_cache[f'layer_{i}'] = layer_cache
     x = _norm(c, 'final_norm')(x)
     logits = embedder.decode(x).astype(jnp.float32)
     if c.final_logit_softcap is not None:
       logits = jnp.tanh(logits / c.final_logit_softcap) * c.final_logit_softcap
-    return logits
+    return logits if cache is None else (logits, new_cache)

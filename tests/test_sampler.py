@@ -1,0 +1,201 @@
+"""KV-cache decoding against full forward passes, per-call precision, padding, sampling, errors."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from matquant_jax import omniquant, parent, plans, sampler, sharding, train
+from matquant_jax.models import gemma
+from matquant_jax.qeinsum import QuantSpec
+
+# Window 3 < prompt + generated length, so local layers mask past the window. An untied
+# random head gives varied greedy continuations (a tied one mostly repeats the last token).
+CFG = gemma.TransformerConfig.tiny(num_embed=64, sliding_window_size=3, tie_embeddings=False)
+EOS = 1
+
+
+class CharTokenizer:
+  """Characters to ids 4..63 (0 pad, 1 EOS, 2 BOS)."""
+  bos_id, eos_id = 2, EOS
+
+  def encode(self, text):
+    return [4 + ord(c) % 60 for c in text]
+
+  def decode(self, ids):
+    return ''.join(chr(ord('a') + i % 26) for i in ids)
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  model = gemma.Transformer(CFG)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))['params']
+  return model, params
+
+
+def _greedy_reference(model, variables, prompt_ids, n, spec=None, eos=EOS):
+  """Greedy tokens by full forward passes without a cache (stops at EOS)."""
+  forward = jax.jit(lambda v, t: model.apply(v, t, quant=spec))
+  seq, out = list(prompt_ids), []
+  width = len(seq) + n  # one shape: causal attention ignores the zeros after the sequence
+  for _ in range(n):
+    t = int(jnp.argmax(forward(variables, jnp.asarray([seq + [0] * (width - len(seq))]))[0, len(seq) - 1]))
+    if t == eos:
+      break
+    out.append(t)
+    seq.append(t)
+  return out
+
+
+def test_cached_logits_match_full_forward_past_the_window(tiny):
+  model, params = tiny
+  rng = np.random.default_rng(0)
+  seq = rng.integers(4, 64, 14)
+  prompt, pad = 5, 3
+  tokens = np.concatenate([np.zeros(pad, int), seq[:prompt]])[None]
+  mask = np.arange(pad + prompt)[None] >= pad
+  positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+  cache = gemma.init_cache(CFG, 1, 24)
+  logits, cache = model.apply({'params': params}, jnp.asarray(tokens), jnp.asarray(positions), cache=cache,
+                              input_mask=jnp.asarray(mask))
+  got = [logits[0, -1]]
+  for i in range(prompt, len(seq) - 1):
+    step, cache = model.apply({'params': params}, jnp.asarray([[seq[i]]]), jnp.asarray([[i]]), cache=cache,
+                              input_mask=jnp.ones((1, 1), bool))
+    got.append(step[0, -1])
+  full = model.apply({'params': params}, jnp.asarray(seq[None, :-1]))[0, prompt - 1:]
+  np.testing.assert_allclose(np.stack(got), np.asarray(full), atol=1e-5)
+
+
+def test_greedy_sampling_equals_argmax_of_full_forward(tiny):
+  model, params = tiny
+  s = sampler.Sampler(model, params, CharTokenizer(), cache_size=48)
+  for bits in (None, 4):
+    outs = s.sample(['the quick fox', 'hi'], 12, bits=bits)
+    for out, prompt in zip(outs, ['the quick fox', 'hi']):
+      ids = [CharTokenizer.bos_id] + CharTokenizer().encode(prompt)
+      assert out.tokens == _greedy_reference(model, {'params': params}, ids, 12, s.spec(bits))
+      assert out.text == CharTokenizer().decode(out.tokens)
+  assert len(set(outs[0].tokens)) > 2  # not a degenerate repetition
+
+
+def test_resident_parent_equals_fake_quant_and_switches_per_call(tiny):
+  model, params = tiny
+  stored = omniquant.export_parent(CFG, params, None, QuantSpec(8, targets=('ffn', 'attn')))
+  spec = lambda b: QuantSpec(b, targets=('ffn', 'attn'))
+  live = sampler.Sampler(model, params, CharTokenizer(), cache_size=48)
+  resident = sampler.Sampler(model, stored, CharTokenizer(), cache_size=48)
+  assert resident.targets == ('ffn', 'attn') and resident.max_bits == 8
+  prompts = ['to be or not', 'brevity is the soul']
+  nucleus = sampler.Sampling(temperature=0.8, top_k=20, top_p=0.9)
+  calls = [(8, sampler.GREEDY), (2, sampler.GREEDY), ((2, 8), sampler.GREEDY), (4, nucleus),
+           (2, sampler.GREEDY)]
+  switched = [resident.sample(prompts, 10, bits=b, sampling=m, rng=7) for b, m in calls]
+  for (b, m), got in zip(calls, switched):
+    fresh = sampler.Sampler(model, stored, CharTokenizer(), cache_size=48).sample(
+        prompts, 10, bits=b, sampling=m, rng=7)
+    assert [o.tokens for o in got] == [o.tokens for o in fresh], b
+    fake = live.sample(prompts, 10, bits=spec(b), sampling=m, rng=7)
+    assert [o.tokens for o in got] == [o.tokens for o in fake], b
+  assert [o.tokens for o in switched[0]] != [o.tokens for o in switched[1]]  # int8 and int2 differ
+
+
+def test_plan_file_and_packed_export_serve_the_same_tokens(tiny, tmp_path):
+  model, params = tiny
+  stored = omniquant.export_parent(CFG, params, None, QuantSpec(8))
+  plan = str(tmp_path / 'plan.json')
+  plans.save(plan, [2, 4], note='test')
+  s = sampler.Sampler(model, stored, CharTokenizer(), cache_size=48)
+  want = [o.tokens for o in s.sample(['all the world'], 8, bits=(2, 4))]
+  assert [o.tokens for o in s.sample(['all the world'], 8, bits=plan)] == want
+  parent.export(str(tmp_path / 'packed'), stored, CFG, None, plan)
+  m2, v2, _ = parent.load(str(tmp_path / 'packed'))
+  assert [o.tokens for o in sampler.Sampler(m2, v2, CharTokenizer(), 48).sample(['all the world'], 8)] == want
+
+
+def test_padded_prompt_gives_the_same_tokens_as_alone(tiny):
+  model, params = tiny
+  s = sampler.Sampler(model, params, CharTokenizer(), cache_size=64)
+  short, long = 'ab', 'a much longer prompt than the other one'
+  batch = s.sample([long, short], 10)
+  assert batch[1].tokens == s.sample([short], 10)[0].tokens
+  assert batch[0].tokens == s.sample([long], 10)[0].tokens
+
+
+def test_sampling_filters_match_numpy():
+  logits = jnp.asarray([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+  draws = lambda m, n=4000: np.asarray(jax.vmap(lambda k: sampler.sample_logits(logits, k, m)[0])(
+      jax.random.split(jax.random.PRNGKey(0), n)))
+  p = np.exp(np.asarray(logits[0]) / 0.7)
+  p /= p.sum()
+  freq = np.bincount(draws(sampler.Sampling(temperature=0.7)), minlength=6) / 4000
+  np.testing.assert_allclose(freq, p, atol=0.03)
+  assert set(draws(sampler.Sampling(temperature=1.0, top_k=2))) == {0, 1}
+  q = np.exp(np.asarray(logits[0]))
+  q /= q.sum()  # cumulative 0.56, 0.77, 0.90: top_p=0.8 keeps the first three
+  assert set(draws(sampler.Sampling(temperature=1.0, top_p=0.8))) == {0, 1, 2}
+  assert int(sampler.sample_logits(logits, jax.random.PRNGKey(1), sampler.GREEDY)[0]) == 0
+
+
+def test_stops_at_eos_per_row(tiny):
+  model, params = tiny
+  s = sampler.Sampler(model, params, CharTokenizer(), cache_size=48)
+  first = s.sample(['stop here'], 1)[0].tokens[0]
+  class StopTokenizer(CharTokenizer):
+    eos_id = first
+  stopped = sampler.Sampler(model, params, StopTokenizer(), cache_size=48).sample(['stop here', 'go on'], 6)
+  assert stopped[0].tokens == [] and len(stopped[1].tokens) >= 1
+
+
+def test_bad_input_is_a_clear_error(tiny, tmp_path):
+  model, params = tiny
+  stored = omniquant.export_parent(CFG, params, None, QuantSpec(8))
+  s = sampler.Sampler(model, stored, CharTokenizer(), cache_size=48)
+  with pytest.raises(ValueError, match='prompt 1 is empty'):
+    s.sample(['ok', ''], 4)
+  with pytest.raises(ValueError, match='non-empty list'):
+    s.sample('a string', 4)
+  with pytest.raises(ValueError, match='max_new_tokens must be a non-negative'):
+    s.sample(['ok'], -1)
+  with pytest.raises(ValueError, match=r'bits=9: the resident model gives widths 1..8'):
+    s.sample(['ok'], 4, bits=9)
+  with pytest.raises(ValueError, match='3 layer widths for a 2-layer model'):
+    s.sample(['ok'], 4, bits=(2, 4, 8))
+  plans.save(str(tmp_path / 'p.json'), [4])
+  with pytest.raises(ValueError, match='1 layer widths for a 2-layer model'):
+    s.sample(['ok'], 4, bits=str(tmp_path / 'p.json'))
+  with pytest.raises(ValueError, match=r'prompt \(16 tokens, padded\) \+ max_new_tokens \(33\) exceeds'):
+    s.sample(['ok'], 33)
+  parent.export(str(tmp_path / 'int4'), stored, CFG, None, 4)
+  m4, v4, _ = parent.load(str(tmp_path / 'int4'))
+  with pytest.raises(ValueError, match='bits=8: the resident model gives widths 1..4'):
+    sampler.Sampler(m4, v4, CharTokenizer()).sample(['ok'], 2, bits=8)
+  with pytest.raises(ValueError, match='temperature must be >= 0'):
+    sampler.Sampling(temperature=-1)
+
+
+def test_sharded_parent_samples_like_one_device(tiny):
+  model, params = tiny
+  stored = omniquant.export_parent(CFG, params, None, QuantSpec(8, targets=('ffn', 'attn')))
+  one = sampler.Sampler(model, stored, CharTokenizer(), cache_size=48).sample(['sharded', 'x'], 8, bits=4)
+  mesh = sharding.make_mesh(sharding.mesh_config(2, 2, 2))
+  p = stored['params']
+  placed = {'params': jax.device_put(p, train.model_shardings(CFG, p, mesh, sharding.DEFAULT_RULES))}
+  w = placed['params']['layer_0']['mlp']['gating_einsum'].codes
+  assert len(w.sharding.device_set) == 8 and w.addressable_shards[0].data.shape != w.shape
+  got = sampler.Sampler(model, placed, CharTokenizer(), cache_size=48).sample(['sharded', 'x'], 8, bits=4)
+  assert [o.tokens for o in got] == [o.tokens for o in one]
+
+
+@pytest.mark.slow
+def test_smollm2_cached_greedy_matches_full_forward():
+  from matquant_jax import checkpoints
+  model, variables, tokenizer = checkpoints.load('smollm2-135m')
+  s = sampler.Sampler(model, variables, tokenizer, cache_size=48)
+  prompt = 'To be, or not to be, that is the'
+  out = s.sample([prompt], 4)[0]
+  ids = [tokenizer.bos_id] + tokenizer.encode(prompt) if tokenizer.bos_id is not None else tokenizer.encode(prompt)
+  assert out.tokens == _greedy_reference(model, variables, ids, 4, eos=tokenizer.eos_id)
+  assert out.text.strip()
