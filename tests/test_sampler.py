@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from matquant_jax import omniquant, parent, plans, sampler, sharding, train
-from matquant_jax.models import gemma
+from matquant_jax.models import gemma, llama
 from matquant_jax.qeinsum import QuantSpec
 
 # Window 3 < prompt + generated length, so local layers mask past the window. An untied
@@ -69,8 +69,23 @@ def test_cached_logits_match_full_forward_past_the_window(tiny):
   np.testing.assert_allclose(np.stack(got), np.asarray(full), atol=1e-5)
 
 
-def test_greedy_sampling_equals_argmax_of_full_forward(tiny):
+OTHER_FAMILIES = {
+    'llama (global, no soft caps)': llama.llama_config(num_layers=2, num_embed=64, embed_dim=32,
+                                                       hidden_dim=64, num_heads=4, num_kv_heads=2),
+    'mistral (window 3 on every layer)': llama.llama_config(num_layers=2, num_embed=64, embed_dim=32,
+                                                            hidden_dim=64, num_heads=4, num_kv_heads=1,
+                                                            sliding_window=3),
+    'gemma2 MHA, transposed gating': dataclasses.replace(CFG, num_kv_heads=4, transpose_gating_einsum=True),
+}
+
+
+@pytest.mark.parametrize('family', [None] + list(OTHER_FAMILIES))
+def test_greedy_sampling_equals_argmax_of_full_forward(tiny, family):
   model, params = tiny
+  if family is not None:
+    model = gemma.Transformer(OTHER_FAMILIES[family])
+    params = model.init(jax.random.PRNGKey(2), jnp.zeros((1, 4), jnp.int32))['params']
+    params = jax.tree.map(lambda w: 4 * w, params)  # sharper logits: varied greedy continuations
   s = sampler.Sampler(model, params, CharTokenizer(), cache_size=48)
   for bits in (None, 4):
     outs = s.sample(['the quick fox', 'hi'], 12, bits=bits)

@@ -37,6 +37,8 @@ def test_quick_main_job_end_to_end_and_resume(tmp_path):
   assert '| int2 | Sliced int8 |' in table and '| int2 | MatQuant |' in table
   assert os.path.getsize(tmp_path / 'log_pplx_vs_bits.png') > 10_000
   assert os.listdir(tmp_path / 'tensorboard')
+  # each run's stored parent reloads as a model that evaluates and samples as the study measured
+  check_stored_parent(tmp_path / 'parents' / 'matquant', ll['matquant'])
   # the same command again restores every finished run instead of training it
   again = _run(tmp_path)
   assert again.returncode == 0, again.stderr[-3000:]
@@ -122,3 +124,21 @@ def test_gap_closure_and_seed_aggregation_by_hand():
   assert rows[('int2', 'Baseline')]['log_pplx'] == pytest.approx(5.1)
   assert rows[('int2', 'Baseline')]['std'] == pytest.approx(0.1 * 2 ** 0.5)  # sample std of 5.0, 5.2
   assert rows[('int2', 'MatQuant')]['std'] == 0.0 and rows[('int2', 'MatQuant')]['n'] == 2
+
+
+def check_stored_parent(directory, measured):
+  import runpy
+  import jax
+  from matquant_jax import parent, sampler, train
+  from matquant_jax.data import pipeline
+  from matquant_jax.qeinsum import QuantSpec
+  cfg = runpy.run_path(os.path.join(ROOT, 'experiments/configs/quick.py'))['get_config']()
+  model, variables, tokenizer = parent.load(str(directory))
+  assert parent.read_manifest(str(directory))['run']['name'] == 'matquant'
+  data = pipeline.load_tokens(cfg.data.name, cfg.data.data_dir, cfg.data.vocab_size)
+  val = pipeline.eval_batches(data.validation, cfg.data.eval_batch_size, cfg.data.seq_len,
+                              cfg.data.eval_batches)
+  got = train.make_eval_fn(model)(variables, val, QuantSpec(2))
+  assert got == pytest.approx(measured['int2'], abs=1e-4)
+  out = sampler.Sampler(model, variables, tokenizer, cache_size=64).sample(['To be, or not'], 4, bits=2)
+  assert len(out[0].tokens) <= 4 and isinstance(out[0].text, str)
