@@ -1,6 +1,7 @@
 r"""Writes a stored parent and packed exports of it, and prints their sizes.
 
   python experiments/export.py --model=smollm2-135m --out=runs/exports [--bits=6,4,3,2] [--plan=pyramid]
+      [--other_dtype=bfloat16]
   python experiments/export.py --model=runs/default/parents/matquant --out=runs/exports_default
 
 --model: a stored parent, or float weights (checkpoint, .gguf, 'smollm2-135m'),
@@ -25,6 +26,8 @@ _OUT = flags.DEFINE_string('out', None, 'Output directory.', required=True)
 _BITS = flags.DEFINE_list('bits', ['6', '4', '3', '2'], 'Packed widths to export.')
 _PLAN = flags.DEFINE_string('plan', 'pyramid', "'pyramid', a plan file, or empty.")
 _TARGETS = flags.DEFINE_list('targets', ['ffn', 'attn'], 'Weights quantized when --model is float.')
+_OTHER_DTYPE = flags.DEFINE_enum('other_dtype', None, ['float32', 'bfloat16'],
+                                 'Recast the weights that are not quantized (default: as loaded).')
 
 
 def main(argv):
@@ -41,8 +44,8 @@ def main(argv):
   if float_params is not None:
     d = os.path.join(_OUT.value, 'parent')
     if not parent.is_parent(d):
-      parent.save(d, variables, config, tokenizer, run={'made_by': 'experiments/export.py',
-                                                        'source': _MODEL.value, 'method': 'min-max'})
+      parent.save(d, variables, config, tokenizer, float_dtype=_OTHER_DTYPE.value,
+                  run={'made_by': 'experiments/export.py', 'source': _MODEL.value, 'method': 'min-max'})
     written.append(('int8 parent', d, 8))
   else:
     written.append(('int8 parent', _MODEL.value, parent.stored_bits(variables)))
@@ -54,8 +57,8 @@ def main(argv):
   for name, bits in exports:
     d = os.path.join(_OUT.value, name)
     if not parent.is_parent(d):
-      parent.export(d, variables, config, tokenizer, bits, run={'made_by': 'experiments/export.py',
-                                                                 'source': _MODEL.value})
+      parent.export(d, variables, config, tokenizer, bits, float_dtype=_OTHER_DTYPE.value,
+                    run={'made_by': 'experiments/export.py', 'source': _MODEL.value})
     written.append((f'packed {name}', d, bits))
 
   manifest = parent.read_manifest(written[0][1])

@@ -115,6 +115,7 @@ def test_resident_parent_equals_fake_quant_and_switches_per_call(tiny):
     fake = live.sample(prompts, 10, bits=spec(b), sampling=m, rng=7)
     assert [o.tokens for o in got] == [o.tokens for o in fake], b
   assert [o.tokens for o in switched[0]] != [o.tokens for o in switched[1]]  # int8 and int2 differ
+  assert resident._generate._cache_size() == 4  # one compilation per distinct precision
 
 
 def test_plan_file_and_packed_export_serve_the_same_tokens(tiny, tmp_path):
