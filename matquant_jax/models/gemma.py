@@ -211,7 +211,10 @@ def quantized_einsum(module: nn.Module, name: str, shape: tuple[int, ...], info:
 
   The weight is a float param, or a stored `QuantizedArray` parent; OmniQuant's
   learned transform, if any, sits at the same path in the 'quant' collection.
+  The input is sown into 'einsum_inputs' (a no-op unless that collection is
+  mutable; GPTQ reads it for its Hessians).
   """
+  module.sow('einsum_inputs', name, x)
   if spec is None or info.target not in spec.targets:
     bits = None
   w = module.get_variable('params', name) if module.has_variable('params', name) else None
