@@ -7,7 +7,7 @@ import ml_collections
 from matquant_jax import sharding
 
 RUN_FIELDS = {'name', 'label', 'objective', 'lambdas', 'parent_bits', 'extra_precision', 'algo', 'budget'}
-ALGOS = ('qat', 'omniquant')
+ALGOS = ('qat', 'omniquant', 'gptq')
 
 
 def optimizer(learning_rate: float, warmup_steps: int) -> ml_collections.ConfigDict:
@@ -19,8 +19,8 @@ def run(name: str, label: str, objective: str, lambdas=None, parent_bits: int = 
         extra_precision: bool = False, algo: str = 'qat', budget: float = 1.0) -> dict:
   """One run of the study; all start from the same pretrained float model.
 
-  algo: 'qat' (cfg.qat) or 'omniquant' (cfg.omniquant); budget multiplies the
-  QAT steps or the OmniQuant epochs.
+  algo: 'qat' (cfg.qat), 'omniquant' (cfg.omniquant) or 'gptq' (cfg.gptq); budget
+  multiplies the QAT steps or the OmniQuant epochs (GPTQ is one-shot and ignores it).
   """
   return dict(name=name, label=label, objective=objective, lambdas=lambdas,
               parent_bits=parent_bits, extra_precision=extra_precision, algo=algo, budget=budget)
@@ -51,6 +51,12 @@ def omniquant_table_runs() -> list[dict]:
   ]
 
 
+def gptq_table_runs(lambdas=(1.0, 1.0, 1.0)) -> list[dict]:
+  """Per width the GPTQ baseline (8, 6, 4, 3, 2; the int8 one is also sliced) and MatQuant-GPTQ."""
+  return [baseline(b, 'gptq') for b in (8, 6, 4, 3, 2)] + [
+      run('matquant', 'MatQuant', '8,4,2', lambdas, algo='gptq')]
+
+
 def base_config() -> ml_collections.ConfigDict:
   """The default study: small Gemma-2 on Shakespeare, baselines 8/4/2 and MatQuant [8,4,2]."""
   c = ml_collections.ConfigDict()
@@ -76,6 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.omniquant = dict(samples=128, seq_len=128, batch_size=4, epochs=40, lwc_lr=1e-2, let_lr=5e-3,
                      weight_decay=0.0, lwc=True, let=True, aug_loss=False, balance=False,
                      skip_tokens=0)
+  # GPTQ (gptq.Options): calibration sequences as for OmniQuant; damping as a fraction of mean
+  # diag H (the GPTQ default), lazy-batch block of 128 columns, act-order off by default.
+  c.gptq = dict(samples=128, seq_len=128, damp=0.01, block_size=128, act_order=False, batch_size=8)
   c.runs = [float_same_tokens(), baseline(8), baseline(4), baseline(2),
             run('matquant', 'MatQuant', '8,4,2', (0.1, 0.1, 1.0))]
   # Device mesh (data, fsdp, tensor; -1 = the rest) and logical-to-mesh rules. Not part of a

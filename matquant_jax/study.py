@@ -14,7 +14,7 @@ import ml_collections
 from flax import traverse_util
 from tensorboardX import SummaryWriter
 
-from matquant_jax import configs, losses, omniquant, parent, report, sharding, train
+from matquant_jax import configs, gptq, losses, omniquant, parent, report, sharding, train
 from matquant_jax.data import pipeline
 from matquant_jax.models import gemma
 from matquant_jax.qeinsum import QuantSpec
@@ -63,7 +63,8 @@ def _fingerprint(cfg: ml_collections.ConfigDict) -> dict:
   return {'seed': cfg.seed, 'data': data, 'model': cfg.model.to_dict(),
           'pretrain': cfg.pretrain.to_dict(), 'qat': cfg.qat.to_dict(),
           'omniquant': cfg.omniquant.to_dict(),
-          'runs': {r['name']: dict(r) for r in cfg.runs}}
+          'runs': {r['name']: dict(r) for r in cfg.runs}} | (
+              {'gptq': cfg.gptq.to_dict()} if any(r.get('algo') == 'gptq' for r in cfg.runs) else {})
 
 
 def check_workdir(workdir: str, cfg: ml_collections.ConfigDict) -> None:
@@ -96,6 +97,15 @@ def run_omniquant(cfg: ml_collections.ConfigDict, r: dict, mcfg: gemma.Transform
   qtree = omniquant.calibrate(mcfg, float_params, calib, objective, spec, opts, ckpt_dir, writer,
                               r['name'], cfg.seed)
   return omniquant.export_parent(mcfg, float_params, qtree, spec)
+
+
+def run_gptq(cfg: ml_collections.ConfigDict, mcfg: gemma.TransformerConfig, float_params, train_stream,
+             objective: losses.Objective, spec: QuantSpec, ckpt_dir: str, name: str) -> dict:
+  """One GPTQ run (resumable per block) on the same calibration sequences as OmniQuant's."""
+  g = cfg.gptq
+  calib = pipeline.train_batch(train_stream, 0, g.samples, g.seq_len, cfg.seed + 1)[:, :-1]
+  return gptq.calibrate(mcfg, float_params, calib, objective, spec, gptq.Options.from_config(g),
+                        ckpt_dir, name)
 
 
 def run_spec(cfg: ml_collections.ConfigDict, r: dict, bits=None) -> QuantSpec:
@@ -158,6 +168,11 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     if r.get('algo', 'qat') == 'omniquant':
       models[r['name']] = (run_omniquant(cfg, r, mcfg, float_params, data.train, objective, spec,
                                          ckpt_dir, writer), r)
+      save_parent(os.path.join(workdir, 'parents', r['name']), models[r['name']][0], mcfg, data.tokenizer,
+                  dict(r))
+    elif r.get('algo') == 'gptq':
+      models[r['name']] = (run_gptq(cfg, mcfg, float_params, data.train, objective, spec, ckpt_dir,
+                                    r['name']), r)
       save_parent(os.path.join(workdir, 'parents', r['name']), models[r['name']][0], mcfg, data.tokenizer,
                   dict(r))
     else:
