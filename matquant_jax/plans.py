@@ -1,7 +1,9 @@
 """Mix'n'Match precision plans: one width per layer, as a small JSON file.
 
 {"format": "matquant-plan", "version": 1, "layer_bits": [4, 4, 8, ...], ...}
-Extra keys (how the plan was found, its average bits) are kept but not read.
+With "budget_bits" and "layer_params" (quantized parameters per layer), loading
+checks the plan's average bits against the budget. Other keys (how the plan was
+found, its KL) are kept but not read.
 Evaluation, the sampler and the packed export take the tuple `load` returns.
 """
 
@@ -44,4 +46,10 @@ def load(path: str, num_layers: int, max_bits: int = 8) -> tuple[int | None, ...
     raise ValueError(f'{path} is not a precision plan (expected "format": "{FORMAT}" and "layer_bits")')
   if plan.get('version') != VERSION:
     raise ValueError(f'{path}: plan version {plan.get("version")!r}; this code reads version {VERSION}')
-  return check(plan['layer_bits'], num_layers, max_bits, path)
+  layer_bits = check(plan['layer_bits'], num_layers, max_bits, path)
+  if 'budget_bits' in plan and 'layer_params' in plan:
+    counts = plan['layer_params']
+    avg = sum(b * n for b, n in zip(layer_bits, counts)) / sum(counts)
+    if avg > plan['budget_bits'] + 1e-9:
+      raise ValueError(f'{path}: the plan averages {avg:.3f} bits, over its budget of {plan["budget_bits"]}')
+  return layer_bits
