@@ -29,6 +29,7 @@ test: setup
 bench: setup
 	$(PY) experiments/bench_train_step.py
 	$(PY) experiments/bench_omniquant.py
+	$(PY) experiments/bench_gptq.py
 	$(PY) experiments/bench_decode.py
 
 clean:

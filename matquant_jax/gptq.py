@@ -156,18 +156,25 @@ def quantize_weight(w, x_hessian, info: gemma.WeightInfo, objective: losses.Obje
 
 # --- Block by block ----------------------------------------------------------------
 
+@functools.partial(jax.jit, static_argnames=('block', 'dims'))
+def _hessian_batch(block, lp, x, tokens, dims: tuple[tuple[str, int], ...]):
+  positions, mask = gemma.attention_inputs(block.config, tokens)
+  _, state = block.apply({'params': lp}, x, positions, mask, mutable=['einsum_inputs'])
+  flat = traverse_util.flatten_dict(state['einsum_inputs'], sep='/')
+  return {p: (lambda a: a.T @ a)(flat[p][0].reshape(-1, n).astype(jnp.float32)) for p, n in dims}
+
+
+@functools.partial(jax.jit, static_argnames=('block',))
+def _block_forward(block, lp, x, tokens):
+  return block.apply({'params': lp}, x, *gemma.attention_inputs(block.config, tokens))[0]
+
+
 def _hessians(block, lp, dims: dict[str, int], xs, tokens, batch_size):
   """{weight path: X^T X} of the einsum inputs of the block's weights `dims` (path -> in size),
   on inputs xs [n, T, D] with float block weights lp."""
-  def one(x, t):
-    positions, mask = gemma.attention_inputs(block.config, t)
-    _, state = block.apply({'params': lp}, x, positions, mask, mutable=['einsum_inputs'])
-    flat = traverse_util.flatten_dict(state['einsum_inputs'], sep='/')
-    return {p: (lambda a: a.T @ a)(flat[p][0].reshape(-1, n).astype(jnp.float32)) for p, n in dims.items()}
-  fn = jax.jit(one)
   total = None
   for i in range(0, len(xs), batch_size):
-    h = fn(xs[i:i + batch_size], tokens[i:i + batch_size])
+    h = _hessian_batch(block, lp, xs[i:i + batch_size], tokens[i:i + batch_size], tuple(dims.items()))
     total = h if total is None else jax.tree.map(jnp.add, total, h)
   return total
 
@@ -215,15 +222,10 @@ def calibrate(config: gemma.TransformerConfig, params: Tree, tokens: np.ndarray,
   groups = sorted({ORDER[p] for p in infos})
   bar = tqdm.tqdm(total=(len(layers) - done_blocks) * len(infos), desc=desc, mininterval=2.0,
                   dynamic_ncols=True)
-  forward = {}
   t_start = time.perf_counter()
   for i, (key, block) in enumerate(layers):
     lp = params[key]
     flat_lp = traverse_util.flatten_dict(lp, sep='/')
-    kind = (type(block), block.attn_type)
-    if kind not in forward:
-      forward[kind] = jax.jit(lambda p, x, t, block=block: block.apply(
-          {'params': p}, x, *gemma.attention_inputs(block.config, t))[0])
     ep = spec.extra_precision
     if i >= done_blocks:
       t0 = time.perf_counter()
@@ -247,8 +249,8 @@ def calibrate(config: gemma.TransformerConfig, params: Tree, tokens: np.ndarray,
       bar.set_description(f'{desc} block {i + 1}/{len(layers)}')
       logging.info('%s: block %d/%d in %.1fs', desc, i + 1, len(layers), time.perf_counter() - t0)
     block_q = {p: traverse_util.flatten_dict(parent['params'][key], sep='/')[p] for p in infos}
-    streams = {r: jnp.concatenate([forward[kind](_at_width(lp, block_q, r, ep), streams[r][j:j + bs],
-                                                 tokens[j:j + bs]) for j in range(0, len(tokens), bs)])
+    streams = {r: jnp.concatenate([_block_forward(block, _at_width(lp, block_q, r, ep), streams[r][j:j + bs],
+                                                  tokens[j:j + bs]) for j in range(0, len(tokens), bs)])
                for r in widths}
   bar.close()
   if mngr is not None:
