@@ -27,7 +27,7 @@ _FLOAT = flags.DEFINE_string('float', None, 'The float model for the KL referenc
 _BUDGETS = flags.DEFINE_list('budgets', ['2.5', '3', '3.5', '4.5'], 'Average bits per quantized param.')
 _WIDTHS = flags.DEFINE_list('widths', [str(w) for w in planner.WIDTHS], 'Allowed widths.')
 _OUT = flags.DEFINE_string('out', None, 'Output directory.', required=True)
-_SAMPLES = flags.DEFINE_integer('samples', 8, 'Calibration sequences for the KL.')
+_SAMPLES = flags.DEFINE_integer('samples', 4, 'Calibration sequences for the KL.')
 _SEQ = flags.DEFINE_integer('seq_len', 128, 'Calibration sequence length.')
 _REFINE = flags.DEFINE_integer('refine_steps', 20, 'Local-search proposals after the knapsack.')
 _PPL_BATCHES = flags.DEFINE_integer('ppl_batches', 2, 'Held-out batches of 8 x ppl_seq_len tokens.')
@@ -58,19 +58,22 @@ def main(argv):
   calib = pipeline.train_batch(stream, 0, _SAMPLES.value, _SEQ.value, seed=2)[:, :-1]
   candidates = {f'uniform int{w}': (w,) * layers for w in widths}
   candidates['pyramid'] = evaluate.pyramid(layers)
-  for b in _BUDGETS.value:
-    name = f'planner {b} bits'
-    if name not in results['plans']:
-      plan = planner.search(model, variables, calib, float(b), widths, 'float' if _FLOAT.value else 'widest',
-                            float_params, _REFINE.value)
-      results['plans'][name] = dict(layer_bits=list(plan.layer_bits), average_bits=plan.average_bits,
-                                    calibration_kl=plan.kl, search_s=plan.search_s)
+  todo = [b for b in _BUDGETS.value if f'planner {b} bits' not in results['plans']]
+  if todo:
+    found = planner.search_budgets(model, variables, calib, [float(b) for b in todo], widths,
+                                   'float' if _FLOAT.value else 'widest', float_params, _REFINE.value)
+    for b in todo:
+      plan = found[float(b)]
+      results['plans'][f'planner {b} bits'] = dict(layer_bits=list(plan.layer_bits),
+                                                   average_bits=plan.average_bits,
+                                                   calibration_kl=plan.kl, search_s=plan.search_s)
       plans.save(os.path.join(_OUT.value, f'plan_{b}.json'), plan.layer_bits, budget_bits=float(b),
                  layer_params=counts, calibration_kl=plan.kl, search_s=plan.search_s, parent=_MODEL.value)
-      logging.info('%s: %s (%.3f bits), KL %.4f, search %.0fs', name, plan.layer_bits, plan.average_bits,
-                   plan.kl, plan.search_s)
-      save()
-    candidates[name] = tuple(results['plans'][name]['layer_bits'])
+      logging.info('planner %s bits: %s (%.3f bits), KL %.4f, search %.0fs', b, plan.layer_bits,
+                   plan.average_bits, plan.kl, plan.search_s)
+    save()
+  for b in _BUDGETS.value:
+    candidates[f'planner {b} bits'] = tuple(results['plans'][f'planner {b} bits']['layer_bits'])
 
   texts = evaluate.read_texts('tfds:shakespeare_plays:validation', _DATA_DIR.value)
   done = {r['plan'] for r in results['rows']}

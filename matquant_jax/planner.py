@@ -121,10 +121,19 @@ def knapsack(costs: np.ndarray, widths: Sequence[int], counts: Sequence[int], bu
 def search(model: gemma.Transformer, variables, tokens: np.ndarray, budget: float,
            widths: Sequence[int] = WIDTHS, reference: str = 'float', float_params=None,
            refine_steps: int = 20) -> Plan:
-  """A per-layer plan with average bits <= budget minimising KL to the reference on `tokens`.
+  """A per-layer plan with average bits <= budget minimising KL to the reference on `tokens`."""
+  return search_budgets(model, variables, tokens, (budget,), widths, reference, float_params,
+                        refine_steps)[budget]
+
+
+def search_budgets(model: gemma.Transformer, variables, tokens: np.ndarray, budgets: Sequence[float],
+                   widths: Sequence[int] = WIDTHS, reference: str = 'float', float_params=None,
+                   refine_steps: int = 20) -> dict[float, Plan]:
+  """Plans for several budgets from one set of sensitivities.
 
   variables: a stored parent (`QuantizedArray` weights). reference: 'float' (needs
-  float_params) or 'widest' (the parent at max(widths)).
+  float_params) or 'widest' (the parent at max(widths)). Plan.search_s counts the
+  shared sensitivities in every plan's time.
   """
   t0 = time.perf_counter()
   widths = tuple(sorted(set(widths)))
@@ -154,21 +163,25 @@ def search(model: gemma.Transformer, variables, tokens: np.ndarray, budget: floa
   for l in range(layers):
     for j, w in enumerate(widths):
       costs[l, j] = base if w == top else kl(tuple(w if i == l else top for i in range(layers)))
-  plan = knapsack(costs - base, widths, counts, budget)
-  current = kl(plan)
-  logging.info('planner: sensitivities (%d plans) and knapsack in %.1fs; KL %.4f at %.3f bits',
-               layers * (len(widths) - 1) + 1, time.perf_counter() - t0, current, average_bits(plan, counts))
-  rng = np.random.default_rng(0)
-  index = {w: j for j, w in enumerate(widths)}
-  for _ in range(refine_steps):
-    up, down = rng.choice(layers, 2, replace=False)
-    if index[plan[up]] == len(widths) - 1 or index[plan[down]] == 0:
-      continue
-    cand = list(plan)
-    cand[up], cand[down] = widths[index[plan[up]] + 1], widths[index[plan[down]] - 1]
-    if average_bits(cand, counts) > budget + 1e-9:
-      continue
-    value = kl(tuple(cand))
-    if value < current:
-      plan, current = tuple(cand), value
-  return Plan(plan, average_bits(plan, counts), current, time.perf_counter() - t0)
+  shared_s = time.perf_counter() - t0
+  logging.info('planner: %d sensitivities in %.1fs', layers * (len(widths) - 1) + 1, shared_s)
+  out = {}
+  for budget in budgets:
+    t1 = time.perf_counter()
+    plan = knapsack(costs - base, widths, counts, budget)
+    current = kl(plan)
+    rng = np.random.default_rng(0)
+    index = {w: j for j, w in enumerate(widths)}
+    for _ in range(refine_steps):
+      up, down = rng.choice(layers, 2, replace=False)
+      if index[plan[up]] == len(widths) - 1 or index[plan[down]] == 0:
+        continue
+      cand = list(plan)
+      cand[up], cand[down] = widths[index[plan[up]] + 1], widths[index[plan[down]] - 1]
+      if average_bits(cand, counts) > budget + 1e-9:
+        continue
+      value = kl(tuple(cand))
+      if value < current:
+        plan, current = tuple(cand), value
+    out[budget] = Plan(plan, average_bits(plan, counts), current, shared_s + time.perf_counter() - t1)
+  return out
