@@ -44,7 +44,7 @@ def main(argv):
     obj, lambdas, bits = variants[name]
     def run():
       parents[name] = gptq.calibrate(mcfg, params, tokens, losses.parse_objective(obj, lambdas, bits),
-                                     QuantSpec(bits, bits, targets=targets), opts, desc=name)
+                                     QuantSpec(bits, parent_bits=bits, targets=targets), opts, desc=name)
       jax.block_until_ready(parents[name])
     return run
   med = {n: s / mcfg.num_layers for n, s in timing.interleaved_medians(

@@ -14,9 +14,8 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from matquant_jax import losses, omniquant, study, timing
+from matquant_jax import losses, omniquant, study, timing, train
 from matquant_jax.models import gemma
-from matquant_jax.qeinsum import QuantSpec
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/omniquant.py', 'Experiment config.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Interleaved repeats; the median is reported.')
@@ -41,7 +40,7 @@ def main(argv):
   prepared = {}
   for name, (obj, lambdas, parent) in variants.items():
     objective = losses.parse_objective(obj, lambdas, parent)
-    spec = QuantSpec(parent, parent, False, q.group_size, tuple(q.targets), q.slice_grad)
+    spec = train.quant_spec(parent, dict(q, parent_bits=parent))
     qtree = omniquant.init_transforms(mcfg, params, spec, o.lwc, o.let)
     fns = {a: omniquant._layer_fns(b, objective, spec, tx, opts)[0]  # pylint: disable=protected-access
            for a, b in {blk.attn_type: blk for _, blk in layers}.items()}

@@ -61,14 +61,14 @@ def main(argv):
   stored = parent.stored_bits(variables)
   if stored:
     targets = parent.quantized_targets(variables)
-    specs = [(f'int{b} (parent slice)', model, QuantSpec(b, stored, targets=targets))
+    specs = [(f'int{b} (parent slice)', model, QuantSpec(b, parent_bits=stored, targets=targets))
              for b in bits if b <= stored]
-    mix_spec = QuantSpec(mix, stored, targets=targets) if mix else None
+    mix_spec = QuantSpec(mix, parent_bits=stored, targets=targets) if mix else None
   else:
     mix_spec = QuantSpec(mix) if mix else None
     bf16 = gemma.Transformer(dataclasses.replace(model.config, dtype='bfloat16'))
     specs = [('bf16', bf16, None)]
-    specs += [(f'int{b} (PTQ min-max)', model, QuantSpec(b, b)) for b in bits]
+    specs += [(f'int{b} (PTQ min-max)', model, QuantSpec(b, parent_bits=b)) for b in bits]
     specs += [(f'int{b} (Sliced int8)', model, QuantSpec(b)) for b in bits if b != 8]
   if mix:
     specs.append((f"Mix'n'Match {','.join(map(str, mix))}", model, mix_spec))

@@ -102,7 +102,7 @@ def main(argv):
       (f'baseline_int{b}', b, (1.0,), int(b), 2 if b == '2' else 1) for b in _BASELINES.value]
   parents = {}
   for name, objective, lambdas, parent_bits, budget in calibrations:
-    spec = QuantSpec(parent_bits, parent_bits, group_size=group)
+    spec = QuantSpec(parent_bits, parent_bits=parent_bits, group_size=group)
     opts = dataclasses.replace(base_opts, epochs=base_opts.epochs * budget)
     t = time.perf_counter()
     obj = losses.parse_objective(objective, lambdas, parent_bits)
@@ -125,7 +125,7 @@ def main(argv):
   spec = lambda b, **kw: QuantSpec(b, group_size=group, **kw)
   rows = [('bf16', 'bf16 activations, float weights', bf16, params, None)]
   for b in map(int, _BITS.value):
-    rows.append((f'int{b}', f'PTQ min-max ({gran})', model, params, QuantSpec(b, b, group_size=group)))
+    rows.append((f'int{b}', f'PTQ min-max ({gran})', model, params, QuantSpec(b, parent_bits=b, group_size=group)))
     if b != 8:
       rows.append((f'int{b}', f'Sliced int8 (min-max, {gran})', model, params, spec(b)))
     if b in _EP_BITS:
@@ -133,7 +133,7 @@ def main(argv):
                    spec(b, extra_precision=True)))
     if f'baseline_int{b}' in parents:
       rows.append((f'int{b}', f'{label} baseline ({recipe})', model, parents[f'baseline_int{b}'],
-                   QuantSpec(b, b, group_size=group)))
+                   QuantSpec(b, parent_bits=b, group_size=group)))
     if b != 8 and 'baseline_int8' in parents:
       rows.append((f'int{b}', f'Sliced {label} int8 ({recipe})', model, parents['baseline_int8'], spec(b)))
     rows.append((f'int{b}', f'MatQuant ({label}, {recipe})', model, parents['matquant'], spec(b)))

@@ -19,7 +19,8 @@ TARGETS = ('ffn', 'attn')
 
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
-  """Call-time quantization settings (hashable, so usable as a jit static).
+  """Call-time quantization settings (hashable, so usable as a jit static):
+  `QuantSpec(4)`, `QuantSpec((2, 4, 8, 4), parent_bits=8, targets=('ffn', 'attn'))`.
 
   bits: an int for every layer, or a tuple with one entry per layer (None in
     the tuple leaves that layer in float).
@@ -29,6 +30,7 @@ class QuantSpec:
     'identity' (`quant.slice_ste`); no effect on the forward pass.
   """
   bits: int | tuple[int | None, ...]
+  _: dataclasses.KW_ONLY
   parent_bits: int = 8
   extra_precision: bool = False
   group_size: int | None = None

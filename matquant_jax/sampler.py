@@ -134,7 +134,7 @@ class Sampler:
       bits = plans.check(bits, layers, parent_bits, 'per-layer bits')
     elif not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= parent_bits:
       raise ValueError(f'bits={bits!r}: the resident model gives widths 1..{parent_bits}')
-    return QuantSpec(bits, parent_bits, self.extra_precision, targets=self.targets)
+    return QuantSpec(bits, parent_bits=parent_bits, extra_precision=self.extra_precision, targets=self.targets)
 
   def encode(self, prompts: Sequence[str], add_bos: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded token ids [B, P] and their mask, P a multiple of BUCKET."""

@@ -111,8 +111,8 @@ def run_gptq(cfg: ml_collections.ConfigDict, mcfg: gemma.TransformerConfig, floa
 def run_spec(cfg: ml_collections.ConfigDict, r: dict, bits=None) -> QuantSpec:
   """The QuantSpec of run `r` at `bits` (default: its parent), from the config's quantizer."""
   q = cfg.qat.quant
-  return QuantSpec(r['parent_bits'] if bits is None else bits, r['parent_bits'], r['extra_precision'],
-                   q.group_size, tuple(q.targets), q.slice_grad)
+  return train.quant_spec(r['parent_bits'] if bits is None else bits,
+                          dict(q, parent_bits=r['parent_bits'], extra_precision=r['extra_precision']))
 
 
 def save_parent(directory: str, variables, mcfg: gemma.TransformerConfig, tokenizer, run: dict) -> None:
@@ -198,7 +198,7 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info('eval %-20s %-14s log pplx %.4f', name, key, results[name][key])
 
   for bits in cfg.eval.bits:  # min-max PTQ of the float model, r-bit grid
-    measure('float', float_params, f'int{bits}', QuantSpec(bits, bits, targets=tuple(q.targets)))
+    measure('float', float_params, f'int{bits}', QuantSpec(bits, parent_bits=bits, targets=tuple(q.targets)))
   for name, (params, r) in models.items():
     if r is None:
       continue

@@ -24,7 +24,7 @@ def _layer(seed=0, n_in=64, n_out=48):
 @pytest.mark.parametrize('bits', [4, 2])
 def test_gptq_beats_round_to_nearest_on_a_random_layer(bits):
   w, x = _layer()
-  obj, spec = losses.parse_objective(str(bits), None, bits), QuantSpec(bits, bits)
+  obj, spec = losses.parse_objective(str(bits), None, bits), QuantSpec(bits, parent_bits=bits)
   qa = gptq.quantize_weight(w, jnp.asarray(x.T @ x), LINEAR, obj, spec, gptq.Options())
   rtn = quant.QuantizedArray.from_float(w, bits, (0,))
   err = lambda q: np.linalg.norm(x @ w - x @ np.asarray(q.dequantize()))
@@ -36,7 +36,7 @@ def test_gptq_beats_round_to_nearest_on_a_random_layer(bits):
 def test_identity_hessian_is_round_to_nearest(group_size):
   w, _ = _layer(1)
   for bits in (8, 4, 2):
-    obj, spec = losses.parse_objective(str(bits), None, bits), QuantSpec(bits, bits, group_size=group_size)
+    obj, spec = losses.parse_objective(str(bits), None, bits), QuantSpec(bits, parent_bits=bits, group_size=group_size)
     qa = gptq.quantize_weight(w, jnp.eye(64), LINEAR, obj, spec, gptq.Options(damp=0.0, act_order=True))
     rtn = quant.QuantizedArray.from_float(w, bits, (0,), group_size)
     np.testing.assert_array_equal(np.asarray(qa.codes), np.asarray(rtn.codes))
@@ -86,7 +86,7 @@ def _output_error(model, variables, params, tokens, spec):
 
 def test_tiny_model_gptq_beats_minmax_and_resumes(tiny, tmp_path, monkeypatch):
   model, params, tokens = tiny
-  spec = QuantSpec(4, 4, targets=('ffn', 'attn'))
+  spec = QuantSpec(4, parent_bits=4, targets=('ffn', 'attn'))
   obj = losses.parse_objective('4', None, 4)
   parent = gptq.calibrate(CFG, params, tokens, obj, spec, gptq.Options(batch_size=4))
   minmax = omniquant.export_parent(CFG, params, None, spec)
