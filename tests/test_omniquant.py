@@ -177,8 +177,8 @@ def test_float_in_objective_and_bad_algo_are_rejected(setup):
   with pytest.raises(ValueError, match='may not contain "float"'):
     omniquant.calibrate(CFG, params, tokens, losses.parse_objective('8,float'), QuantSpec(8), OPTS)
   cfg = configs.base_config()
-  cfg.runs = [configs.run('x', 'X', '2', algo='gptq')]
-  with pytest.raises(ValueError, match="algo must be one of \\('qat', 'omniquant'\\)"):
+  cfg.runs = [configs.run('x', 'X', '2', algo='awq')]
+  with pytest.raises(ValueError, match="algo must be one of \\('qat', 'omniquant', 'gptq'\\), got 'awq'"):
     configs.check_config(cfg)
 
 
