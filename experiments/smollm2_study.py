@@ -52,8 +52,8 @@ _ALGO = flags.DEFINE_enum('algo', 'omniquant', ['omniquant', 'gptq'], 'The base 
 _LAMBDAS = flags.DEFINE_list('lambdas', None, 'MatQuant [8,4,2] lambdas (default: 0.1,0.1,1 for '
                              'OmniQuant, 1,1,1 for GPTQ as in MatGPTQ).')
 _ACT_ORDER = flags.DEFINE_bool('act_order', False, 'GPTQ: columns by decreasing Hessian diagonal.')
+_EP = flags.DEFINE_bool('ep_rows', True, 'Also evaluate the Extra Precision slices (int4/3/2).')
 _MIX = flags.DEFINE_bool('mixnmatch', True, 'Evaluate the pyramid Mix\'n\'Match rows.')
-_EP_BITS = (4, 3, 2)
 
 
 def main(argv):
@@ -128,7 +128,7 @@ def main(argv):
     rows.append((f'int{b}', f'PTQ min-max ({gran})', model, params, QuantSpec(b, parent_bits=b, group_size=group)))
     if b != 8:
       rows.append((f'int{b}', f'Sliced int8 (min-max, {gran})', model, params, spec(b)))
-    if b in _EP_BITS:
+    if _EP.value and b in (4, 3, 2):
       rows.append((f'int{b}', f'Sliced int8, E.P. slice (min-max, {gran})', model, params,
                    spec(b, extra_precision=True)))
     if f'baseline_int{b}' in parents:
@@ -137,7 +137,7 @@ def main(argv):
     if b != 8 and 'baseline_int8' in parents:
       rows.append((f'int{b}', f'Sliced {label} int8 ({recipe})', model, parents['baseline_int8'], spec(b)))
     rows.append((f'int{b}', f'MatQuant ({label}, {recipe})', model, parents['matquant'], spec(b)))
-    if b in _EP_BITS:
+    if _EP.value and b in (4, 3, 2):
       ep_label = 'MatQuant' if algo == 'omniquant' else f'MatQuant ({label})'
       rows.append((f'int{b}', f'{ep_label}, E.P. slice ({recipe})', model, parents['matquant'],
                    spec(b, extra_precision=True)))

@@ -202,17 +202,10 @@ def calibrate(config: gemma.TransformerConfig, params: Tree, tokens: np.ndarray,
     raise ValueError('GPTQ takes quantized data widths only (no "float", no "->" distillation)')
   infos = {p: i for p, i in gemma.quantizable_weights(config).items() if i.target in spec.targets}
   parent = omniquant.export_parent(config, params, None, spec)  # min-max; replaced block by block
-  mngr, done_blocks = None, 0
-  if ckpt_dir:
-    mngr = train.checkpoint_manager(ckpt_dir, keep=1)
-    if mngr.latest_step() is not None:
-      done_blocks = mngr.latest_step()
-      abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, parent)
-      parent = mngr.restore(done_blocks, args=ocp.args.StandardRestore(abstract))
-      logging.info('%s: resuming after block %d of %d', desc, done_blocks, config.num_layers)
-      if done_blocks >= config.num_layers:  # finished: no activation streams to rebuild
-        mngr.close()
-        return parent
+  mngr, done_blocks, parent = train.restore_blockwise(ckpt_dir, parent, desc, config.num_layers)
+  if done_blocks >= config.num_layers:  # finished: no activation streams to rebuild
+    mngr.close()
+    return parent
   widths = objective.widths
   lam = dict(zip(widths, objective.lambdas))
   bs = opts.batch_size

@@ -179,17 +179,10 @@ def calibrate(config: gemma.TransformerConfig, params: Tree, tokens: np.ndarray,
   if None in objective.widths:
     raise ValueError('OmniQuant calibrates quantized slices; the objective may not contain "float"')
   qtree = init_transforms(config, params, spec, opts.lwc, opts.let)
-  mngr, done = None, 0
-  if ckpt_dir:
-    mngr = train.checkpoint_manager(ckpt_dir, keep=1)
-    if mngr.latest_step() is not None:
-      done = mngr.latest_step()
-      abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, qtree)
-      qtree = mngr.restore(done, args=ocp.args.StandardRestore(abstract))
-      logging.info('%s: resuming after block %d of %d', desc, done, config.num_layers)
-      if done >= config.num_layers:  # finished: no activation streams to rebuild
-        mngr.close()
-        return qtree
+  mngr, done, qtree = train.restore_blockwise(ckpt_dir, qtree, desc, config.num_layers)
+  if done >= config.num_layers:  # finished: no activation streams to rebuild
+    mngr.close()
+    return qtree
 
   widths = tuple(dict.fromkeys(objective.widths + objective.teachers))
   tx = optimizer(opts)
