@@ -63,7 +63,7 @@ def test_unknown_config_fields_are_rejected():
 
 def test_all_config_files_are_valid():
   import importlib.util
-  for name in ('default', 'quick', 'long', 'lambda_ablation', 'omniquant', 'omniquant_paper_lr',
+  for name in ('default', 'quick', 'long', 'lambda_ablation', 'omniquant', 'omniquant_paper_lr', 'gptq', 'gptq_lambda',
                'ablation:qat', 'ablation:omniquant', 'ablation:omniquant_lambda'):
     name, _, arg = name.partition(':')
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'experiments', 'configs', name + '.py'))
