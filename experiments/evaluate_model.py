@@ -60,7 +60,7 @@ def main(argv):
   bits = [int(b) for b in _BITS.value]
   stored = parent.stored_bits(variables)
   if stored:
-    targets = parent.quantized_targets(variables)
+    targets = parent.quantized_targets(variables, model.config)
     specs = [(f'int{b} (parent slice)', model, QuantSpec(b, parent_bits=stored, targets=targets))
              for b in bits if b <= stored]
     mix_spec = QuantSpec(mix, parent_bits=stored, targets=targets) if mix else None

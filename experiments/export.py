@@ -67,7 +67,7 @@ def main(argv):
                         if p not in manifest['quantized'])
   mib = lambda x: f'{x / 2**20:.1f}'
   print(f'\n{config.num_layers} layers; {n_all:,} parameters, {n_quant:,} of them quantized '
-        f'(targets {", ".join(parent.quantized_targets(variables))})')
+        f'(targets {", ".join(parent.quantized_targets(variables, config))})')
   print('| artifact | codes MiB | scales MiB | other MiB | total on disk MiB | code bits / quantized param |')
   print('|---|---|---|---|---|---|')
   print(f'| bf16 model (arithmetic) | | | | {mib(2 * n_all)} | 16 |')

@@ -50,7 +50,7 @@ def main(argv):
   model, variables, tokenizer = parent.load(_MODEL.value)
   layers = model.config.num_layers
   counts = planner.layer_params(variables)
-  targets = parent.quantized_targets(variables)
+  targets = parent.quantized_targets(variables, model.config)
   widths = tuple(int(w) for w in _WIDTHS.value)
   float_params = checkpoints.load(_FLOAT.value)[1]['params'] if _FLOAT.value else None
   train_texts = pipeline.load_split_texts('shakespeare_plays', _DATA_DIR.value, 'train')

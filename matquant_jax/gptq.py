@@ -234,9 +234,8 @@ def calibrate(config: gemma.TransformerConfig, params: Tree, tokens: np.ndarray,
         for p in paths:
           done[p] = quantize_weight(flat_lp[p], hess[p], infos[p], objective, spec, opts)
           bar.update()
-      flat = traverse_util.flatten_dict(parent['params'], sep='/')
-      flat.update({f'{key}/{p}': qa for p, qa in done.items()})
-      parent = {'params': traverse_util.unflatten_dict(flat, sep='/')}
+      block_params = traverse_util.flatten_dict(parent['params'][key], sep='/') | done
+      parent = {'params': {**parent['params'], key: traverse_util.unflatten_dict(block_params, sep='/')}}
       if mngr is not None:
         mngr.save(i + 1, args=ocp.args.StandardSave(parent))
       bar.set_description(f'{desc} block {i + 1}/{len(layers)}')

@@ -32,6 +32,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors
 import safetensors.numpy
 from flax import traverse_util
 
@@ -39,6 +40,7 @@ from matquant_jax import plans, quant, tokenization
 from matquant_jax.models import gemma
 
 FORMAT, VERSION = 'matquant-parent', 1
+_ITEMSIZE = {'U8': 1, 'I8': 1, 'BF16': 2, 'F16': 2, 'F32': 4, 'I32': 4, 'F64': 8, 'I64': 8}
 WEIGHTS, MANIFEST, CONFIG = 'weights.safetensors', 'manifest.json', 'config.json'
 
 
@@ -84,12 +86,13 @@ def unpack(packed: np.ndarray, bits: int, shape: Sequence[int]) -> np.ndarray:
 
 # --- Flattening variables to named tensors ---------------------------------------
 
-def _is_qa(x) -> bool:
+def is_quantized(x) -> bool:
+  """Whether a variables leaf is a stored parent (`QuantizedArray`)."""
   return isinstance(x, quant.QuantizedArray)
 
 
 def _flat(tree) -> dict[str, Any]:
-  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_qa)[0]
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]
   return {'/'.join(str(getattr(k, 'key', k)) for k in path): v for path, v in leaves}
 
 
@@ -113,7 +116,7 @@ def _tensors(variables, layer_bits: Sequence[int] | None, float_dtype):
   for collection, tree in variables.items():
     for path, leaf in _flat(tree).items():
       name = f'{collection}/{path}'
-      if not _is_qa(leaf):
+      if not is_quantized(leaf):
         a = np.asarray(leaf)
         tensors[name] = a.astype(float_dtype) if float_dtype and collection == 'params' else a
         continue
@@ -304,7 +307,7 @@ def load(directory: str):
     elif tuple(codes.shape) != tuple(e['codes_shape']):
       raise ValueError(f'{weights}: codes of {path!r} have shape {codes.shape}, '
                        f'the manifest says {tuple(e["codes_shape"])}')
-    stats = quant.stats_shape(e['shape'], _reduce_axes(config, path), e['group_size'])
+    stats = quant.stats_shape(e['shape'], _weight_info(config, path).reduce_axes, e['group_size'])
     params[path] = quant.QuantizedArray(
         jnp.asarray(codes, jnp.uint8), jnp.asarray(take(f'params/{path}/scale', stats)),
         jnp.asarray(take(f'params/{path}/zero_point', stats)), e['bits'], tuple(e['shape']))
@@ -321,31 +324,25 @@ def load(directory: str):
   return gemma.Transformer(config), variables, _load_tokenizer(directory, manifest.get('tokenizer'))
 
 
-def _reduce_axes(config: gemma.TransformerConfig, path: str) -> tuple[int, ...]:
-  """Contraction axes of the quantizable weight at params path `path` ('layer_i/...')."""
+def _weight_info(config: gemma.TransformerConfig, path: str) -> gemma.WeightInfo:
+  """The quantizable-weight table's entry for params path `path` ('layer_i/...')."""
   suffix = re.sub(r'^layer_\d+/', '', path)
   infos = gemma.quantizable_weights(config)
   if suffix not in infos:
     raise ValueError(f'{path!r} is not a quantizable weight of this model')
-  return infos[suffix].reduce_axes
+  return infos[suffix]
 
 
-def quantized_targets(variables) -> tuple[str, ...]:
+def quantized_targets(variables, config: gemma.TransformerConfig) -> tuple[str, ...]:
   """The QuantSpec targets ('ffn', 'attn') whose weights are stored parents in `variables`."""
-  found = set()
-  for path, leaf in jax.tree_util.tree_flatten_with_path(
-      variables, is_leaf=lambda x: isinstance(x, quant.QuantizedArray))[0]:
-    if isinstance(leaf, quant.QuantizedArray):
-      keys = [getattr(k, 'key', str(k)) for k in path]
-      found.add('attn' if 'attn' in keys else 'ffn')
+  found = {_weight_info(config, path).target for path, leaf in _flat(variables['params']).items()
+           if is_quantized(leaf)}
   return tuple(t for t in ('ffn', 'attn') if t in found)
 
 
 def stored_bits(variables) -> int | None:
   """The widest width every stored weight can give (None without stored parents)."""
-  widths = [leaf.parent_bits for leaf in jax.tree.leaves(
-      variables, is_leaf=lambda x: isinstance(x, quant.QuantizedArray))
-            if isinstance(leaf, quant.QuantizedArray)]
+  widths = [leaf.parent_bits for leaf in _flat(variables).values() if is_quantized(leaf)]
   return min(widths) if widths else None
 
 
@@ -355,7 +352,7 @@ def weight_bytes(variables) -> dict[str, int]:
   """Resident bytes of `variables`: 'quantized' (codes, scales, zero points), 'other', 'total'."""
   q = o = 0
   for leaf in _flat(variables).values():
-    if _is_qa(leaf):
+    if is_quantized(leaf):
       q += sum(np.asarray(x).nbytes for x in (leaf.codes, leaf.scale, leaf.zero_point))
     else:
       o += np.asarray(leaf).nbytes
@@ -367,9 +364,11 @@ def file_bytes(directory: str) -> dict[str, int]:
   tensors, and 'total' (every file, headers and tokenizer included)."""
   quantized = {f'params/{p}' for p in read_manifest(directory)['quantized']}
   out = {'codes': 0, 'scales': 0, 'other': 0}
-  for name, a in safetensors.numpy.load_file(os.path.join(directory, WEIGHTS)).items():
-    base, _, leaf = name.rpartition('/')
-    kind = 'other' if base not in quantized else 'codes' if leaf == 'codes' else 'scales'
-    out[kind] += a.nbytes
+  with safetensors.safe_open(os.path.join(directory, WEIGHTS), 'numpy') as f:  # header only
+    for name in f.keys():
+      t = f.get_slice(name)
+      base, _, leaf = name.rpartition('/')
+      kind = 'other' if base not in quantized else 'codes' if leaf == 'codes' else 'scales'
+      out[kind] += math.prod(t.get_shape()) * _ITEMSIZE[t.get_dtype()]
   out['total'] = sum(os.path.getsize(os.path.join(directory, p)) for p in os.listdir(directory))
   return out

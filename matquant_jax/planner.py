@@ -49,8 +49,8 @@ def layer_params(variables) -> list[int]:
   """Quantized parameters per layer (the weights held as `QuantizedArray`)."""
   counts = [0] * len([k for k in variables['params'] if k.startswith('layer_')])
   for i in range(len(counts)):
-    for leaf in jax.tree.leaves(variables['params'][f'layer_{i}'], is_leaf=parent._is_qa):  # pylint: disable=protected-access
-      if isinstance(leaf, quant.QuantizedArray):
+    for leaf in jax.tree.leaves(variables['params'][f'layer_{i}'], is_leaf=parent.is_quantized):
+      if parent.is_quantized(leaf):
         counts[i] += math.prod(leaf.shape)
   return counts
 
@@ -64,14 +64,18 @@ def _slice(qa: quant.QuantizedArray, bits: int) -> quant.QuantizedArray:
   return dataclasses.replace(qa, codes=qa.sliced_codes(bits).astype(jnp.uint8))
 
 
-def sliced_variables(variables, layer_bits: Sequence[int]):
+def sliced_variables(variables, layer_bits: Sequence[int], memo: dict | None = None):
   """The parent with each layer's codes sliced to its width (still on the parent grid), so a
-  forward without a QuantSpec runs the plan."""
+  forward without a QuantSpec runs the plan. `memo` keeps each (layer, width) slice, so
+  evaluating many plans slices every layer at every width once."""
+  memo = {} if memo is None else memo
   params = dict(variables['params'])
   for i, b in enumerate(layer_bits):
     key = f'layer_{i}'
-    params[key] = jax.tree.map(lambda x, b=b: _slice(x, b) if isinstance(x, quant.QuantizedArray) else x,
-                               params[key], is_leaf=parent._is_qa)  # pylint: disable=protected-access
+    if (i, b) not in memo:
+      memo[i, b] = jax.tree.map(lambda x, b=b: _slice(x, b) if parent.is_quantized(x) else x,
+                                params[key], is_leaf=parent.is_quantized)
+    params[key] = memo[i, b]
   return {**variables, 'params': params}
 
 
@@ -155,7 +159,8 @@ def search_budgets(model: gemma.Transformer, variables, tokens: np.ndarray, budg
     raise ValueError(f"reference must be 'float' or 'widest', got {reference!r}")
   ref_logp = jax.nn.log_softmax(ref_logits, axis=-1)
   kl_fn = _kl_fn(model)
-  kl = lambda plan: float(kl_fn(sliced_variables(variables, plan), tokens, ref_logp))
+  memo = {}
+  kl = lambda plan: float(kl_fn(sliced_variables(variables, plan, memo), tokens, ref_logp))
 
   top = max(widths)
   costs = np.zeros((layers, len(widths)))

@@ -116,7 +116,7 @@ class Sampler:
     self.cache_size = cache_size
     self.extra_precision = extra_precision
     self.max_bits = parent.stored_bits(self.variables)
-    targets = parent.quantized_targets(self.variables)
+    targets = parent.quantized_targets(self.variables, model.config)
     self.targets = targets or ('ffn',)
     self._generate = jax.jit(functools.partial(_generate, model),
                              static_argnames=('spec', 'sampling', 'cache_size', 'eos_id'))
