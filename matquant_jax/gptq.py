@@ -238,6 +238,7 @@ def calibrate(config: gemma.TransformerConfig, params: Tree, tokens: np.ndarray,
       parent = {'params': {**parent['params'], key: traverse_util.unflatten_dict(block_params, sep='/')}}
       if mngr is not None:
         mngr.save(i + 1, args=ocp.args.StandardSave(parent))
+        mngr.wait_until_finished()  # a run stopped in the next block finds this one complete
       bar.set_description(f'{desc} block {i + 1}/{len(layers)}')
       logging.info('%s: block %d/%d in %.1fs', desc, i + 1, len(layers), time.perf_counter() - t0)
     block_q = {p: traverse_util.flatten_dict(parent['params'][key], sep='/')[p] for p in infos}

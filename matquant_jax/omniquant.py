@@ -236,6 +236,7 @@ def calibrate(config: gemma.TransformerConfig, params: Tree, tokens: np.ndarray,
     fp = target
     if mngr is not None and i >= done:
       mngr.save(i + 1, args=ocp.args.StandardSave(qtree))
+      mngr.wait_until_finished()  # a run stopped in the next block finds this one complete
   bar.close()
   if mngr is not None:
     mngr.wait_until_finished()
