@@ -11,7 +11,6 @@ import time
 from absl import app, flags
 import jax
 import jax.numpy as jnp
-import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
@@ -39,10 +38,9 @@ def main(argv):
               'QAT int2': ('2', None, 2), 'MatQuant [8,4,2]': ('8,4,2', (0.1, 0.1, 1.0), 8)}
   runners = {}
   for name, (obj, lambdas, parent) in variants.items():
-    run_cfg = ml_collections.ConfigDict(dict(steps=1000, trainable=cfg.qat.trainable,
-                                             optimizer=cfg.qat.optimizer,
-                                             quant=dict(q, parent_bits=parent, extra_precision=False)))
-    prepared = train.prepare(model, params, losses.parse_objective(obj, lambdas, parent), run_cfg)
+    opts = train.Options.from_config(cfg.qat, train.quant_spec(parent, dict(q, parent_bits=parent)),
+                                     steps=1000)
+    prepared = train.prepare(model, params, losses.parse_objective(obj, lambdas, parent), opts)
     runners[name] = timing.step_runner(prepared, batch, _STEPS.value)
   med = {k: v / _STEPS.value for k, v in timing.interleaved_medians(runners, _REPEATS.value).items()}
 

@@ -17,7 +17,7 @@ import time
 
 from absl import app, flags, logging
 
-from matquant_jax import checkpoints, evaluate, parent
+from matquant_jax import checkpoints, evaluate, logs, parent
 from matquant_jax.models import gemma
 from matquant_jax.qeinsum import QuantSpec
 
@@ -50,6 +50,7 @@ def evaluate_rows(variables, tokenizer, specs, items, texts):
 
 def main(argv):
   del argv
+  logs.setup()
   model, variables, tokenizer = checkpoints.load(_MODEL.value)
   files = dict(kv.split('=', 1) for kv in _TASK_FILES.value)
   items = {t: evaluate.task_items(t, files.get(t), _DATA_DIR.value, _LIMIT.value) for t in _TASKS.value}

@@ -16,7 +16,6 @@ import os
 import time
 
 from absl import app, flags, logging
-import numpy as np
 
 from matquant_jax import checkpoints, evaluate, logs, parent, planner, plans
 from matquant_jax.data import pipeline

@@ -18,7 +18,6 @@ from absl import app, flags  # pylint: disable=g-import-not-at-top
 import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, AxisType
-import ml_collections
 import numpy as np
 
 from matquant_jax import configs, losses, omniquant, sharding, study, timing, train
@@ -32,7 +31,6 @@ GIB = 2**30
 
 def memory_table() -> str:
   rules = sharding.DEFAULT_RULES
-  opt = configs.optimizer(1e-5, 150)
   lines = ['| model | devices (fsdp) | params | + AdamW, FFN trainable (QAT) | + AdamW, all trainable '
            '| OmniQuant transforms |', '|---|---|---|---|---|---|']
   for name in ('gemma2_2b', 'gemma2_9b'):
@@ -47,7 +45,7 @@ def memory_table() -> str:
       p_bytes = sharding.per_device_bytes(params, p_sh)
       for trainable in ('ffn', 'all'):
         t, _ = train.split_params(params, trainable)
-        tx = train.make_optimizer(opt, 1000)
+        tx = train.make_optimizer(train.Options(steps=1000, learning_rate=1e-5, warmup_steps=150))
         t_sh = train.model_shardings(cfg, t, mesh, rules)
         o = jax.eval_shape(tx.init, t)
         o_sh = sharding.state_shardings({'opt_state': o}, tx, t_sh, mesh)['opt_state']
@@ -69,12 +67,11 @@ def throughput_table(steps: int) -> str:
   objective = losses.parse_objective('8,4,2', (0.1, 0.1, 1.0))
   meshes = {'1 device': (1, 1, 1), '8 devices, data': (8, 1, 1), '8 devices, fsdp': (1, 8, 1),
             '8 devices, data 2 x fsdp 2 x tensor 2': (2, 2, 2)}
-  run_cfg = ml_collections.ConfigDict(dict(steps=1000, trainable='ffn', optimizer=cfg.qat.optimizer,
-                                           quant=dict(parent_bits=8)))
+  opts = train.Options.from_config(cfg.qat, steps=1000)
   runners = {}
   for label, shape in meshes.items():
     mesh = sharding.make_mesh(sharding.mesh_config(*shape), jax.devices()[:int(np.prod(shape))])
-    prepared = train.prepare(model, params, objective, run_cfg, mesh)
+    prepared = train.prepare(model, params, objective, opts, mesh)
     runners[label] = timing.step_runner(prepared, sharding.global_batch(batch, prepared.batch_sharding),
                                         steps)
   med = {k: v / steps for k, v in timing.interleaved_medians(runners, 3).items()}

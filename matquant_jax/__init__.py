@@ -19,6 +19,7 @@ _EXPORTS = {
     'QuantSpec': 'qeinsum', 'fake_quant': 'quant', 'slice_codes': 'quant', 'QuantizedArray': 'quant',
     'parse_objective': 'losses',
     # base algorithms
+    'QATOptions': ('train', 'Options'), 'train_qat': ('train', 'train'),
     'OmniQuantOptions': ('omniquant', 'Options'), 'calibrate_omniquant': ('omniquant', 'calibrate'),
     'export_parent': 'omniquant',
     'GPTQOptions': ('gptq', 'Options'), 'calibrate_gptq': ('gptq', 'calibrate'),
@@ -27,7 +28,7 @@ _EXPORTS = {
     'search_plan': ('planner', 'search'), 'Sampler': 'sampler', 'Sampling': 'sampler',
     # evaluation
     'log_perplexity': 'evaluate', 'accuracy': 'evaluate', 'task_items': 'evaluate',
-    'read_texts': 'evaluate', 'pyramid': 'evaluate',
+    'read_texts': 'evaluate', 'token_stream': 'evaluate', 'pyramid': 'evaluate',
 }
 __all__ = sorted(_EXPORTS)
 

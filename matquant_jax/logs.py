@@ -14,6 +14,9 @@ class _QuietLibraries(std_logging.Filter):
 
 
 def setup() -> None:
-  """INFO from this project, warnings and errors only from orbax, TFDS and the XLA bridge."""
+  """INFO from this project, warnings and errors only from orbax, TFDS and the XLA bridge;
+  no TFDS progress bars (the project's own bars show rates and ETA)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds.disable_progress_bar()
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())

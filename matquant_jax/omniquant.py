@@ -17,7 +17,6 @@ the MatQuant sum over r of lambda_r * MSE_r (plus L2 co-distillation terms).
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any
 

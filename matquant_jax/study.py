@@ -9,7 +9,6 @@ import time
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 from flax import traverse_util
 from tensorboardX import SummaryWriter
@@ -153,9 +152,9 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
 
   timings = {}
   t = time.perf_counter()
-  pre = ml_collections.ConfigDict(cfg.pretrain.to_dict())
-  float_dir = os.path.abspath(pre.checkpoint_dir or os.path.join(workdir, 'checkpoints', 'float'))
-  float_params, _ = train.train(model, init, losses.parse_objective('float'), batch_fn, pre,
+  float_dir = os.path.abspath(cfg.pretrain.checkpoint_dir or os.path.join(workdir, 'checkpoints', 'float'))
+  float_params, _ = train.train(model, init, losses.parse_objective('float'), batch_fn,
+                                train.Options.from_config(cfg.pretrain),
                                 float_dir, writer, 'float', mesh, rules)
   timings['float'] = time.perf_counter() - t
 
@@ -176,10 +175,8 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       save_parent(os.path.join(workdir, 'parents', r['name']), models[r['name']][0], mcfg, data.tokenizer,
                   dict(r))
     else:
-      run_cfg = ml_collections.ConfigDict(cfg.qat.to_dict())
-      run_cfg.steps = round(run_cfg.steps * r.get('budget', 1.0))
-      run_cfg.quant.update(parent_bits=r['parent_bits'], extra_precision=r['extra_precision'])
-      params, _ = train.train(model, float_params, objective, qat_batch_fn, run_cfg, ckpt_dir, writer,
+      opts = train.Options.from_config(cfg.qat, spec, steps=round(cfg.qat.steps * r.get('budget', 1.0)))
+      params, _ = train.train(model, float_params, objective, qat_batch_fn, opts, ckpt_dir, writer,
                               r['name'], mesh, rules)
       models[r['name']] = (params, r)
       if r['objective'] != 'float':

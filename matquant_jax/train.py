@@ -50,18 +50,61 @@ def merge_params(a: Params, b: Params) -> Params:
   return traverse_util.unflatten_dict(flat, sep='/')
 
 
-def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """QAT (and float pretraining) settings; `Options.from_config` reads a config subtree.
+
+  AdamW (b1 0.9, b2 0.95) with linear warm-up, cosine decay to
+  `end_lr_fraction` of the peak, and global-norm clipping.
+  trainable: 'ffn', 'ffn+attn', 'all' or a parameter-path regex.
+  spec: the parent's QuantSpec (group size, targets, slice gradient); each
+    width of the objective uses it with `bits` replaced. None: QuantSpec(8).
+  checkpoint_every: steps between saves (0: only at the end) when a
+    checkpoint directory is given.
+  """
+  steps: int
+  learning_rate: float
+  warmup_steps: int = 0
+  end_lr_fraction: float = 0.1
+  weight_decay: float = 0.0
+  grad_clip: float = 1.0
+  trainable: str = 'ffn'
+  spec: QuantSpec | None = None
+  checkpoint_every: int = 0
+  log_every: int = 10
+
+  def __post_init__(self):
+    for key, low in (('steps', 1), ('warmup_steps', 0), ('checkpoint_every', 0), ('log_every', 1)):
+      value = getattr(self, key)
+      if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f'train.{key} must be an integer >= {low}, got {value!r}')
+    if not self.learning_rate > 0:
+      raise ValueError(f'train.learning_rate must be positive, got {self.learning_rate!r}')
+
+  @classmethod
+  def from_config(cls, cfg, spec: QuantSpec | None = None, **overrides) -> 'Options':
+    """From a config subtree (steps, trainable, checkpoint_every, log_every, optimizer)."""
+    o = cfg.optimizer
+    fields = dict(steps=cfg.steps, trainable=cfg.trainable, learning_rate=o.learning_rate,
+                  warmup_steps=o.warmup_steps, end_lr_fraction=o.end_lr_fraction,
+                  weight_decay=o.weight_decay, grad_clip=o.grad_clip, spec=spec,
+                  checkpoint_every=cfg.get('checkpoint_every', 0), log_every=cfg.get('log_every', 10))
+    return cls(**{**fields, **overrides})
+
+
+def make_optimizer(opts: Options) -> optax.GradientTransformation:
   """AdamW with linear warm-up, cosine decay and global-norm clipping."""
-  warmup = min(opt.warmup_steps, total_steps // 2)
+  warmup = min(opts.warmup_steps, opts.steps // 2)
   schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=opt.learning_rate, warmup_steps=warmup,
-      decay_steps=max(total_steps, warmup + 1), end_value=opt.learning_rate * opt.end_lr_fraction)
-  return optax.chain(optax.clip_by_global_norm(opt.grad_clip),
-                     optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=opt.weight_decay))
+      init_value=0.0, peak_value=opts.learning_rate, warmup_steps=warmup,
+      decay_steps=max(opts.steps, warmup + 1), end_value=opts.learning_rate * opts.end_lr_fraction)
+  return optax.chain(optax.clip_by_global_norm(opts.grad_clip),
+                     optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=opts.weight_decay))
 
 
 def quant_spec(bits: int | None, quant: ml_collections.ConfigDict | None) -> QuantSpec | None:
-  """The QuantSpec for `bits` (an int, a per-layer tuple, or None for float)."""
+  """The QuantSpec for `bits` (an int, a per-layer tuple, or None for float) from a config's
+  quantizer subtree (parent_bits, extra_precision, group_size, targets, slice_grad)."""
   if bits is None:
     return None
   q = quant or {}
@@ -69,6 +112,13 @@ def quant_spec(bits: int | None, quant: ml_collections.ConfigDict | None) -> Qua
                    extra_precision=q.get('extra_precision', False),
                    group_size=q.get('group_size', None), targets=tuple(q.get('targets', ('ffn',))),
                    slice_grad=q.get('slice_grad', 'clamp'))
+
+
+def width_spec(spec: QuantSpec | None, bits) -> QuantSpec | None:
+  """`spec` at `bits` (None: float); no spec means the default QuantSpec."""
+  if bits is None:
+    return None
+  return dataclasses.replace(spec, bits=bits) if spec is not None else QuantSpec(bits)
 
 
 def init_state(trainable: Params, tx: optax.GradientTransformation) -> dict:
@@ -92,8 +142,7 @@ def init_params(model: gemma.Transformer, seq_len: int, seed: int, mesh, rules) 
   return jax.jit(init, out_shardings=out)(jax.random.PRNGKey(seed))
 
 
-def make_train_step(model: gemma.Transformer, objective: losses.Objective,
-                    quant: ml_collections.ConfigDict | None,
+def make_train_step(model: gemma.Transformer, objective: losses.Objective, spec: QuantSpec | None,
                     tx: optax.GradientTransformation, shardings: tuple | None = None) -> Callable:
   """jit(train_step)(state, frozen, batch) -> (state, metrics); batch: int [B, T+1].
 
@@ -107,7 +156,7 @@ def make_train_step(model: gemma.Transformer, objective: losses.Objective,
     def loss_fn(trainable):
       params = merge_params(trainable, frozen)
       def logits_fn(bits):
-        return model.apply({'params': params}, inputs, quant=quant_spec(bits, quant))
+        return model.apply({'params': params}, inputs, quant=width_spec(spec, bits))
       return losses.matquant_loss(logits_fn, targets, mask, objective)
 
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state['params'])
@@ -187,13 +236,13 @@ class Prepared:
 
 
 def prepare(model: gemma.Transformer, init_params: Params, objective: losses.Objective,
-            cfg: ml_collections.ConfigDict, mesh=None, rules=sharding.DEFAULT_RULES) -> Prepared:
+            opts: Options, mesh=None, rules=sharding.DEFAULT_RULES) -> Prepared:
   """Splits, shards and initialises the train state over `mesh` (default: the first device)
   and jits the step with explicit in/out shardings."""
   if mesh is None:
     mesh = sharding.make_mesh(sharding.mesh_config(), jax.devices()[:1])
-  trainable, frozen = split_params(init_params, cfg.trainable)
-  tx = make_optimizer(cfg.optimizer, cfg.steps)
+  trainable, frozen = split_params(init_params, opts.trainable)
+  tx = make_optimizer(opts)
   t_sh = model_shardings(model.config, trainable, mesh, rules)
   f_sh = model_shardings(model.config, frozen, mesh, rules)
   trainable, frozen = jax.device_put(trainable, t_sh), jax.device_put(frozen, f_sh)
@@ -201,23 +250,22 @@ def prepare(model: gemma.Transformer, init_params: Params, objective: losses.Obj
   s_sh = sharding.state_shardings(jax.eval_shape(make_state, trainable), tx, t_sh, mesh)
   state = jax.jit(make_state, out_shardings=s_sh)(trainable)
   b_sh = sharding.batch_sharding(mesh, rules)
-  step_fn = make_train_step(model, objective, cfg.get('quant'), tx, (s_sh, f_sh, b_sh))
+  step_fn = make_train_step(model, objective, opts.spec, tx, (s_sh, f_sh, b_sh))
   return Prepared(state, frozen, step_fn, s_sh, b_sh)
 
 
 def train(model: gemma.Transformer, init_params: Params, objective: losses.Objective,
-          batch_fn: Callable[[int], np.ndarray], cfg: ml_collections.ConfigDict,
+          batch_fn: Callable[[int], np.ndarray], opts: Options,
           ckpt_dir: str | None = None, writer=None, desc: str = 'train',
           mesh=None, rules=sharding.DEFAULT_RULES) -> tuple[Params, dict]:
-  """Trains from init_params for cfg.steps steps; resumes from ckpt_dir if it holds a checkpoint.
+  """Trains from init_params for opts.steps steps; resumes from ckpt_dir if it holds a checkpoint.
 
-  cfg: steps, trainable, checkpoint_every, log_every, optimizer (ConfigDict),
-  quant (ConfigDict or None). batch_fn(step) gives this process's rows of the
-  global batch. The state is sharded over `mesh` (default: the first device)
+  objective: `losses.parse_objective(...)`, e.g. '8,4,2' with lambdas. batch_fn(step)
+  gives this process's rows of the global batch, int [B, T+1]. The state is sharded over `mesh` (default: the first device)
   by `rules`; a checkpoint saved on another mesh restores onto this one.
   Returns the full parameters and the last metrics.
   """
-  p = prepare(model, init_params, objective, cfg, mesh, rules)
+  p = prepare(model, init_params, objective, opts, mesh, rules)
   state, frozen, step_fn, b_sh = p.state, p.frozen, p.step_fn, p.batch_sharding
   mngr = checkpoint_manager(ckpt_dir) if ckpt_dir else None
   if mngr is not None and mngr.latest_step() is not None:
@@ -227,13 +275,13 @@ def train(model: gemma.Transformer, init_params: Params, objective: losses.Objec
     logging.info('%s: resumed at step %d from %s', desc, int(state['step']), ckpt_dir)
   start = int(state['step'])
   metrics = {}
-  bar = tqdm.tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps,
+  bar = tqdm.tqdm(range(start, opts.steps), desc=desc, initial=start, total=opts.steps,
                   mininterval=2.0, dynamic_ncols=True, disable=jax.process_index() != 0)
   t0 = time.perf_counter()
   for step in bar:
     state, m = step_fn(state, frozen, sharding.global_batch(batch_fn(step), b_sh))
     done = step + 1
-    if done % cfg.log_every == 0 or done == cfg.steps:
+    if done % opts.log_every == 0 or done == opts.steps:
       metrics = {k: float(v) for k, v in m.items()}
       bar.set_postfix(loss=f'{metrics["loss"]:.3f}')
       if writer is not None:
@@ -242,7 +290,7 @@ def train(model: gemma.Transformer, init_params: Params, objective: losses.Objec
     if mngr is None:
       continue
     preempted = mngr.reached_preemption(done)
-    if done % cfg.checkpoint_every == 0 or done == cfg.steps or preempted:
+    if (opts.checkpoint_every and done % opts.checkpoint_every == 0) or done == opts.steps or preempted:
       mngr.save(done, args=ocp.args.StandardSave(state))  # asynchronous; atomic on disk
     if preempted:
       mngr.wait_until_finished()
@@ -250,6 +298,6 @@ def train(model: gemma.Transformer, init_params: Params, objective: losses.Objec
   if mngr is not None:
     mngr.wait_until_finished()
     mngr.close()
-  if cfg.steps > start:
-    logging.info('%s: %d steps in %.1fs', desc, cfg.steps - start, time.perf_counter() - t0)
+  if opts.steps > start:
+    logging.info('%s: %d steps in %.1fs', desc, opts.steps - start, time.perf_counter() - t0)
   return merge_params(state['params'], frozen), metrics

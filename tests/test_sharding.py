@@ -2,12 +2,11 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from matquant_jax import configs, losses, omniquant, sharding, train
+from matquant_jax import losses, omniquant, sharding, train
 from matquant_jax.models import gemma
 from matquant_jax.qeinsum import QuantSpec
 
@@ -20,9 +19,8 @@ def _mesh(data, fsdp, tensor):
 
 
 def _cfg(steps, trainable='ffn'):
-  return ml_collections.ConfigDict(dict(
-      steps=steps, trainable=trainable, checkpoint_every=2, log_every=1,
-      optimizer=configs.optimizer(1e-2, 1), quant=dict(parent_bits=8)))
+  return train.Options(steps=steps, learning_rate=1e-2, warmup_steps=1, trainable=trainable,
+                       checkpoint_every=2, log_every=1)
 
 
 @pytest.fixture(scope='module')

@@ -2,11 +2,10 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from matquant_jax import configs, losses, train
+from matquant_jax import losses, train
 from matquant_jax.models import gemma
 from matquant_jax.qeinsum import QuantSpec
 
@@ -21,10 +20,8 @@ def _setup():
 
 
 def _cfg(steps, trainable='ffn', lr=1e-2):
-  return ml_collections.ConfigDict(dict(
-      steps=steps, trainable=trainable, checkpoint_every=3, log_every=1,
-      optimizer=configs.optimizer(lr, 2), quant=dict(parent_bits=8, extra_precision=False,
-                                                     group_size=None, targets=('ffn',))))
+  return train.Options(steps=steps, learning_rate=lr, warmup_steps=2, trainable=trainable,
+                       checkpoint_every=3, log_every=1)
 
 
 def test_matquant_step_lowers_loss_and_trains_only_ffn():

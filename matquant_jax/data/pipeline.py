@@ -35,7 +35,6 @@ def load_split_texts(name: str, data_dir: str, split: str) -> list[str]:
     builder = LOCAL_BUILDERS[name](data_dir=data_dir, file_format='array_record')
   else:
     builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
-  tfds.disable_progress_bar()
   builder.download_and_prepare()
   source = builder.as_data_source(split=split)
   texts = [source[i]['text'] for i in range(len(source))]
