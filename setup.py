@@ -31,5 +31,6 @@ setup(
     python_requires='>=3.11',
     packages=find_packages(include=['matquant_jax', 'matquant_jax.*']),
     install_requires=INSTALL_REQUIRES,
-    extras_require={'test': ['pytest==9.2.0']},
+    # The suite also executes the Colab notebooks (colabs/) in a local kernel.
+    extras_require={'test': ['pytest==9.2.0', 'nbclient==0.11.0', 'nbformat==5.11.1', 'ipykernel==7.4.0']},
 )
