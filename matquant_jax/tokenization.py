@@ -1,8 +1,9 @@
 """Tokenizers of real checkpoints behind one small interface.
 
 From a SentencePiece model file (Gemma), a Hugging Face tokenizer.json (the
-`tokenizers` package), or a GGUF file's own vocabulary (byte-level BPE,
-llama.cpp's 'gpt2' tokenizer model, as in SmolLM2).
+`tokenizers` package), or a GGUF file's own vocabulary: byte-level BPE
+(llama.cpp's 'gpt2' tokenizer model, as in SmolLM2) or SentencePiece
+(its 'llama' model, as in Gemma 3), rebuilt as a SentencePiece model proto.
 """
 
 from __future__ import annotations
@@ -93,14 +94,17 @@ def from_directory(directory: str) -> Tokenizer | None:
   return None
 
 
-def from_gguf(reader) -> HFTokenizer:
-  """Byte-level BPE from a GGUF file's tokenizer.ggml.* fields (tokenizer model 'gpt2')."""
-  import tokenizers  # pylint: disable=g-import-not-at-top
-  from tokenizers import decoders, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
+def from_gguf(reader) -> Tokenizer:
+  """The tokenizer stored in a GGUF file's tokenizer.ggml.* fields."""
   field = lambda k, d=None: reader.fields[k].contents() if k in reader.fields else d
   kind = field('tokenizer.ggml.model')
+  if kind == 'llama':
+    return _sentencepiece_from_gguf(field)
   if kind != 'gpt2':
-    raise ValueError(f'GGUF tokenizer model {kind!r} is not supported (only byte-level BPE, "gpt2")')
+    raise ValueError(f'GGUF tokenizer model {kind!r} is not supported ("gpt2" byte-level BPE, '
+                     '"llama" SentencePiece)')
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import decoders, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
   tokens = field('tokenizer.ggml.tokens')
   merges = [tuple(m.split(' ', 1)) for m in field('tokenizer.ggml.merges')]
   tk = tokenizers.Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
@@ -113,3 +117,32 @@ def from_gguf(reader) -> HFTokenizer:
   special = [t for t, kind in zip(tokens, field('tokenizer.ggml.token_type')) if kind == 3]
   tk.add_special_tokens(special)
   return HFTokenizer(tk, field('tokenizer.ggml.bos_token_id'), field('tokenizer.ggml.eos_token_id'))
+
+
+def _sentencepiece_from_gguf(field) -> SentencePieceTokenizer:
+  """A SentencePiece BPE model proto from llama.cpp's 'llama' vocabulary: pieces, scores and
+  types (llama.cpp's token types are SentencePiece's piece types), special ids, no
+  normalization beyond spaces as U+2581, a dummy prefix only if the file asks for one."""
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  from sentencepiece import sentencepiece_model_pb2 as pb  # pylint: disable=g-import-not-at-top
+  tokens, scores, types = (field(f'tokenizer.ggml.{k}') for k in ('tokens', 'scores', 'token_type'))
+  m = pb.ModelProto()
+  unk = field('tokenizer.ggml.unknown_token_id', -1)
+  for i, (piece, score, kind) in enumerate(zip(tokens, scores, types)):
+    # llama.cpp files may type <unk> as control; SentencePiece needs it UNKNOWN.
+    m.pieces.add(piece=piece, score=score, type=pb.ModelProto.SentencePiece.UNKNOWN if i == unk else kind)
+  t = m.trainer_spec
+  t.model_type = pb.TrainerSpec.BPE
+  t.vocab_size = len(tokens)
+  t.byte_fallback = pb.ModelProto.SentencePiece.BYTE in types
+  for key, ggml_key in (('unk', 'unknown'), ('bos', 'bos'), ('eos', 'eos'), ('pad', 'padding')):
+    i = field(f'tokenizer.ggml.{ggml_key}_token_id', -1)
+    setattr(t, f'{key}_id', i)
+    if i >= 0:  # SentencePiece finds its special ids by these piece names
+      setattr(t, f'{key}_piece', tokens[i])
+  n = m.normalizer_spec
+  n.name = 'identity'
+  n.add_dummy_prefix = bool(field('tokenizer.ggml.add_space_prefix', True))
+  n.remove_extra_whitespaces = False
+  n.escape_whitespaces = True
+  return SentencePieceTokenizer(spm.SentencePieceProcessor(model_proto=m.SerializeToString()))

@@ -1,4 +1,4 @@
-"""Gemma-2 in Flax linen, with parameter names and shapes of the official checkpoints.
+"""Gemma-2 and Gemma-3 in Flax linen, with parameter names and shapes of the official checkpoints.
 
 Read top to bottom: config, RoPE, norm, embedder, attention, feed-forward,
 block, transformer. FFN einsums (and, with QuantSpec.targets, attention
@@ -42,10 +42,15 @@ class TransformerConfig:
   final_logit_softcap: float | None = 30.0
   query_pre_attn_scalar: float | None = None  # default head_dim**-0.5
   transpose_gating_einsum: bool = False
-  rope_base: float = 10_000.0
+  rope_base: float = 10_000.0  # global layers (all layers unless rope_local_base is set)
   dtype: str = 'float32'  # activation dtype; parameters stay float32
-  # Family switches; the defaults are Gemma-2. models/llama.py sets them for Llama/Mistral.
-  attention_pattern: str = 'alternating'  # 'alternating' (local, global, ...), 'global', 'sliding'
+  # Family switches; the defaults are Gemma-2. models/llama.py sets them for Llama/Mistral,
+  # models/gemma3.py for Gemma 3.
+  attention_pattern: str = 'alternating'  # 'alternating' (local, global, ...), 'gemma3' (5 local,
+                                          # 1 global), 'global', 'sliding'
+  rope_local_base: float | None = None  # sliding-window layers' RoPE base (Gemma 3: 10k)
+  rope_global_scale: float = 1.0  # linear RoPE scaling (positions / scale) of global layers
+  qk_norm: bool = False  # Gemma 3: RMSNorm over head_dim on queries and keys before RoPE
   ffn_activation: str = 'gelu_tanh'  # GeGLU; 'silu' is SwiGLU
   post_norms: bool = True  # Gemma-2's post-attention / post-FFN norms
   norm_eps: float = 1e-6
@@ -56,8 +61,9 @@ class TransformerConfig:
 
   @property
   def attention_types(self) -> tuple[AttentionType, ...]:
-    """Gemma-2: even layers local sliding window, odd layers global."""
-    pattern = {'alternating': (AttentionType.LOCAL_SLIDING, AttentionType.GLOBAL),
+    """Gemma-2: even layers local sliding window, odd layers global; Gemma 3: every sixth global."""
+    local, glob = AttentionType.LOCAL_SLIDING, AttentionType.GLOBAL
+    pattern = {'alternating': (local, glob), 'gemma3': (local,) * 5 + (glob,),
                'global': (AttentionType.GLOBAL,), 'sliding': (AttentionType.LOCAL_SLIDING,)}
     if self.attention_pattern not in pattern:
       raise ValueError(f'attention_pattern must be one of {sorted(pattern)}, got {self.attention_pattern!r}')
@@ -67,6 +73,12 @@ class TransformerConfig:
   @property
   def query_scale(self) -> float:
     return self.query_pre_attn_scalar or self.head_dim**-0.5
+
+  def rope(self, attn_type: AttentionType) -> tuple[float, float]:
+    """(base, linear scale) of RoPE in a layer of this type."""
+    if attn_type == AttentionType.LOCAL_SLIDING and self.rope_local_base is not None:
+      return self.rope_local_base, 1.0
+    return self.rope_base, self.rope_global_scale
 
   @classmethod
   def gemma2_2b(cls, **kw) -> 'TransformerConfig':
@@ -107,11 +119,12 @@ def fan_in_init(shape, reduce_axes):
   return nn.initializers.normal(stddev=fan_in**-0.5)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
-  """Half-split rotary embedding. x: [B, T, N, H], positions: [B, T]."""
+def apply_rope(x: jax.Array, positions: jax.Array, base: float, scale: float = 1.0) -> jax.Array:
+  """Half-split rotary embedding. x: [B, T, N, H], positions: [B, T]; `scale` > 1 stretches
+  positions (linear RoPE scaling, Gemma 3's global layers)."""
   half = x.shape[-1] // 2
   timescale = base ** (2 * jnp.arange(half) / x.shape[-1])
-  angle = positions[..., None, None].astype(jnp.float32) / timescale
+  angle = positions[..., None, None].astype(jnp.float32) / timescale / scale
   sin, cos = jnp.sin(angle), jnp.cos(angle)
   x1, x2 = x[..., :half], x[..., half:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -194,7 +207,7 @@ def logical_axes(config: TransformerConfig) -> dict[str, tuple[str | None, ...]]
   names = {p: i.logical_axes for p, i in quantizable_weights(config).items()}
   names['embedder/input_embedding'] = names['embedder/output_embedding'] = ('vocab', 'embed')
   for norm in ('pre_attention_norm', 'post_attention_norm', 'pre_ffw_norm', 'post_ffw_norm',
-               'final_norm'):
+               'final_norm', 'attn/_query_norm', 'attn/_key_norm'):
     names[f'{norm}/scale'] = ('norm',)
   return names
 
@@ -235,7 +248,7 @@ class Einsum(nn.Module):
 
 
 class Attention(nn.Module):
-  """Grouped-query attention with logit soft cap and optional sliding window.
+  """Grouped-query attention with optional QK-norm, logit soft cap and sliding window.
 
   Without a cache, keys are the T inputs. With one (decoding), this step's
   keys and values are written at slot cache['end_index'] of the [B, S, K, H]
@@ -258,8 +271,11 @@ class Attention(nn.Module):
       q = Einsum((n, d, h), w['attn/q_einsum/w'], name='q_einsum')(x, bits, spec)
       kv = Einsum((2, k, d, h), w['attn/kv_einsum/w'], name='kv_einsum')(x, bits, spec)
       key, value = kv[0], kv[1]
-    q = apply_rope(q, positions, c.rope_base) * jnp.asarray(c.query_scale, x.dtype)
-    key = apply_rope(key, positions, c.rope_base)
+    if c.qk_norm:  # the official module names
+      q, key = _norm(c, '_query_norm')(q), _norm(c, '_key_norm')(key)
+    base, scale = c.rope(self.attn_type)
+    q = apply_rope(q, positions, base, scale) * jnp.asarray(c.query_scale, x.dtype)
+    key = apply_rope(key, positions, base, scale)
     key_positions = positions
     if cache is not None:
       start = (0, cache['end_index'], 0, 0)
@@ -387,7 +403,7 @@ def cache_inputs(tokens: jax.Array, positions: jax.Array, input_mask: jax.Array,
 
 
 class Transformer(nn.Module):
-  """Gemma-2 decoder. `apply({'params': p}, tokens, quant=QuantSpec(...))` gives logits.
+  """Gemma decoder (and Llama/Mistral by config). `apply({'params': p}, tokens, quant=QuantSpec(...))` gives logits.
 
   Decoding: `apply(variables, tokens, positions, quant=..., cache=cache, input_mask=m)`
   with a cache from `init_cache` gives (logits, new cache); `input_mask` [B, T] marks
