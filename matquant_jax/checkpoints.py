@@ -257,17 +257,21 @@ def load_gguf(path: str, dtype: str = 'float32'):
   return config, check_params(params, config, path), tok.from_gguf(reader)
 
 
-# --- Official Gemma-2 JAX checkpoints (orbax) ------------------------------------
+# --- Official Gemma JAX checkpoints (orbax) ------------------------------------
 
-def _infer_gemma2_config(params: Params, dtype: str) -> gemma.TransformerConfig:
-  """The official preset whose shapes match, else a config read off the shapes."""
-  for preset in ('gemma2_2b', 'gemma2_9b', 'gemma2_27b'):
-    config = getattr(gemma.TransformerConfig, preset)(dtype=dtype)
-    want = {k: v.shape for k, v in gemma.param_shapes(config).items()}
-    got = {k: tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(params, sep='/').items()}
-    if want == got:
+def infer_gemma_config(params: Params, dtype: str) -> gemma.TransformerConfig:
+  """The official Gemma-2 or Gemma 3 preset whose shapes match; else, for Gemma-2, a config
+  read off the shapes (a Gemma 3 tree that matches no preset needs an explicit config)."""
+  got = {k: tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(params, sep='/').items()}
+  presets = [getattr(gemma.TransformerConfig, n) for n in ('gemma2_2b', 'gemma2_9b', 'gemma2_27b')]
+  for preset in presets + list(gemma3.PRESETS.values()):
+    config = preset(dtype=dtype)
+    if {k: v.shape for k, v in gemma.param_shapes(config).items()} == got:
       return config
   flat = traverse_util.flatten_dict(params, sep='/')
+  if 'layer_0/attn/_query_norm/scale' in flat:
+    raise ValueError('a Gemma 3 checkpoint whose shapes match no preset '
+                     f'({sorted(gemma3.PRESETS)}); pass config=')
   vocab, d = np.shape(flat['embedder/input_embedding'])
   layers = len({k.split('/')[0] for k in flat if k.startswith('layer_')})
   f = np.shape(flat['layer_0/mlp/linear'])[0]
@@ -285,17 +289,20 @@ def _infer_gemma2_config(params: Params, dtype: str) -> gemma.TransformerConfig:
 
 def format_gemma_params(raw: Mapping[str, Any]) -> Params:
   """Official layouts -> our nested tree: flat {'transformer/layer_0/mlp/linear': {'w': ...}}
-  or nested {'transformer': {...}}; the MLP leaves lose their 'w' key, as in the gemma library."""
+  or nested {'transformer': {...}}; the MLP leaves lose their 'w' key, as in the gemma library.
+  Gemma 3's vision tower and its embedder projections are left out (the text model)."""
   flat = {}
   for key, value in traverse_util.flatten_dict(dict(raw), sep='/').items():
     path = key[len('transformer/'):] if key.startswith('transformer/') else key
+    if path.startswith(('vision_encoder/', 'embedder/mm_')):
+      continue
     path = re.sub(r'(mlp/(gating_einsum|linear))/w$', r'\1', path)
     flat[path] = np.asarray(value)
   return traverse_util.unflatten_dict(flat, sep='/')
 
 
 def load_gemma_orbax(directory: str, dtype: str = 'float32', config: gemma.TransformerConfig | None = None):
-  """(config, params, tokenizer) from an official Gemma-2 orbax checkpoint directory.
+  """(config, params, tokenizer) from an official Gemma-2 or Gemma 3 orbax checkpoint directory.
 
   The tokenizer is the SentencePiece `tokenizer.model` beside or inside the
   directory, if present (None otherwise).
@@ -309,7 +316,7 @@ def load_gemma_orbax(directory: str, dtype: str = 'float32', config: gemma.Trans
   restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=one), tree)
   raw = ckpt.restore(os.path.abspath(directory), restore_args=restore_args)
   params = format_gemma_params(raw)
-  config = config or _infer_gemma2_config(params, dtype)
+  config = config or infer_gemma_config(params, dtype)
   sp = [p for p in (os.path.join(directory, 'tokenizer.model'),
                     os.path.join(os.path.dirname(os.path.abspath(directory)), 'tokenizer.model'))
         if os.path.exists(p)]

@@ -129,7 +129,7 @@ def test_official_preset_is_recognised_by_shapes():
   c = gemma.TransformerConfig.gemma2_9b()
   shapes = jax.eval_shape(gemma.Transformer(c).init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
   fake = jax.tree.map(lambda s: np.broadcast_to(np.float32(0), s.shape), shapes['params'])  # no memory
-  assert checkpoints._infer_gemma2_config(fake, 'float32') == c  # pylint: disable=protected-access
+  assert checkpoints.infer_gemma_config(fake, 'float32') == c
 
 
 def test_errors_name_the_problem(tmp_path):

@@ -92,7 +92,7 @@ def from_hf_config(hf: dict, dtype: str = 'float32') -> TransformerConfig:
       num_layers=hf['num_hidden_layers'], embed_dim=hf['hidden_size'], hidden_dim=hf['intermediate_size'],
       num_heads=hf['num_attention_heads'], head_dim=head_dim, num_kv_heads=hf['num_key_value_heads'],
       sliding_window=hf['sliding_window'], global_scale=float(scaling.get('factor', 1.0)),
-      query_pre_attn_scalar=None if scalar == head_dim else scalar**-0.5,
+      query_pre_attn_scalar=None if abs(scalar - head_dim) < 1e-6 else scalar**-0.5,
       num_embed=hf['vocab_size'], dtype=dtype)
   config = dataclasses.replace(config, rope_base=hf.get('rope_theta', 1_000_000.0),
                                rope_local_base=hf.get('rope_local_base_freq', 10_000.0),
@@ -111,6 +111,7 @@ def hf_config(c: TransformerConfig, base: dict) -> dict:
               sliding_window=c.sliding_window_size, rope_local_base_freq=c.rope_local_base,
               rope_scaling={'rope_type': 'linear', 'factor': c.rope_global_scale}
               if c.rope_global_scale != 1.0 else None,
-              query_pre_attn_scalar=c.query_scale**-2, rms_norm_eps=c.norm_eps,
+              query_pre_attn_scalar=c.head_dim if c.query_pre_attn_scalar is None else c.query_scale**-2,
+              rms_norm_eps=c.norm_eps,
               layer_types=['sliding_attention' if t == AttentionType.LOCAL_SLIDING else 'full_attention'
                            for t in c.attention_types])
