@@ -163,9 +163,7 @@ def shakespeare_next_line(data_dir: str, n: int = 300, context_lines: int = 4, c
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _token_logprobs(model, variables, tokens, targets, spec):
-  logits = model.apply(train.as_variables(variables), tokens, quant=spec)
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  return train.token_logprobs(model, variables, tokens, targets, spec)
 
 
 def loglikelihoods(model: gemma.Transformer, variables, tokenizer, pairs: Sequence[tuple[str, str]],

@@ -180,6 +180,27 @@ def as_variables(params_or_variables) -> dict:
   return {'params': params_or_variables}
 
 
+LOGITS_BYTES = 2**29  # float32 logits made at once by evaluation (a 262k vocabulary needs bounding)
+
+
+def token_logprobs(model: gemma.Transformer, variables, inputs: jax.Array, targets: jax.Array,
+                   spec: QuantSpec | None) -> jax.Array:
+  """log p(target) [B, T] under the model; the [rows, T, vocab] logits are made a few rows at a
+  time (at most LOGITS_BYTES), so a large vocabulary does not need B x T x vocab memory."""
+  b, t = inputs.shape
+  rows = max(1, LOGITS_BYTES // (t * model.config.num_embed * 4))
+
+  def logprobs(x, y):
+    logits = model.apply(as_variables(variables), x, quant=spec)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
+
+  if rows >= b:
+    return logprobs(inputs, targets)
+  one_row = lambda xy: logprobs(xy[0][None], xy[1][None])[0]
+  return jax.lax.map(one_row, (inputs, targets), batch_size=rows)
+
+
 def make_eval_fn(model: gemma.Transformer) -> Callable:
   """eval_fn(params, batches, spec) -> mean NLL in nats per token (log perplexity).
 
@@ -190,9 +211,7 @@ def make_eval_fn(model: gemma.Transformer) -> Callable:
   def _sums(params, batch, spec):
     inputs, targets = batch[:, :-1], batch[:, 1:]
     mask = gemma.token_mask(model.config, targets)
-    logits = model.apply(as_variables(params), inputs, quant=spec)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    nll = -token_logprobs(model, params, inputs, targets, spec)
     return jnp.sum(nll * mask), jnp.sum(mask)
 
   def eval_fn(params, batches: Iterable[np.ndarray], spec: QuantSpec | None) -> float:

@@ -69,3 +69,15 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path):
   resumed, _ = train.train(model, params, obj, batches, _cfg(7), str(tmp_path / 'b'))
   for x, y in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(x, y)
+
+
+def test_token_logprobs_in_row_chunks_match_one_pass(monkeypatch):
+  """Evaluation bounds its logits memory (a 262k vocabulary) by rows; the numbers do not change."""
+  c = gemma.TransformerConfig.tiny()
+  model = gemma.Transformer(c)
+  x = jnp.asarray(np.random.default_rng(0).integers(4, 256, (5, 9)))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  whole = train.token_logprobs(model, variables, x[:, :-1], x[:, 1:], None)
+  monkeypatch.setattr(train, 'LOGITS_BYTES', 2 * 8 * c.num_embed * 4)  # two rows at a time
+  chunked = train.token_logprobs(model, variables, x[:, :-1], x[:, 1:], None)
+  np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), atol=1e-5)

