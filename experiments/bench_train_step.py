@@ -1,6 +1,7 @@
 r"""Step time of float training, single-precision QAT and MatQuant [8,4,2], side by side.
 
   python experiments/bench_train_step.py [--config=experiments/configs/default.py] [--steps=20]
+  python experiments/bench_train_step.py --model=gemma3-270m --config.data.batch_size=1 --steps=3
 
 All variants train the same parameters (the config's qat.trainable, FFN by
 default) on the same batch shape, in one process, with repeats interleaved.
@@ -14,24 +15,31 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from matquant_jax import losses, study, timing, train
+from matquant_jax import checkpoints, losses, study, timing, train
 from matquant_jax.models import gemma
 from matquant_jax.quant import fake_quant
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/default.py', 'Experiment config.')
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps per repeat.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Interleaved repeats; the median is reported.')
+_MODEL = flags.DEFINE_string('model', None, 'A real model (checkpoints.load) instead of the config\'s; '
+                             'batch shape from the config\'s data section.')
 
 
 def main(argv):
   del argv
   cfg = _CONFIG.value
   d = cfg.data
-  mcfg = study.model_config(cfg, d.vocab_size)
-  model = gemma.Transformer(mcfg)
   rng = np.random.default_rng(0)
-  batch = jnp.asarray(rng.integers(4, d.vocab_size, (d.batch_size, d.seq_len + 1)), jnp.int32)
-  params = model.init(jax.random.PRNGKey(0), batch[:, :-1])['params']
+  if _MODEL.value:
+    model, variables, _ = checkpoints.load(_MODEL.value)
+    mcfg, params = model.config, variables['params']
+  else:
+    mcfg = study.model_config(cfg, d.vocab_size)
+    model = gemma.Transformer(mcfg)
+  batch = jnp.asarray(rng.integers(4, mcfg.num_embed, (d.batch_size, d.seq_len + 1)), jnp.int32)
+  if not _MODEL.value:
+    params = model.init(jax.random.PRNGKey(0), batch[:, :-1])['params']
   q = cfg.qat.quant.to_dict()
 
   variants = {'float': ('float', None, 8), 'QAT int8': ('8', None, 8), 'QAT int4': ('4', None, 4),

