@@ -49,6 +49,8 @@ _BASELINES = flags.DEFINE_list('baselines', ['4', '2'], 'Widths of OmniQuant sin
 _PPL_BATCHES = flags.DEFINE_integer('ppl_batches', 4, 'Perplexity batches of 8 x 512 tokens.')
 _TASK_N = flags.DEFINE_integer('task_n', 100, 'Offline next-line task items.')
 _BITS = flags.DEFINE_list('bits', ['8', '6', '4', '3', '2'], 'Widths to evaluate.')
+_FLOAT = flags.DEFINE_enum('float_dtype', 'bfloat16', ['bfloat16', 'float32'],
+                           'Activations of the float row (bf16 is slow on CPU).')
 _ALGO = flags.DEFINE_enum('algo', 'omniquant', ['omniquant', 'gptq'], 'The base algorithm.')
 _LAMBDAS = flags.DEFINE_list('lambdas', None, 'MatQuant [8,4,2] lambdas (default: 0.1,0.1,1 for '
                              'OmniQuant, 1,1,1 for GPTQ as in MatGPTQ).')
@@ -106,6 +108,8 @@ def main(argv):
   train_texts = pipeline.load_split_texts('shakespeare_plays', _DATA_DIR.value, 'train')
   stream = evaluate.token_stream(tokenizer, train_texts[:8])
   calib = pipeline.train_batch(stream, 0, _SAMPLES.value, _SEQ.value, seed=1)[:, :-1]
+  if cfg.bos_per_sequence:  # Gemma: rows open with BOS, as in use (its activations differ there)
+    calib[:, 0] = tokenizer.bos_id
   base_opts = omniquant.Options.from_config(configs.base_config().omniquant, epochs=_EPOCHS.value,
                                             skip_tokens=_SKIP.value)
   calibrations = [('matquant', '8,4,2', mat_lambdas, 8, 1)] + [
@@ -131,9 +135,10 @@ def main(argv):
 
   items = evaluate.shakespeare_next_line(_DATA_DIR.value, _TASK_N.value)
   mix = evaluate.pyramid(cfg.num_layers)  # SmolLM2's 30 layers: 10 x int2, 10 x int4, 10 x int8
-  bf16 = gemma.Transformer(dataclasses.replace(cfg, dtype='bfloat16'))
+  float_model = gemma.Transformer(dataclasses.replace(cfg, dtype=_FLOAT.value))
   spec = lambda b, **kw: QuantSpec(b, group_size=group, **kw)
-  rows = [('bf16', 'bf16 activations, float weights', bf16, params, None)]
+  short_dtype = {'bfloat16': 'bf16', 'float32': 'float32'}[_FLOAT.value]
+  rows = [(short_dtype, f'{short_dtype} activations, float weights', float_model, params, None)]
   for b in map(int, _BITS.value):
     rows.append((f'int{b}', f'PTQ min-max ({gran})', model, params, QuantSpec(b, parent_bits=b, group_size=group)))
     if b != 8:
@@ -162,7 +167,7 @@ def main(argv):
     t = time.perf_counter()
     row = evaluate.table_row(m, variables, tokenizer, s, {'next_line': items}, texts, 512, 8,
                              _PPL_BATCHES.value)
-    bits = study.ffn_average_bits(variables, s, cfg) if s else 16
+    bits = study.ffn_average_bits(variables, s, cfg) if s else {"bfloat16": 16, "float32": 32}[_FLOAT.value]
     results['rows'].append(dict(data_type=dtype, method=method, ffn_bits=bits, group_size=group,
                                 log_pplx=row['log_pplx'], next_line_acc=row['next_line'],
                                 next_line_acc_norm=row['next_line_norm']))

@@ -164,7 +164,7 @@ def gemma2_from_hf_config(hf: dict, dtype: str = 'float32') -> gemma.Transformer
       attn_logits_soft_cap=hf.get('attn_logit_softcapping', 50.0),
       final_logit_softcap=hf.get('final_logit_softcapping', 30.0),
       query_pre_attn_scalar=hf.get('query_pre_attn_scalar', hf['head_dim']) ** -0.5,
-      rope_base=hf.get('rope_theta', 10_000.0), dtype=dtype)
+      rope_base=hf.get('rope_theta', 10_000.0), bos_per_sequence=True, dtype=dtype)
 
 
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata=None) -> None:

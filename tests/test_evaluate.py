@@ -122,3 +122,22 @@ def test_evaluate_model_command_prints_the_paper_table(tmp_path):
   assert set(rows) == {'bf16', 'int8 (PTQ min-max)', 'int2 (PTQ min-max)', 'int2 (Sliced int8)',
                        "Mix'n'Match 2,8"}
   assert all(0 < r['log_pplx'] < 2 * np.log(256) for r in rows.values())
+
+
+def test_gemma_windows_open_with_bos_and_count_each_token_once(token_data, data_dir):
+  """A model trained with BOS on every sequence (released Gemma) reads BOS before each window."""
+  del token_data
+  sp = tokenization.from_sentencepiece(
+      os.path.join(os.path.expanduser(data_dir), 'tokens', 'shakespeare_plays_spm512.model'))
+  cfg = gemma.TransformerConfig.tiny(num_embed=512, bos_per_sequence=True)
+  model = gemma.Transformer(cfg)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))['params']
+  texts = ['To be, or not to be, that is the question. ' * 6]
+  got = evaluate.log_perplexity(model, params, sp, texts, seq_len=16, batch_size=2, max_batches=1)
+  stream = evaluate.token_stream(sp, texts)[:32]
+  total = 0.0
+  for w in stream.reshape(2, 16):  # by hand: [BOS] + 16 tokens, 16 predictions per window
+    ids = [sp.bos_id] + list(w)
+    logp = jax.nn.log_softmax(model.apply({'params': params}, jnp.asarray([ids[:-1]]))[0], axis=-1)
+    total -= sum(float(logp[t, ids[t + 1]]) for t in range(16))
+  assert got == pytest.approx(total / 32, abs=1e-5)

@@ -58,6 +58,9 @@ class TransformerConfig:
   embed_scale: bool = True  # multiply embeddings by sqrt(embed_dim)
   tie_embeddings: bool = True  # else a separate embedder/output_embedding [vocab, embed]
   pad_id: int | None = PAD_ID  # keys and targets with this id are masked (None: no padding id)
+  # Trained with BOS opening every sequence (released Gemma checkpoints: without it the NLL is
+  # about 1 nat worse): evaluation windows and calibration rows then start with BOS.
+  bos_per_sequence: bool = False
 
   @property
   def attention_types(self) -> tuple[AttentionType, ...]:
@@ -83,18 +86,19 @@ class TransformerConfig:
   @classmethod
   def gemma2_2b(cls, **kw) -> 'TransformerConfig':
     return cls(num_layers=26, num_embed=256128, embed_dim=2304, hidden_dim=9216,
-               num_heads=8, head_dim=256, num_kv_heads=4, **kw)
+               num_heads=8, head_dim=256, num_kv_heads=4, **{'bos_per_sequence': True, **kw})
 
   @classmethod
   def gemma2_9b(cls, **kw) -> 'TransformerConfig':
     return cls(num_layers=42, num_embed=256128, embed_dim=3584, hidden_dim=14336,
-               num_heads=16, head_dim=256, num_kv_heads=8, transpose_gating_einsum=True, **kw)
+               num_heads=16, head_dim=256, num_kv_heads=8, transpose_gating_einsum=True,
+               **{'bos_per_sequence': True, **kw})
 
   @classmethod
   def gemma2_27b(cls, **kw) -> 'TransformerConfig':
     return cls(num_layers=46, num_embed=256128, embed_dim=4608, hidden_dim=36864,
                num_heads=32, head_dim=128, num_kv_heads=16, transpose_gating_einsum=True,
-               query_pre_attn_scalar=(4608 // 32)**-0.5, **kw)
+               query_pre_attn_scalar=(4608 // 32)**-0.5, **{'bos_per_sequence': True, **kw})
 
   @classmethod
   def tiny(cls, num_embed: int = 256, **kw) -> 'TransformerConfig':

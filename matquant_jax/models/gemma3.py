@@ -30,7 +30,7 @@ def gemma3_config(*, num_layers: int, embed_dim: int, hidden_dim: int, num_heads
       sliding_window_size=sliding_window, attn_logits_soft_cap=None, final_logit_softcap=None,
       query_pre_attn_scalar=query_pre_attn_scalar, transpose_gating_einsum=True,
       rope_base=1_000_000.0, rope_local_base=10_000.0, rope_global_scale=global_scale,
-      attention_pattern='gemma3', qk_norm=True, dtype=dtype)
+      attention_pattern='gemma3', qk_norm=True, bos_per_sequence=True, dtype=dtype)
 
 
 def gemma3_270m(**kw) -> TransformerConfig:
