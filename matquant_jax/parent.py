@@ -47,7 +47,7 @@ WEIGHTS, MANIFEST, CONFIG = 'weights.safetensors', 'manifest.json', 'config.json
 def family(config: gemma.TransformerConfig) -> str:
   """The model family a config describes (recorded in the manifest)."""
   if config.norm_plus_one:
-    return 'gemma2'
+    return 'gemma3' if config.qk_norm else 'gemma2'
   return 'mistral' if config.attention_pattern == 'sliding' else 'llama'
 
 
