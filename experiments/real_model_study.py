@@ -64,12 +64,12 @@ def main(argv):
   logs.setup()
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, 'results.json')
-  results = json.load(open(path)) if os.path.exists(path) else {'rows': []}
+  results_path = os.path.join(workdir, 'results.json')
+  results = json.load(open(results_path)) if os.path.exists(results_path) else {'rows': []}
   def save():
-    with open(path + '.tmp', 'w') as f:
+    with open(results_path + '.tmp', 'w') as f:
       json.dump(results, f, indent=1)
-    os.replace(path + '.tmp', path)
+    os.replace(results_path + '.tmp', results_path)
 
   model_name = _MODEL.value
   short = model_name.split('-')[0]
@@ -80,13 +80,13 @@ def main(argv):
   cfg = model.config
   texts = evaluate.read_texts('tfds:shakespeare_plays:validation', _DATA_DIR.value)
   if 'reference' not in results:
-    path = checkpoints.MODELS[model_name]()
+    gguf_path = checkpoints.MODELS[model_name]()
     if model_name == 'gemma3-270m':  # Gemma needs its BOS; 600 tokens cross the 512-token window
       ids = np.asarray([tokenizer.bos_id] + tokenizer.encode(texts[0][20000:40000]))[:600]
-      ref = reference.gguf_gemma3_forward(path, ids)[0]
+      ref = reference.gguf_gemma3_forward(gguf_path, ids)[0]
     else:
       ids = np.asarray(tokenizer.encode(texts[0][20000:40000])[:512])
-      ref = reference.gguf_llama_nll(path, ids)
+      ref = reference.gguf_llama_nll(gguf_path, ids)
     logp = np.asarray(train.token_logprobs(model, variables, jnp.asarray(ids[:-1])[None],
                                            jnp.asarray(ids[1:])[None], None))
     ours = float(-np.mean(logp))
