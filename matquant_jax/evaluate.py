@@ -243,16 +243,8 @@ def log_perplexity(model, variables, tokenizer, texts: Iterable[str], spec: Quan
   """Mean NLL (nats/token) over non-overlapping windows of the joined documents. A model trained
   with BOS opening every sequence (`config.bos_per_sequence`, Gemma) reads BOS before each window
   of seq_len tokens, as at serving time; every token is still predicted once."""
-  stream = token_stream(tokenizer, texts)
-  if model.config.bos_per_sequence and tokenizer.bos_id is not None:
-    n = len(stream) // seq_len // batch_size
-    n = n if max_batches is None else min(n, max_batches)
-    if n == 0:
-      raise ValueError(f'{len(stream)} tokens give no full batch of {batch_size}x{seq_len}')
-    windows = stream[:n * batch_size * seq_len].reshape(n, batch_size, seq_len)
-    batches = [np.concatenate([np.full((batch_size, 1), tokenizer.bos_id, w.dtype), w], 1) for w in windows]
-  else:
-    batches = pipeline.eval_batches(stream, batch_size, seq_len, max_batches)
+  bos = tokenizer.bos_id if model.config.bos_per_sequence else None
+  batches = pipeline.eval_batches(token_stream(tokenizer, texts), batch_size, seq_len, max_batches, bos)
   return train.make_eval_fn(model)(variables, batches, spec)
 
 

@@ -85,16 +85,22 @@ def train_batch(stream: np.ndarray, step: int, batch_size: int, seq_len: int, se
 
 
 def eval_batches(stream: np.ndarray, batch_size: int, seq_len: int,
-                 max_batches: int | None = None) -> list[np.ndarray]:
-  """Consecutive non-overlapping [batch_size, seq_len + 1] windows from the start of the stream."""
-  n = (len(stream) - 1) // seq_len // batch_size
+                 max_batches: int | None = None, bos_id: int | None = None) -> list[np.ndarray]:
+  """Consecutive [batch_size, seq_len + 1] windows from the start of the stream, each token
+  predicted once. Without `bos_id` a window's first token is the previous window's last; with
+  it (models trained with BOS opening every sequence) each window is BOS + seq_len new tokens."""
+  step = seq_len
+  n = (len(stream) - (bos_id is None)) // step // batch_size
   if max_batches is not None:
     n = min(n, max_batches)
   if n == 0:
     raise ValueError(f'validation stream of {len(stream)} tokens gives no full batch of {batch_size}x{seq_len}')
   out = []
   for b in range(n):
-    rows = [stream[(b * batch_size + i) * seq_len:(b * batch_size + i + 1) * seq_len + 1]
-            for i in range(batch_size)]
-    out.append(np.stack(rows))
+    if bos_id is None:
+      rows = [stream[(b * batch_size + i) * step:(b * batch_size + i + 1) * step + 1] for i in range(batch_size)]
+    else:
+      rows = [np.concatenate([[bos_id], stream[(b * batch_size + i) * step:(b * batch_size + i + 1) * step]])
+              for i in range(batch_size)]
+    out.append(np.stack(rows).astype(stream.dtype))
   return out
