@@ -11,13 +11,12 @@ with their average bits. Rows go to OUT/results.json as they finish (a rerun
 skips them) and to OUT/table.md.
 """
 
-import json
 import os
 import time
 
 from absl import app, flags, logging
 
-from matquant_jax import checkpoints, evaluate, logs, parent, planner, plans
+from matquant_jax import checkpoints, evaluate, logs, parent, planner, plans, report
 from matquant_jax.data import pipeline
 from matquant_jax.qeinsum import QuantSpec
 
@@ -40,11 +39,8 @@ def main(argv):
   logs.setup()
   os.makedirs(_OUT.value, exist_ok=True)
   path = os.path.join(_OUT.value, 'results.json')
-  results = json.load(open(path)) if os.path.exists(path) else {'rows': [], 'plans': {}}
-  def save():
-    with open(path + '.tmp', 'w') as f:
-      json.dump(results, f, indent=1)
-    os.replace(path + '.tmp', path)
+  results = report.read_json(path, {'rows': [], 'plans': {}})
+  save = lambda: report.write_json(path, results)
 
   model, variables, tokenizer = parent.load(_MODEL.value)
   layers = model.config.num_layers

@@ -23,7 +23,6 @@ recipe in the same workdir, skips what is there); methods name their recipe, e.g
 """
 
 import dataclasses
-import json
 import os
 import time
 
@@ -31,7 +30,7 @@ from absl import app, flags, logging
 import jax.numpy as jnp
 import numpy as np
 
-from matquant_jax import checkpoints, configs, evaluate, gptq, logs, losses, omniquant, study, train
+from matquant_jax import checkpoints, configs, evaluate, gptq, logs, losses, omniquant, report, study, train
 from matquant_jax.data import pipeline
 from matquant_jax.models import gemma, reference
 from matquant_jax.qeinsum import QuantSpec
@@ -65,11 +64,8 @@ def main(argv):
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
   results_path = os.path.join(workdir, 'results.json')
-  results = json.load(open(results_path)) if os.path.exists(results_path) else {'rows': []}
-  def save():
-    with open(results_path + '.tmp', 'w') as f:
-      json.dump(results, f, indent=1)
-    os.replace(results_path + '.tmp', results_path)
+  results = report.read_json(results_path, {'rows': []})
+  save = lambda: report.write_json(results_path, results)
 
   model_name = _MODEL.value
   short = model_name.split('-')[0]
@@ -179,8 +175,7 @@ def main(argv):
     lines.append(f"| {r['data_type']} | {r['method']} | {r['ffn_bits']:.3f} | {r['log_pplx']:.3f} | "
                  f"{100 * r['next_line_acc']:.1f} | {100 * r['next_line_acc_norm']:.1f} |")
   table = '\n'.join(lines) + '\n'
-  with open(os.path.join(workdir, 'table.md'), 'w') as f:
-    f.write(table)
+  report.write_outputs(workdir, table)
   print(table)
 
 

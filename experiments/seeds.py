@@ -10,7 +10,6 @@ seeds, MatQuant minus Baseline per width, and the int2 gap closure against the
 'Float, same tokens' row and against the int8 baseline.
 """
 
-import json
 import os
 
 from absl import app, flags, logging
@@ -70,13 +69,9 @@ def main(argv):
     tables.append(study.run_study(cfg, os.path.join(workdir, f'seed_{seed}'))['table'])
   summary = summarize(tables)
   summary['seeds'] = seeds
-  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=1)
+  report.write_json(os.path.join(workdir, 'summary.json'), summary)
   table = markdown(summary, seeds)
-  with open(os.path.join(workdir, 'table.md'), 'w') as f:
-    f.write(table)
-  report.plot_rows(summary['rows'], os.path.join(workdir, 'plot.png'),
-                   f'QAT, mean +- std over {len(seeds)} seeds')
+  report.write_outputs(workdir, table, summary['rows'], f'QAT, mean +- std over {len(seeds)} seeds')
   print(table)
 
 

@@ -2,9 +2,36 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 
 PAPER_ORDER = (8, 4, 2, 6, 3)
+
+
+def read_json(path: str, default):
+  """The JSON object at `path`, or `default` when there is none yet (a fresh workdir)."""
+  if not os.path.exists(path):
+    return default
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_json(path: str, obj) -> None:
+  """Writes to a temporary file and renames it: a stopped run never leaves half a file."""
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
+
+
+def write_outputs(workdir: str, table: str, rows: list[dict] | None = None, title: str | None = None) -> None:
+  """WORKDIR/table.md and, given rows with bits_per_ffn_param, WORKDIR/plot.png."""
+  with open(os.path.join(workdir, 'table.md'), 'w') as f:
+    f.write(table)
+  if rows is not None:
+    plot_rows(rows, os.path.join(workdir, 'plot.png'), title)
 
 
 def rows(out: dict):

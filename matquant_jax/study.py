@@ -49,13 +49,6 @@ def ffn_average_bits(params, spec: QuantSpec, mcfg: gemma.TransformerConfig) -> 
   return total / count
 
 
-def _write_json(path: str, obj) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
-
-
 def _fingerprint(cfg: ml_collections.ConfigDict) -> dict:
   """What a workdir's checkpoints depend on (evaluation settings and new runs may change)."""
   data = {k: v for k, v in cfg.data.to_dict().items() if not k.startswith('eval')}
@@ -83,7 +76,7 @@ def check_workdir(workdir: str, cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f'workdir {workdir} holds checkpoints made with {key}={old.get(key)!r}, '
                          f'but the config says {new.get(key)!r}; use a new --workdir')
     now['runs'] = {**before['runs'], **now['runs']}
-  _write_json(path, now)
+  report.write_json(path, now)
 
 
 def run_omniquant(cfg: ml_collections.ConfigDict, r: dict, mcfg: gemma.TransformerConfig,
@@ -227,7 +220,7 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                   for row in report.rows(out)]
   if not lead:
     return out
-  _write_json(os.path.join(workdir, 'results.json'), out)
+  report.write_json(os.path.join(workdir, 'results.json'), out)
   table = report.table(out)
   with open(os.path.join(workdir, 'table.md'), 'w') as f:
     f.write(table)

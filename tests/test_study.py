@@ -130,6 +130,20 @@ def test_gap_closure_and_seed_aggregation_by_hand():
   assert rows[('int2', 'MatQuant')]['std'] == 0.0 and rows[('int2', 'MatQuant')]['n'] == 2
 
 
+def test_results_files_are_replaced_whole(tmp_path):
+  from matquant_jax import report
+  path = str(tmp_path / 'results.json')
+  assert report.read_json(path, {'rows': []}) == {'rows': []}
+  report.write_json(path, {'rows': [1]})
+  report.write_json(path, {'rows': [1, 2]})
+  assert report.read_json(path, None) == {'rows': [1, 2]}
+  assert os.listdir(tmp_path) == ['results.json']  # no temporary file left behind
+  table = [dict(data_type='float32', method='Pretrained float', log_pplx=4.0, bits_per_ffn_param=32.0),
+           dict(data_type='int2', method='Baseline', log_pplx=5.0, bits_per_ffn_param=2.0)]
+  report.write_outputs(str(tmp_path), '| table |\n', table, 'title')
+  assert sorted(os.listdir(tmp_path)) == ['plot.png', 'results.json', 'table.md']
+
+
 def check_stored_parent(directory, measured):
   import runpy
   from matquant_jax import parent, sampler, train
