@@ -56,6 +56,8 @@ _LAMBDAS = flags.DEFINE_list('lambdas', None, 'MatQuant [8,4,2] lambdas (default
 _ACT_ORDER = flags.DEFINE_bool('act_order', False, 'GPTQ: columns by decreasing Hessian diagonal.')
 _EP = flags.DEFINE_bool('ep_rows', True, 'Also evaluate the Extra Precision slices (int4/3/2).')
 _MIX = flags.DEFINE_bool('mixnmatch', True, 'Evaluate the pyramid Mix\'n\'Match rows.')
+_METHODS = flags.DEFINE_list('methods', None, 'Evaluate only the rows whose method starts with one of '
+                             'these (e.g. MatQuant); default: every row.')
 
 
 def main(argv):
@@ -158,7 +160,7 @@ def main(argv):
                  spec(mix)))
   done = {(r['data_type'], r['method']) for r in results['rows']}
   for dtype, method, m, variables, s in rows:
-    if (dtype, method) in done:
+    if (dtype, method) in done or (_METHODS.value and not method.startswith(tuple(_METHODS.value))):
       continue
     t = time.perf_counter()
     row = evaluate.table_row(m, variables, tokenizer, s, {'next_line': items}, texts, 512, 8,
