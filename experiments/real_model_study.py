@@ -3,7 +3,7 @@ OmniQuant or GPTQ.
 
   python experiments/real_model_study.py --workdir=runs/smollm2 [--model=gemma3-270m]
       [--group_size=32] [--skip_tokens=1] [--algo=gptq --baselines=8,6,4,3,2 --act_order]
-      [--epochs=4] [--baselines=4,2]
+      [--epochs=4] [--baselines=4,2] [--extra_precision] [--methods=MatQuant]
 
 1. Checks the loaded model against its independent numpy reference on held-out
    Shakespeare (SmolLM2's file is Q4_1 with Q8_0 embeddings, Gemma 3's Q4_K_M).
@@ -56,6 +56,8 @@ _LAMBDAS = flags.DEFINE_list('lambdas', None, 'MatQuant [8,4,2] lambdas (default
 _ACT_ORDER = flags.DEFINE_bool('act_order', False, 'GPTQ: columns by decreasing Hessian diagonal.')
 _EP = flags.DEFINE_bool('ep_rows', True, 'Also evaluate the Extra Precision slices (int4/3/2).')
 _MIX = flags.DEFINE_bool('mixnmatch', True, 'Evaluate the pyramid Mix\'n\'Match rows.')
+_EXTRA = flags.DEFINE_bool('extra_precision', False, 'Calibrate MatQuant for Extra Precision slices (no '
+                            'clamp at the top, the paper\'s E.P. MatQuant) and evaluate those.')
 _METHODS = flags.DEFINE_list('methods', None, 'Evaluate only the rows whose method starts with one of '
                              'these (e.g. MatQuant); default: every row.')
 
@@ -110,11 +112,13 @@ def main(argv):
     calib[:, 0] = tokenizer.bos_id
   base_opts = omniquant.Options.from_config(configs.base_config().omniquant, epochs=_EPOCHS.value,
                                             skip_tokens=_SKIP.value)
-  calibrations = [('matquant', '8,4,2', mat_lambdas, 8, 1)] + [
+  ep = _EXTRA.value
+  mat = 'matquant_ep' if ep else 'matquant'
+  calibrations = [(mat, '8,4,2', mat_lambdas, 8, 1)] + [
       (f'baseline_int{b}', b, (1.0,), int(b), 2 if b == '2' else 1) for b in _BASELINES.value]
   parents = {}
   for name, objective, lambdas, parent_bits, budget in calibrations:
-    spec = QuantSpec(parent_bits, parent_bits=parent_bits, group_size=group)
+    spec = QuantSpec(parent_bits, parent_bits=parent_bits, group_size=group, extra_precision=name == mat and ep)
     opts = dataclasses.replace(base_opts, epochs=base_opts.epochs * budget)
     t = time.perf_counter()
     obj = losses.parse_objective(objective, lambdas, parent_bits)
@@ -137,6 +141,7 @@ def main(argv):
   spec = lambda b, **kw: QuantSpec(b, group_size=group, **kw)
   short_dtype = {'bfloat16': 'bf16', 'float32': 'float32'}[_FLOAT.value]
   rows = [(short_dtype, f'{short_dtype} activations, float weights', float_model, params, None)]
+  mat_label = f'E.P. MatQuant ({label}, {recipe})' if ep else f'MatQuant ({label}, {recipe})'
   for b in map(int, _BITS.value):
     rows.append((f'int{b}', f'PTQ min-max ({gran})', model, params, QuantSpec(b, parent_bits=b, group_size=group)))
     if b != 8:
@@ -149,15 +154,14 @@ def main(argv):
                    QuantSpec(b, parent_bits=b, group_size=group)))
     if b != 8 and 'baseline_int8' in parents:
       rows.append((f'int{b}', f'Sliced {label} int8 ({recipe})', model, parents['baseline_int8'], spec(b)))
-    rows.append((f'int{b}', f'MatQuant ({label}, {recipe})', model, parents['matquant'], spec(b)))
-    if _EP.value and b in (4, 3, 2):
+    rows.append((f'int{b}', mat_label, model, parents[mat], spec(b, extra_precision=ep)))
+    if _EP.value and not ep and b in (4, 3, 2):
       ep_label = 'MatQuant' if algo == 'omniquant' else f'MatQuant ({label})'
       rows.append((f'int{b}', f'{ep_label}, E.P. slice ({recipe})', model, parents['matquant'],
                    spec(b, extra_precision=True)))
   if _MIX.value:
     rows.append(("Mix'n'Match pyramid", f'Sliced int8 (min-max, {gran})', model, params, spec(mix)))
-    rows.append(("Mix'n'Match pyramid", f'MatQuant ({label}, {recipe})', model, parents['matquant'],
-                 spec(mix)))
+    rows.append(("Mix'n'Match pyramid", mat_label, model, parents[mat], spec(mix, extra_precision=ep)))
   done = {(r['data_type'], r['method']) for r in results['rows']}
   for dtype, method, m, variables, s in rows:
     if (dtype, method) in done or (_METHODS.value and not method.startswith(tuple(_METHODS.value))):
