@@ -43,14 +43,9 @@ def main(argv):
   del argv
   logs.setup()
   workdir = os.path.abspath(_WORKDIR.value)
-  os.makedirs(workdir, exist_ok=True)
-  results_path = os.path.join(workdir, 'results.json')
-  results = report.read_json(results_path, {'rows': []})
   settings = dict(model=_MODEL.value, steps=_STEPS.value, batch_size=_BATCH.value, seq_len=_SEQ.value,
                   learning_rate=_LR.value, group_size=_GROUP.value, lambdas=_LAMBDAS.value)
-  if results.setdefault('settings', settings) != settings:
-    raise ValueError(f'{workdir} holds a run with settings {results["settings"]}, not {settings}')
-  save = lambda: report.write_json(results_path, results)
+  results, save = report.open_results(workdir, settings=settings)
 
   model, variables, tokenizer = checkpoints.load(_MODEL.value)
   cfg, pretrained = model.config, variables['params']

@@ -66,15 +66,9 @@ def main(argv):
   del argv
   logs.setup()
   workdir = os.path.abspath(_WORKDIR.value)
-  os.makedirs(workdir, exist_ok=True)
-  results_path = os.path.join(workdir, 'results.json')
-  results = report.read_json(results_path, {'rows': []})
-  save = lambda: report.write_json(results_path, results)
-
   model_name = _MODEL.value
   short = model_name.split('-')[0]
-  if results.setdefault('model', model_name) != model_name:
-    raise ValueError(f'{workdir} holds a study of {results["model"]}, not {model_name}')
+  results, save = report.open_results(workdir, model=model_name)
   model, variables, tokenizer = checkpoints.load(model_name)
   params = variables['params']
   cfg = model.config

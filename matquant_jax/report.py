@@ -26,6 +26,21 @@ def write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
+def open_results(workdir: str, **identity):
+  """(results, save) for WORKDIR/results.json of a resumable experiment.
+
+  Creates the workdir; `identity` (model, settings, ...) must equal what an earlier run stored,
+  so a resumed run never mixes rows of two setups. `save()` writes the file whole.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, 'results.json')
+  results = read_json(path, {'rows': []})
+  for key, value in identity.items():
+    if results.setdefault(key, value) != value:
+      raise ValueError(f'{workdir} holds results for {key}={results[key]!r}, not {value!r}')
+  return results, lambda: write_json(path, results)
+
+
 def write_outputs(workdir: str, table: str, rows: list[dict] | None = None, title: str | None = None) -> None:
   """WORKDIR/table.md and, given rows with bits_per_ffn_param, WORKDIR/plot.png."""
   with open(os.path.join(workdir, 'table.md'), 'w') as f:

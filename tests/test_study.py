@@ -159,3 +159,15 @@ def check_stored_parent(directory, measured):
   assert got == pytest.approx(measured['int2'], abs=1e-4)
   out = sampler.Sampler(model, variables, tokenizer, cache_size=64).sample(['To be, or not'], 4, bits=2)
   assert len(out[0].tokens) <= 4 and isinstance(out[0].text, str)
+
+
+def test_resumed_results_must_be_of_the_same_setup(tmp_path):
+  from matquant_jax import report
+  workdir = str(tmp_path / 'run')
+  results, save = report.open_results(workdir, model='smollm2-135m', settings={'steps': 64})
+  results['rows'].append({'log_pplx': 3.7})
+  save()
+  again, _ = report.open_results(workdir, model='smollm2-135m', settings={'steps': 64})
+  assert again == {'rows': [{'log_pplx': 3.7}], 'model': 'smollm2-135m', 'settings': {'steps': 64}}
+  with pytest.raises(ValueError, match=r"settings=\{'steps': 64\}, not \{'steps': 128\}"):
+    report.open_results(workdir, model='smollm2-135m', settings={'steps': 128})
