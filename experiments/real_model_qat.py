@@ -2,6 +2,7 @@ r"""QAT on a real pretrained model: MatQuant [8,4,2] against int8/int4/int2 base
 
   python experiments/real_model_qat.py --workdir=runs/smollm2_qat [--model=smollm2-135m]
       [--steps=64 --batch_size=4 --seq_len=128 --learning_rate=5e-5 --group_size=32]
+      [--runs=matquant,baseline_int2,... --noreference_rows]
 
 Every run trains the FFN weights of the loaded model (SmolLM2-135M by default) on the same
 batches from the Shakespeare training plays: 'Float, same tokens' (the fair reference:
@@ -37,6 +38,10 @@ _TASK_N = flags.DEFINE_integer('task_n', 100, 'Offline next-line task items.')
 # name, objective, parent bits (None: float training)
 RUNS = [('matquant', '8,4,2', 8), ('baseline_int2', '2', 2), ('baseline_int4', '4', 4),
         ('baseline_int8', '8', 8), ('float_same_tokens', 'float', None)]
+_RUNS = flags.DEFINE_list('runs', [r[0] for r in RUNS], 'The training runs to do (to split them over '
+                          'processes: one workdir each, rows merged afterwards).')
+_REFERENCE_ROWS = flags.DEFINE_bool('reference_rows', True, 'Evaluate the untrained rows (pretrained '
+                                    'float, PTQ, sliced min-max) too.')
 
 
 def main(argv):
@@ -77,11 +82,14 @@ def main(argv):
     save()
 
   spec = lambda bits, parent=8: QuantSpec(bits, parent_bits=parent, group_size=group)
-  measure('float32', 'Pretrained float', pretrained, None)
-  for b in (8, 4, 2):  # where every run starts
-    measure(f'int{b}', f'PTQ min-max ({gran})', pretrained, spec(b, b))
+  if unknown := set(_RUNS.value) - {r[0] for r in RUNS}:
+    raise ValueError(f'--runs: unknown runs {sorted(unknown)}; known: {[r[0] for r in RUNS]}')
+  if _REFERENCE_ROWS.value:
+    measure('float32', 'Pretrained float', pretrained, None)
+    for b in (8, 4, 2):  # where every run starts
+      measure(f'int{b}', f'PTQ min-max ({gran})', pretrained, spec(b, b))
   lambdas = tuple(map(float, _LAMBDAS.value))
-  for name, objective, parent_bits in RUNS:
+  for name, objective, parent_bits in (r for r in RUNS if r[0] in _RUNS.value):
     opts = train.Options(steps=_STEPS.value, learning_rate=_LR.value, warmup_steps=max(1, _STEPS.value // 8),
                          trainable='ffn', spec=spec(parent_bits, parent_bits) if parent_bits else None,
                          log_every=4)
@@ -101,7 +109,7 @@ def main(argv):
       measure(f'int{parent_bits}', 'Baseline', params, spec(parent_bits, parent_bits))
     else:
       measure('float32', 'Float, same tokens', params, None)
-  for b in (4, 2):
+  for b in (4, 2) if _REFERENCE_ROWS.value else ():
     measure(f'int{b}', f'Sliced int8 (min-max, {gran})', pretrained, spec(b))
 
   lines = [f'{_MODEL.value}, FFN QAT, {_STEPS.value} steps x {_BATCH.value} x {_SEQ.value} tokens, '
