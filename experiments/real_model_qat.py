@@ -47,6 +47,8 @@ _REFERENCE_ROWS = flags.DEFINE_bool('reference_rows', True, 'Evaluate the untrai
 def main(argv):
   del argv
   logs.setup()
+  if unknown := set(_RUNS.value) - {r[0] for r in RUNS}:
+    raise ValueError(f'--runs: unknown runs {sorted(unknown)}; known: {[r[0] for r in RUNS]}')
   workdir = os.path.abspath(_WORKDIR.value)
   settings = dict(model=_MODEL.value, steps=_STEPS.value, batch_size=_BATCH.value, seq_len=_SEQ.value,
                   learning_rate=_LR.value, group_size=_GROUP.value, lambdas=_LAMBDAS.value)
@@ -82,8 +84,6 @@ def main(argv):
     save()
 
   spec = lambda bits, parent=8: QuantSpec(bits, parent_bits=parent, group_size=group)
-  if unknown := set(_RUNS.value) - {r[0] for r in RUNS}:
-    raise ValueError(f'--runs: unknown runs {sorted(unknown)}; known: {[r[0] for r in RUNS]}')
   if _REFERENCE_ROWS.value:
     measure('float32', 'Pretrained float', pretrained, None)
     for b in (8, 4, 2):  # where every run starts
@@ -109,8 +109,9 @@ def main(argv):
       measure(f'int{parent_bits}', 'Baseline', params, spec(parent_bits, parent_bits))
     else:
       measure('float32', 'Float, same tokens', params, None)
-  for b in (4, 2) if _REFERENCE_ROWS.value else ():
-    measure(f'int{b}', f'Sliced int8 (min-max, {gran})', pretrained, spec(b))
+  if _REFERENCE_ROWS.value:
+    for b in (4, 2):
+      measure(f'int{b}', f'Sliced int8 (min-max, {gran})', pretrained, spec(b))
 
   lines = [f'{_MODEL.value}, FFN QAT, {_STEPS.value} steps x {_BATCH.value} x {_SEQ.value} tokens, '
            f'lr {_LR.value:g}, {gran}', '',

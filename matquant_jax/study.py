@@ -222,8 +222,7 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     return out
   report.write_json(os.path.join(workdir, 'results.json'), out)
   table = report.table(out)
-  with open(os.path.join(workdir, 'table.md'), 'w') as f:
-    f.write(table)
+  report.write_outputs(workdir, table)
   report.plot(out, os.path.join(workdir, 'log_pplx_vs_bits.png'))
   print(table)
   logging.info('wrote %s/{results.json,table.md,log_pplx_vs_bits.png}; total %.1fs', workdir, timings['total'])

@@ -36,6 +36,10 @@ def test_batches_are_deterministic_windows(token_data):
   np.testing.assert_array_equal(ev[1][1], token_data.validation[24:33])
   with pytest.raises(ValueError, match='no full batch'):
     pipeline.eval_batches(np.arange(10), 2, 8)
+  # With BOS per window (Gemma): BOS + 4 new tokens each, every token predicted once, 16 tokens fill 2 x 2.
+  bos = pipeline.eval_batches(np.arange(100, 116), 2, 4, bos_id=2)
+  np.testing.assert_array_equal(np.concatenate(bos), [[2, 100, 101, 102, 103], [2, 104, 105, 106, 107],
+                                                      [2, 108, 109, 110, 111], [2, 112, 113, 114, 115]])
 
 
 def test_missing_package_error(monkeypatch):

@@ -89,18 +89,17 @@ def eval_batches(stream: np.ndarray, batch_size: int, seq_len: int,
   """Consecutive [batch_size, seq_len + 1] windows from the start of the stream, each token
   predicted once. Without `bos_id` a window's first token is the previous window's last; with
   it (models trained with BOS opening every sequence) each window is BOS + seq_len new tokens."""
-  step = seq_len
-  n = (len(stream) - (bos_id is None)) // step // batch_size
+  shared = bos_id is None
+  n = (len(stream) - shared) // seq_len // batch_size
   if max_batches is not None:
     n = min(n, max_batches)
   if n == 0:
     raise ValueError(f'validation stream of {len(stream)} tokens gives no full batch of {batch_size}x{seq_len}')
   out = []
   for b in range(n):
-    if bos_id is None:
-      rows = [stream[(b * batch_size + i) * step:(b * batch_size + i + 1) * step + 1] for i in range(batch_size)]
-    else:
-      rows = [np.concatenate([[bos_id], stream[(b * batch_size + i) * step:(b * batch_size + i + 1) * step]])
-              for i in range(batch_size)]
-    out.append(np.stack(rows).astype(stream.dtype))
+    rows = np.stack([stream[i * seq_len:(i + 1) * seq_len + shared]
+                     for i in range(b * batch_size, (b + 1) * batch_size)])
+    if not shared:
+      rows = np.concatenate([np.full((batch_size, 1), bos_id, stream.dtype), rows], 1)
+    out.append(rows)
   return out
