@@ -3,6 +3,7 @@ r"""QAT on a real pretrained model: MatQuant [8,4,2] against int8/int4/int2 base
   python experiments/real_model_qat.py --workdir=runs/smollm2_qat [--model=smollm2-135m]
       [--steps=64 --batch_size=4 --seq_len=128 --learning_rate=5e-5 --group_size=32]
       [--runs=matquant,baseline_int2,... --noreference_rows]
+      [--init_parent=runs/smollm2_ep/parents/g32_skip1_matquant_ep --extra_precision --lambdas=1,1,1]
 
 Every run trains the FFN weights of the loaded model (SmolLM2-135M by default) on the same
 batches from the Shakespeare training plays: 'Float, same tokens' (the fair reference:
@@ -10,6 +11,11 @@ QAT is also extra training on a new domain), the int8, int4 and int2 single-prec
 baselines, and MatQuant [8,4,2] with lambda (0.1, 0.1, 1). Each run checkpoints with orbax and
 resumes. Rows (log pplx on held-out plays, next-line task accuracy) are appended to
 WORKDIR/results.json as they finish; WORKDIR/table.md and WORKDIR/plot.png at the end.
+
+--init_parent starts the runs from a stored parent (e.g. an OmniQuant or E.P. MatQuant parent
+of real_model_study.py) instead of the pretrained weights: `warm_start.float_variables` gives
+float weights whose min-max fake quantization is that parent, and the parent's own slices
+become the reference rows.
 """
 
 import os
@@ -17,7 +23,7 @@ import time
 
 from absl import app, flags, logging
 
-from matquant_jax import checkpoints, evaluate, logs, losses, report, study, train
+from matquant_jax import checkpoints, evaluate, logs, losses, parent, report, study, train, warm_start
 from matquant_jax.data import pipeline
 from matquant_jax.qeinsum import QuantSpec
 
@@ -32,6 +38,10 @@ _LR = flags.DEFINE_float('learning_rate', 5e-5, 'Peak AdamW learning rate (warm-
 _GROUP = flags.DEFINE_integer('group_size', 32, 'Quantization group size along the contraction axis; '
                               '0: one scale per output channel.')
 _LAMBDAS = flags.DEFINE_list('lambdas', ['0.1', '0.1', '1'], 'MatQuant [8,4,2] lambdas.')
+_INIT_PARENT = flags.DEFINE_string('init_parent', None, 'A stored parent directory to start QAT from '
+                                   '(its group size must be --group_size).')
+_EXTRA = flags.DEFINE_bool('extra_precision', False, 'Train and evaluate Extra Precision slices (the '
+                           "paper's E.P. MatQuant; use with an E.P. parent and lambdas 1,1,1).")
 _PPL_BATCHES = flags.DEFINE_integer('ppl_batches', 1, 'Perplexity batches of 8 x 512 tokens.')
 _TASK_N = flags.DEFINE_integer('task_n', 100, 'Offline next-line task items.')
 
@@ -52,11 +62,21 @@ def main(argv):
   workdir = os.path.abspath(_WORKDIR.value)
   settings = dict(model=_MODEL.value, steps=_STEPS.value, batch_size=_BATCH.value, seq_len=_SEQ.value,
                   learning_rate=_LR.value, group_size=_GROUP.value, lambdas=_LAMBDAS.value)
+  if _INIT_PARENT.value or _EXTRA.value:  # (absent from workdirs made before these flags)
+    settings.update(init_parent=_INIT_PARENT.value, extra_precision=_EXTRA.value)
+  group = _GROUP.value or None
+  if _INIT_PARENT.value and (g := parent.read_manifest(_INIT_PARENT.value).get('group_size')) != group:
+    raise ValueError(f'--init_parent has group size {g}, but --group_size={_GROUP.value}')
   results, save = report.open_results(workdir, settings=settings)
 
   model, variables, tokenizer = checkpoints.load(_MODEL.value)
-  cfg, pretrained = model.config, variables['params']
-  group = _GROUP.value or None
+  cfg = model.config
+  start = {'params': variables['params']}
+  if _INIT_PARENT.value:
+    stored = parent.load(_INIT_PARENT.value)[1]
+    start = warm_start.float_variables(cfg, stored)
+    logging.info('%s: min-max requantization reproduces %.4f%% of its codes', _INIT_PARENT.value,
+                 100 * warm_start.code_agreement(cfg, stored, start))
   gran = f'g{group}' if group else 'per-channel'
   train_texts = pipeline.load_split_texts('shakespeare_plays', _DATA_DIR.value, 'train')
   stream = evaluate.token_stream(tokenizer, train_texts)
@@ -69,13 +89,13 @@ def main(argv):
   items = evaluate.shakespeare_next_line(_DATA_DIR.value, _TASK_N.value)
   done = {(r['data_type'], r['method']) for r in results['rows']}
 
-  def measure(dtype, method, params, spec):
+  def measure(dtype, method, variables, spec):
     if (dtype, method) in done:
       return
     t = time.perf_counter()
-    row = evaluate.table_row(model, {'params': params}, tokenizer, spec, {'next_line': items}, texts,
+    row = evaluate.table_row(model, variables, tokenizer, spec, {'next_line': items}, texts,
                              512, 8, _PPL_BATCHES.value)
-    bits = study.ffn_average_bits(params, spec, cfg) if spec else 32.0
+    bits = study.ffn_average_bits(variables['params'], spec, cfg) if spec else 32.0
     results['rows'].append(dict(data_type=dtype, method=method, bits_per_ffn_param=bits,
                                 log_pplx=row['log_pplx'], next_line_acc=row['next_line'],
                                 next_line_acc_norm=row['next_line_norm']))
@@ -83,11 +103,16 @@ def main(argv):
                  row['log_pplx'], row['next_line'], row['next_line_norm'], time.perf_counter() - t)
     save()
 
-  spec = lambda bits, parent=8: QuantSpec(bits, parent_bits=parent, group_size=group)
-  if _REFERENCE_ROWS.value:
-    measure('float32', 'Pretrained float', pretrained, None)
+  spec = lambda bits, parent_bits=8: QuantSpec(bits, parent_bits=parent_bits, group_size=group,
+                                               extra_precision=_EXTRA.value)
+  ep = 'E.P. ' if _EXTRA.value else ''
+  if _REFERENCE_ROWS.value and _INIT_PARENT.value:
+    for b in (8, 4, 2):
+      measure(f'int{b}', f'{ep}Parent before QAT', start, spec(b))
+  elif _REFERENCE_ROWS.value:
+    measure('float32', 'Pretrained float', start, None)
     for b in (8, 4, 2):  # where every run starts
-      measure(f'int{b}', f'PTQ min-max ({gran})', pretrained, spec(b, b))
+      measure(f'int{b}', f'PTQ min-max ({gran})', start, spec(b, b))
   lambdas = tuple(map(float, _LAMBDAS.value))
   for name, objective, parent_bits in (r for r in RUNS if r[0] in _RUNS.value):
     opts = train.Options(steps=_STEPS.value, learning_rate=_LR.value, warmup_steps=max(1, _STEPS.value // 8),
@@ -95,26 +120,27 @@ def main(argv):
                          log_every=4)
     obj = losses.parse_objective(objective, lambdas if name == 'matquant' else None, parent_bits or 8)
     t = time.perf_counter()
-    params, _ = train.train(model, pretrained, obj, batch_fn, opts,
+    trained, _ = train.train(model, start, obj, batch_fn, opts,
                             os.path.join(workdir, 'checkpoints', name), desc=f'{_MODEL.value} QAT {name}')
     results.setdefault('train_s', {}).setdefault(name, time.perf_counter() - t)
     if name == 'matquant':
       for b in (8, 4, 2):
-        measure(f'int{b}', 'MatQuant', params, spec(b))
+        measure(f'int{b}', f'{ep}MatQuant', trained, spec(b))
     elif name == 'baseline_int8':
-      measure('int8', 'Baseline', params, spec(8))
+      measure('int8', 'Baseline', trained, spec(8))
       for b in (4, 2):
-        measure(f'int{b}', 'Sliced int8 Baseline', params, spec(b))
+        measure(f'int{b}', f'{ep}Sliced int8 Baseline', trained, spec(b))
     elif parent_bits:
-      measure(f'int{parent_bits}', 'Baseline', params, spec(parent_bits, parent_bits))
+      measure(f'int{parent_bits}', 'Baseline', trained, spec(parent_bits, parent_bits))
     else:
-      measure('float32', 'Float, same tokens', params, None)
-  if _REFERENCE_ROWS.value:
+      measure('float32', 'Float, same tokens', trained, None)
+  if _REFERENCE_ROWS.value and not _INIT_PARENT.value:
     for b in (4, 2):
-      measure(f'int{b}', f'Sliced int8 (min-max, {gran})', pretrained, spec(b))
+      measure(f'int{b}', f'{ep}Sliced int8 (min-max, {gran})', start, spec(b))
 
+  origin = f', from {_INIT_PARENT.value}' if _INIT_PARENT.value else ''
   lines = [f'{_MODEL.value}, FFN QAT, {_STEPS.value} steps x {_BATCH.value} x {_SEQ.value} tokens, '
-           f'lr {_LR.value:g}, {gran}', '',
+           f'lr {_LR.value:g}, {gran}, lambdas {",".join(_LAMBDAS.value)}{origin}', '',
            '| data type | method | FFN bits | log pplx | next-line acc | acc_norm |', '|---|---|---|---|---|---|']
   for r in results['rows']:
     lines.append(f"| {r['data_type']} | {r['method']} | {r['bits_per_ffn_param']:.3f} | {r['log_pplx']:.3f} | "

@@ -146,6 +146,8 @@ def make_train_step(model: gemma.Transformer, objective: losses.Objective, spec:
                     tx: optax.GradientTransformation, shardings: tuple | None = None) -> Callable:
   """jit(train_step)(state, frozen, batch) -> (state, metrics); batch: int [B, T+1].
 
+  frozen: {'params': the untrained parameters, plus fixed collections such as 'quant'}.
+
   shardings: (state, frozen, batch) NamedSharding trees for explicit in/out shardings.
   """
 
@@ -154,9 +156,9 @@ def make_train_step(model: gemma.Transformer, objective: losses.Objective, spec:
     mask = gemma.token_mask(model.config, targets)
 
     def loss_fn(trainable):
-      params = merge_params(trainable, frozen)
+      variables = {**frozen, 'params': merge_params(trainable, frozen['params'])}
       def logits_fn(bits):
-        return model.apply({'params': params}, inputs, quant=width_spec(spec, bits))
+        return model.apply(variables, inputs, quant=width_spec(spec, bits))
       return losses.matquant_loss(logits_fn, targets, mask, objective)
 
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state['params'])
@@ -257,13 +259,16 @@ class Prepared:
 def prepare(model: gemma.Transformer, init_params: Params, objective: losses.Objective,
             opts: Options, mesh=None, rules=sharding.DEFAULT_RULES) -> Prepared:
   """Splits, shards and initialises the train state over `mesh` (default: the first device)
-  and jits the step with explicit in/out shardings."""
+  and jits the step with explicit in/out shardings. init_params: parameters, or variables
+  whose collections other than 'params' (an OmniQuant 'quant') stay fixed."""
   if mesh is None:
     mesh = sharding.make_mesh(sharding.mesh_config(), jax.devices()[:1])
-  trainable, frozen = split_params(init_params, opts.trainable)
+  variables = as_variables(init_params)
+  trainable, frozen_params = split_params(variables['params'], opts.trainable)
+  frozen = {**variables, 'params': frozen_params}
   tx = make_optimizer(opts)
   t_sh = model_shardings(model.config, trainable, mesh, rules)
-  f_sh = model_shardings(model.config, frozen, mesh, rules)
+  f_sh = {c: model_shardings(model.config, tree, mesh, rules) for c, tree in frozen.items()}
   trainable, frozen = jax.device_put(trainable, t_sh), jax.device_put(frozen, f_sh)
   make_state = functools.partial(init_state, tx=tx)
   s_sh = sharding.state_shardings(jax.eval_shape(make_state, trainable), tx, t_sh, mesh)
@@ -282,7 +287,9 @@ def train(model: gemma.Transformer, init_params: Params, objective: losses.Objec
   objective: `losses.parse_objective(...)`, e.g. '8,4,2' with lambdas. batch_fn(step)
   gives this process's rows of the global batch, int [B, T+1]. The state is sharded over `mesh` (default: the first device)
   by `rules`; a checkpoint saved on another mesh restores onto this one.
-  Returns the full parameters and the last metrics.
+  init_params may be variables {'params', 'quant'} (`warm_start.float_variables`): the
+  'quant' collection stays fixed and comes back with the parameters.
+  Returns the full parameters (variables, when given variables) and the last metrics.
   """
   p = prepare(model, init_params, objective, opts, mesh, rules)
   state, frozen, step_fn, b_sh = p.state, p.frozen, p.step_fn, p.batch_sharding
@@ -319,4 +326,5 @@ def train(model: gemma.Transformer, init_params: Params, objective: losses.Objec
     mngr.close()
   if opts.steps > start:
     logging.info('%s: %d steps in %.1fs', desc, opts.steps - start, time.perf_counter() - t0)
-  return merge_params(state['params'], frozen), metrics
+  params = merge_params(state['params'], frozen['params'])
+  return ({**frozen, 'params': params} if 'params' in init_params else params), metrics
