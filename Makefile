@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/default
 CONFIG ?= experiments/configs/default.py
+# pytest-xdist workers for `make test` (most of the suite's time is single-threaded XLA compiles)
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test bench clean
 
@@ -28,7 +30,7 @@ demo: setup
 	$(PY) experiments/main.py --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: setup
 	$(PY) experiments/bench_train_step.py

@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     'safetensors==0.8.0',  # Hugging Face checkpoints and the parent artifact
     'gguf==0.19.0',  # GGUF checkpoints (dequantized with its numpy kernels)
     'tokenizers==0.23.3',  # tokenizer.json and GGUF byte-level BPE vocabularies
+    'filelock>=3.12',  # jobs (and test workers) sharing a data dir build it once
 ]
 
 setup(
@@ -31,6 +32,8 @@ setup(
     python_requires='>=3.11',
     packages=find_packages(include=['matquant_jax', 'matquant_jax.*']),
     install_requires=INSTALL_REQUIRES,
-    # The suite also executes the Colab notebooks (colabs/) in a local kernel.
-    extras_require={'test': ['pytest==9.2.0', 'nbclient==0.11.0', 'nbformat==5.11.1', 'ipykernel==7.4.0']},
+    # The suite also executes the Colab notebooks (colabs/) in a local kernel; `make test` runs
+    # it on two workers (pytest-xdist), one test file per worker at a time.
+    extras_require={'test': ['pytest==9.2.0', 'pytest-xdist==3.8.0', 'nbclient==0.11.0', 'nbformat==5.11.1',
+                             'ipykernel==7.4.0']},
 )

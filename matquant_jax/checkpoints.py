@@ -267,6 +267,8 @@ def infer_gemma_config(params: Params, dtype: str) -> gemma.TransformerConfig:
   presets = [getattr(gemma.TransformerConfig, n) for n in ('gemma2_2b', 'gemma2_9b', 'gemma2_27b')]
   for preset in presets + list(gemma3.PRESETS.values()):
     config = preset(dtype=dtype)
+    if got.get('embedder/input_embedding') != (config.num_embed, config.embed_dim):
+      continue  # (tracing a 27B preset's init for its shapes takes seconds)
     if {k: v.shape for k, v in gemma.param_shapes(config).items()} == got:
       return config
   flat = traverse_util.flatten_dict(params, sep='/')

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import filelock
 import numpy as np
 import sentencepiece as spm
 import tensorflow_datasets as tfds
@@ -35,7 +36,9 @@ def load_split_texts(name: str, data_dir: str, split: str) -> list[str]:
     builder = LOCAL_BUILDERS[name](data_dir=data_dir, file_format='array_record')
   else:
     builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
-  builder.download_and_prepare()
+  os.makedirs(data_dir, exist_ok=True)
+  with filelock.FileLock(os.path.join(data_dir, '.prepare.lock')):  # jobs sharing a data dir build it once
+    builder.download_and_prepare()
   source = builder.as_data_source(split=split)
   texts = [source[i]['text'] for i in range(len(source))]
   return [t.decode('utf-8') if isinstance(t, bytes) else t for t in texts]
@@ -50,17 +53,19 @@ def load_tokens(name: str, data_dir: str, vocab_size: int) -> TokenData:
     if split not in texts:
       texts[split] = load_split_texts(name, data_dir, split)
     return texts[split]
-  sp = tok_lib.train_or_load(prefix + '.model', (t for t in texts_of('train')), vocab_size)
-  streams = {}
-  for split in ('train', 'validation'):
-    path = f'{prefix}_{split}.npy'
-    if not os.path.exists(path):
-      ids = sp.encode(texts_of(split))
-      stream = np.concatenate([np.array([BOS_ID] + d + [EOS_ID], np.int32) for d in ids])
-      tmp = path + '.tmp.npy'
-      np.save(tmp, stream)
-      os.replace(tmp, path)
-    streams[split] = np.load(path)
+  os.makedirs(os.path.dirname(prefix), exist_ok=True)
+  with filelock.FileLock(prefix + '.lock'):  # another job may be building the same files
+    sp = tok_lib.train_or_load(prefix + '.model', (t for t in texts_of('train')), vocab_size)
+    streams = {}
+    for split in ('train', 'validation'):
+      path = f'{prefix}_{split}.npy'
+      if not os.path.exists(path):
+        ids = sp.encode(texts_of(split))
+        stream = np.concatenate([np.array([BOS_ID] + d + [EOS_ID], np.int32) for d in ids])
+        tmp = path + '.tmp.npy'
+        np.save(tmp, stream)
+        os.replace(tmp, path)
+      streams[split] = np.load(path)
   return TokenData(streams['train'], streams['validation'], sp)
 
 
