@@ -244,6 +244,16 @@ def calibrate(config: gemma.TransformerConfig, params: Tree, tokens: np.ndarray,
   return qtree
 
 
+def by_weight(qtree: Tree) -> dict[str, dict]:
+  """{'layer_i/mlp/linear': {'shift': ..., 'smooth': ..., ...}}: a transform tree (or a parent's
+  'quant' collection) keyed by the weight it belongs to."""
+  out = {}
+  for k, v in traverse_util.flatten_dict(qtree, sep='/').items():
+    weight, _, leaf = k.rpartition('/')
+    out.setdefault(weight, {})[leaf] = v
+  return out
+
+
 def export_parent(config: gemma.TransformerConfig, params: Tree, qtree: Tree | None,
                   spec: QuantSpec) -> dict[str, Tree]:
   """Folds the transforms into a stored parent: {'params', 'quant'} variables.
@@ -256,10 +266,7 @@ def export_parent(config: gemma.TransformerConfig, params: Tree, qtree: Tree | N
   through `model.apply(variables, tokens, quant=QuantSpec(...))`.
   """
   flat_p = traverse_util.flatten_dict(params, sep='/')
-  transforms = {}  # weight path -> its aux dict
-  for k, v in traverse_util.flatten_dict(qtree or {}, sep='/').items():
-    weight, _, leaf = k.rpartition('/')
-    transforms.setdefault(weight, {})[leaf] = v
+  transforms = by_weight(qtree or {})
   flat_q = {}
   for key, _ in gemma.blocks(config):
     for path, info in _targets(config, spec).items():

@@ -96,13 +96,6 @@ def _flat(tree) -> dict[str, Any]:
   return {'/'.join(str(getattr(k, 'key', k)) for k in path): v for path, v in leaves}
 
 
-def _group_size(qa: quant.QuantizedArray) -> int | None:
-  if qa.codes.ndim == len(qa.shape):
-    return None
-  ax = next(i for i, (a, b) in enumerate(zip(qa.codes.shape, qa.shape)) if a != b)
-  return int(qa.codes.shape[ax + 1])
-
-
 def _layer_of(path: str) -> int:
   m = re.match(r'layer_(\d+)/', path)
   if m is None:
@@ -121,7 +114,7 @@ def _tensors(variables, layer_bits: Sequence[int] | None, float_dtype):
         tensors[name] = a.astype(float_dtype) if float_dtype and collection == 'params' else a
         continue
       entry = {'shape': list(leaf.shape), 'codes_shape': list(leaf.codes.shape),
-               'bits': leaf.parent_bits, 'group_size': _group_size(leaf), 'packed': False}
+               'bits': leaf.parent_bits, 'group_size': leaf.group_size, 'packed': False}
       codes, scale, zero = np.asarray(leaf.codes), np.asarray(leaf.scale), np.asarray(leaf.zero_point)
       if layer_bits is not None:
         r = layer_bits[_layer_of(path)]

@@ -255,6 +255,14 @@ class QuantizedArray:
     w = dequantize(q.astype(jnp.float32), self.scale, self.zero_point)
     return w.reshape(self.shape).astype(dtype)
 
+  @property
+  def group_size(self) -> int | None:
+    """Weights per scale along the contraction axis (None: one scale per output channel)."""
+    if self.codes.ndim == len(self.shape):
+      return None
+    ax = next(i for i, (a, b) in enumerate(zip(self.codes.shape, self.shape)) if a != b)
+    return int(self.codes.shape[ax + 1])
+
   def average_bits(self, bits: int, extra_precision: bool = False) -> float:
     """bits + the fraction of weights in the extra bucket (extra precision only)."""
     if not extra_precision or bits == self.parent_bits:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from flax import traverse_util
 
-from matquant_jax import quant
+from matquant_jax import omniquant, quant
 from matquant_jax.models import gemma
 
 
@@ -27,10 +27,7 @@ def float_variables(config: gemma.TransformerConfig, parent: dict) -> dict:
   to fold their scale here).
   """
   params = traverse_util.flatten_dict(parent['params'], sep='/')
-  aux = {}
-  for k, v in traverse_util.flatten_dict(parent.get('quant', {}), sep='/').items():
-    weight, _, leaf = k.rpartition('/')
-    aux.setdefault(weight, {})[leaf] = v
+  aux = omniquant.by_weight(parent.get('quant', {}))
   if attn := sorted(w for w in aux if '/attn/' in w):
     raise ValueError(f'warm start folds OmniQuant transforms of FFN weights only; the parent has them on {attn[:2]}')
   for k, v in params.items():
@@ -72,8 +69,7 @@ def code_agreement(config: gemma.TransformerConfig, parent: dict, variables: dic
     if not isinstance(qa, quant.QuantizedArray):
       continue
     info = infos[k.partition('/')[2]]
-    group = qa.codes.shape[info.reduce_axes[0] + 1] if qa.codes.ndim > len(qa.shape) else None
-    again = quant.QuantizedArray.from_float(f[k], qa.parent_bits, info.reduce_axes, group)
+    again = quant.QuantizedArray.from_float(f[k], qa.parent_bits, info.reduce_axes, qa.group_size)
     same += int(np.sum(np.asarray(again.codes) == np.asarray(qa.codes)))
     total += qa.codes.size
   return same / total

@@ -149,3 +149,9 @@ def test_bad_bit_widths(bits, parent):
     quant.slice_codes(np.arange(4), bits, parent)
   with pytest.raises(ValueError, match='bits'):
     quant.fake_quant(jnp.ones((4, 2)), bits, parent_bits=parent)
+
+
+def test_group_size_is_read_off_the_codes_shape():
+  w = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
+  assert quant.QuantizedArray.from_float(w, 8, (0,), 16).group_size == 16  # codes [4, 16, 8]
+  assert quant.QuantizedArray.from_float(w, 8, (0,)).group_size is None

@@ -1,4 +1,4 @@
-"""QAT from a stored parent: the float weights reproduce the parent's codes and outputs exactly."""
+"""QAT from a stored parent: the float weights give back the parent's codes exactly, its outputs to float rounding."""
 
 import jax
 import jax.numpy as jnp
