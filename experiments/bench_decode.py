@@ -20,9 +20,12 @@ from absl import app, flags
 import jax
 import jax.numpy as jnp
 
-from matquant_jax import checkpoints, evaluate, logs, omniquant, parent, sampler, timing
+from matquant_jax import ckpts, parents
+from matquant_jax.core import plans
+from matquant_jax.core.qeinsum import QuantSpec
 from matquant_jax.data import shakespeare
-from matquant_jax.qeinsum import QuantSpec
+from matquant_jax.lab import logs, timing
+from matquant_jax.text import sampler
 
 _MODEL = flags.DEFINE_string('model', 'smollm2-135m', 'Float checkpoint, .gguf or model name.')
 _BATCH = flags.DEFINE_list('batch', ['1', '8'], 'Batch sizes.')
@@ -59,17 +62,16 @@ def prompts(tokenizer, n: int, length: int) -> list[str]:
 def main(argv):
   del argv
   logs.setup()
-  model, variables, tokenizer = checkpoints.load(_MODEL.value)
-  stored = omniquant.export_parent(model.config, variables['params'], None,
-                                   QuantSpec(8, targets=tuple(_TARGETS.value)))
+  model, variables, tokenizer = ckpts.load(_MODEL.value)
+  stored = parents.make_parent(model.config, variables['params'], QuantSpec(8, targets=tuple(_TARGETS.value)))
   cache = -(-_PROMPT.value // sampler.BUCKET) * sampler.BUCKET + _NEW.value + sampler.BUCKET
   float_sampler = sampler.Sampler(model, variables, tokenizer, cache)
   parent_sampler = sampler.Sampler(model, stored, tokenizer, cache)
   variants = {'float weights': (float_sampler, None), 'parent int8': (parent_sampler, 8),
               'parent int4': (parent_sampler, 4), 'parent int2': (parent_sampler, 2),
-              'parent pyramid': (parent_sampler, evaluate.pyramid(model.config.num_layers))}
-  resident = {'float weights': parent.weight_bytes(variables)['total'],
-              **{k: parent.weight_bytes(stored)['total'] for k in variants if k != 'float weights'}}
+              'parent pyramid': (parent_sampler, plans.pyramid(model.config.num_layers))}
+  resident = {'float weights': parents.weight_bytes(variables)['total'],
+              **{k: parents.weight_bytes(stored)['total'] for k in variants if k != 'float weights'}}
   bandwidth = memory_bandwidth(_BANDWIDTH_MIB.value)
 
   rows = []

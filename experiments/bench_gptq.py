@@ -18,9 +18,12 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from matquant_jax import gptq, losses, planner, study, timing
-from matquant_jax.models import gemma
-from matquant_jax.qeinsum import QuantSpec
+from matquant_jax import nn
+from matquant_jax.algos import gptq
+from matquant_jax.core import losses
+from matquant_jax.core.qeinsum import QuantSpec
+from matquant_jax.lab import study, timing
+from matquant_jax.parents import planner
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/gptq.py', 'Experiment config.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Interleaved repeats; the median is reported.')
@@ -31,7 +34,7 @@ def main(argv):
   cfg = _CONFIG.value
   g = cfg.gptq
   mcfg = study.model_config(cfg, cfg.data.vocab_size)
-  model = gemma.Transformer(mcfg)
+  model = nn.Transformer(mcfg)
   tokens = np.random.default_rng(0).integers(4, cfg.data.vocab_size, (g.samples, g.seq_len)).astype(np.int32)
   params = model.init(jax.random.PRNGKey(0), jnp.asarray(tokens[:1]))['params']
   opts = gptq.Options.from_config(g)

@@ -14,8 +14,10 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from matquant_jax import losses, omniquant, study, timing, train
-from matquant_jax.models import gemma
+from matquant_jax import nn
+from matquant_jax.algos import omniquant
+from matquant_jax.core import losses
+from matquant_jax.lab import configs, study, timing
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/omniquant.py', 'Experiment config.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Interleaved repeats; the median is reported.')
@@ -28,19 +30,19 @@ def main(argv):
   mcfg = study.model_config(cfg, cfg.data.vocab_size)
   rng = np.random.default_rng(0)
   tokens = rng.integers(4, cfg.data.vocab_size, (o.samples, o.seq_len)).astype(np.int32)
-  params = gemma.Transformer(mcfg).init(jax.random.PRNGKey(0), jnp.asarray(tokens[:1]))['params']
-  x = gemma.embed(mcfg, params, tokens)
+  params = nn.Transformer(mcfg).init(jax.random.PRNGKey(0), jnp.asarray(tokens[:1]))['params']
+  x = nn.embed(mcfg, params, tokens)
   opts = omniquant.Options.from_config(o)
   tx = omniquant.optimizer(opts)
   q = cfg.qat.quant
   variants = {'single precision int2 (baseline)': ('2', None, 2),
               'MatQuant [8,4,2]': ('8,4,2', (0.1, 0.1, 1.0), 8)}
-  layers = gemma.blocks(mcfg)
+  layers = nn.blocks(mcfg)
   steps_per_epoch = o.samples // o.batch_size
   prepared = {}
   for name, (obj, lambdas, parent) in variants.items():
     objective = losses.parse_objective(obj, lambdas, parent)
-    spec = train.quant_spec(parent, dict(q, parent_bits=parent))
+    spec = configs.quant_spec(parent, dict(q, parent_bits=parent))
     qtree = omniquant.init_transforms(mcfg, params, spec, o.lwc, o.let)
     fns = {a: omniquant._layer_fns(b, objective, spec, tx, opts)[0]  # pylint: disable=protected-access
            for a, b in {blk.attn_type: blk for _, blk in layers}.items()}

@@ -15,14 +15,16 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from matquant_jax import checkpoints, losses, study, timing, train
-from matquant_jax.models import gemma
-from matquant_jax.quant import fake_quant
+from matquant_jax import ckpts, nn
+from matquant_jax.algos import qat
+from matquant_jax.core import losses
+from matquant_jax.core.quant import fake_quant
+from matquant_jax.lab import configs, study, timing
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/default.py', 'Experiment config.')
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps per repeat.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Interleaved repeats; the median is reported.')
-_MODEL = flags.DEFINE_string('model', None, 'A real model (checkpoints.load) instead of the config\'s; '
+_MODEL = flags.DEFINE_string('model', None, 'A real model (ckpts.load) instead of the config\'s; '
                              'batch shape from the config\'s data section.')
 
 
@@ -32,11 +34,11 @@ def main(argv):
   d = cfg.data
   rng = np.random.default_rng(0)
   if _MODEL.value:
-    model, variables, _ = checkpoints.load(_MODEL.value)
+    model, variables, _ = ckpts.load(_MODEL.value)
     mcfg, params = model.config, variables['params']
   else:
     mcfg = study.model_config(cfg, d.vocab_size)
-    model = gemma.Transformer(mcfg)
+    model = nn.Transformer(mcfg)
   batch = jnp.asarray(rng.integers(4, mcfg.num_embed, (d.batch_size, d.seq_len + 1)), jnp.int32)
   if not _MODEL.value:
     params = model.init(jax.random.PRNGKey(0), batch[:, :-1])['params']
@@ -46,14 +48,14 @@ def main(argv):
               'QAT int2': ('2', None, 2), 'MatQuant [8,4,2]': ('8,4,2', (0.1, 0.1, 1.0), 8)}
   runners = {}
   for name, (obj, lambdas, parent) in variants.items():
-    opts = train.Options.from_config(cfg.qat, train.quant_spec(parent, dict(q, parent_bits=parent)),
+    opts = qat.Options.from_config(cfg.qat, configs.quant_spec(parent, dict(q, parent_bits=parent)),
                                      steps=1000)
-    prepared = train.prepare(model, params, losses.parse_objective(obj, lambdas, parent), opts)
+    prepared = qat.prepare(model, params, losses.parse_objective(obj, lambdas, parent), opts)
     runners[name] = timing.step_runner(prepared, batch, _STEPS.value)
   med = {k: v / _STEPS.value for k, v in timing.interleaved_medians(runners, _REPEATS.value).items()}
 
   # Where the time goes: the quantizer alone, and forward passes at float and int2.
-  axes = gemma.ffn_reduce_axes(mcfg)
+  axes = nn.ffn_reduce_axes(mcfg)
   ffn = [params[f'layer_{i}']['mlp'] for i in range(mcfg.num_layers)]
   fq = jax.jit(lambda ws: [{k: fake_quant(w, 2, reduce_axes=axes[k]) for k, w in m.items()} for m in ws])
   fwd = jax.jit(lambda p, spec: model.apply({'params': p}, batch[:, :-1], quant=spec), static_argnums=1)
@@ -66,7 +68,7 @@ def main(argv):
     return (time.perf_counter() - t) / _STEPS.value
   quant_only = clock(fq, ffn)
   fwd_float = clock(fwd, params, None)
-  fwd_int2 = clock(fwd, params, train.quant_spec(2, dict(q, parent_bits=8)))
+  fwd_int2 = clock(fwd, params, configs.quant_spec(2, dict(q, parent_bits=8)))
 
   tokens = d.batch_size * d.seq_len
   print(f'device: {jax.devices()[0].device_kind} x{jax.device_count()}; model {mcfg.num_layers}L '

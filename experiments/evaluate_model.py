@@ -5,7 +5,7 @@ r"""Evaluates a loaded model at bf16 and at every bit-width, in the paper's tabl
       [--ppl=tfds:shakespeare_plays:validation] [--bits=8,6,4,3,2] [--out=table.json]
 
 --model: a checkpoint directory, a .gguf file, 'smollm2-135m', or a stored
-parent (`parent.save`, e.g. runs/x/parents/<run>). For float weights every
+parent (`parents.save`, e.g. runs/x/parents/<run>). For float weights every
 width is min-max PTQ ('PTQ') and the int8 min-max parent sliced ('Sliced
 int8'); for a stored parent, its slices. Rows: data type; columns: accuracy per task,
 Task Avg. (mean accuracy) and log pplx (nats/token).
@@ -17,13 +17,14 @@ import time
 
 from absl import app, flags, logging
 
-from matquant_jax import checkpoints, evaluate, logs, parent
-from matquant_jax.models import gemma
-from matquant_jax.qeinsum import QuantSpec
+from matquant_jax import ckpts, evals, nn
+from matquant_jax.core import plans
+from matquant_jax.core.qeinsum import QuantSpec
+from matquant_jax.lab import logs
 
 _MODEL = flags.DEFINE_string('model', 'smollm2-135m', 'Checkpoint directory, .gguf file or model name.')
-_TASKS = flags.DEFINE_list('tasks', [evaluate.OFFLINE_TASK], 'Tasks: ' + ', '.join(
-    list(evaluate.TASKS) + [evaluate.OFFLINE_TASK]))
+_TASKS = flags.DEFINE_list('tasks', [evals.OFFLINE_TASK], 'Tasks: ' + ', '.join(
+    list(evals.TASKS) + [evals.OFFLINE_TASK]))
 _TASK_FILES = flags.DEFINE_list('task_files', [], 'task=path.jsonl overrides (local examples).')
 _LIMIT = flags.DEFINE_integer('limit', 200, 'Examples per task.')
 _PPL = flags.DEFINE_string('ppl', 'tfds:shakespeare_plays:validation', 'Perplexity text source.')
@@ -41,7 +42,7 @@ def evaluate_rows(variables, tokenizer, specs, items, texts):
   rows = []
   for label, model, spec in specs:
     t = time.perf_counter()
-    rows.append(dict(data_type=label, **evaluate.table_row(model, variables, tokenizer, spec, items,
+    rows.append(dict(data_type=label, **evals.table_row(model, variables, tokenizer, spec, items,
                                                            texts, _SEQ.value, 8, _PPL_WINDOWS.value)))
     logging.info('%-28s task avg %.3f  log pplx %.4f  (%.0fs)', label, rows[-1]['task_avg'],
                  rows[-1]['log_pplx'], time.perf_counter() - t)
@@ -51,23 +52,23 @@ def evaluate_rows(variables, tokenizer, specs, items, texts):
 def main(argv):
   del argv
   logs.setup()
-  model, variables, tokenizer = checkpoints.load(_MODEL.value)
+  model, variables, tokenizer = ckpts.load(_MODEL.value)
   files = dict(kv.split('=', 1) for kv in _TASK_FILES.value)
-  items = {t: evaluate.task_items(t, files.get(t), _DATA_DIR.value, _LIMIT.value) for t in _TASKS.value}
-  texts = evaluate.read_texts(_PPL.value, _DATA_DIR.value)
+  items = {t: evals.task_items(t, files.get(t), _DATA_DIR.value, _LIMIT.value) for t in _TASKS.value}
+  texts = evals.read_texts(_PPL.value, _DATA_DIR.value)
   layers = model.config.num_layers
-  mix = evaluate.pyramid(layers) if _MIX.value == 'pyramid' else tuple(
+  mix = plans.pyramid(layers) if _MIX.value == 'pyramid' else tuple(
       int(b) for b in _MIX.value.split(',') if b)
   bits = [int(b) for b in _BITS.value]
-  stored = parent.stored_bits(variables)
+  stored = nn.stored_bits(variables)
   if stored:
-    targets = parent.quantized_targets(variables, model.config)
+    targets = nn.quantized_targets(variables, model.config)
     specs = [(f'int{b} (parent slice)', model, QuantSpec(b, parent_bits=stored, targets=targets))
              for b in bits if b <= stored]
     mix_spec = QuantSpec(mix, parent_bits=stored, targets=targets) if mix else None
   else:
     mix_spec = QuantSpec(mix) if mix else None
-    bf16 = gemma.Transformer(dataclasses.replace(model.config, dtype='bfloat16'))
+    bf16 = nn.Transformer(dataclasses.replace(model.config, dtype='bfloat16'))
     specs = [('bf16', bf16, None)]
     specs += [(f'int{b} (PTQ min-max)', model, QuantSpec(b, parent_bits=b)) for b in bits]
     specs += [(f'int{b} (Sliced int8)', model, QuantSpec(b)) for b in bits if b != 8]

@@ -17,9 +17,10 @@ import os
 
 from absl import app, flags
 
-from matquant_jax import checkpoints, evaluate, logs, omniquant, parent, plans
-from matquant_jax.models import gemma
-from matquant_jax.qeinsum import QuantSpec
+from matquant_jax import ckpts, nn, parents
+from matquant_jax.core import plans
+from matquant_jax.core.qeinsum import QuantSpec
+from matquant_jax.lab import logs
 
 _MODEL = flags.DEFINE_string('model', 'smollm2-135m', 'Stored parent, checkpoint, .gguf or model name.')
 _OUT = flags.DEFINE_string('out', None, 'Output directory.', required=True)
@@ -33,46 +34,46 @@ _OTHER_DTYPE = flags.DEFINE_enum('other_dtype', None, ['float32', 'bfloat16'],
 def main(argv):
   del argv
   logs.setup()
-  model, variables, tokenizer = checkpoints.load(_MODEL.value)
+  model, variables, tokenizer = ckpts.load(_MODEL.value)
   config = model.config
   float_params = None
-  if parent.stored_bits(variables) is None:
+  if nn.stored_bits(variables) is None:
     float_params = variables['params']
-    variables = omniquant.export_parent(config, float_params, None, QuantSpec(8, targets=tuple(_TARGETS.value)))
+    variables = parents.make_parent(config, float_params, QuantSpec(8, targets=tuple(_TARGETS.value)))
   os.makedirs(_OUT.value, exist_ok=True)
   written = []
   if float_params is not None:
     d = os.path.join(_OUT.value, 'parent')
-    if not parent.is_parent(d):
-      parent.save(d, variables, config, tokenizer, float_dtype=_OTHER_DTYPE.value,
+    if not parents.is_parent(d):
+      parents.save(d, variables, config, tokenizer, float_dtype=_OTHER_DTYPE.value,
                   run={'made_by': 'experiments/export.py', 'source': _MODEL.value, 'method': 'min-max'})
     written.append(('int8 parent', d, 8))
   else:
-    written.append(('int8 parent', _MODEL.value, parent.stored_bits(variables)))
+    written.append(('int8 parent', _MODEL.value, nn.stored_bits(variables)))
   exports = [(f'int{b}', int(b)) for b in _BITS.value]
   if _PLAN.value:
-    plan = evaluate.pyramid(config.num_layers) if _PLAN.value == 'pyramid' else plans.load(
+    plan = plans.pyramid(config.num_layers) if _PLAN.value == 'pyramid' else plans.load(
         _PLAN.value, config.num_layers)
     exports.append((os.path.basename(_PLAN.value).removesuffix('.json'), plan))
   for name, bits in exports:
     d = os.path.join(_OUT.value, name)
-    if not parent.is_parent(d):
-      parent.export(d, variables, config, tokenizer, bits, float_dtype=_OTHER_DTYPE.value,
+    if not parents.is_parent(d):
+      parents.export(d, variables, config, tokenizer, bits, float_dtype=_OTHER_DTYPE.value,
                     run={'made_by': 'experiments/export.py', 'source': _MODEL.value})
     written.append((f'packed {name}', d, bits))
 
-  manifest = parent.read_manifest(written[0][1])
+  manifest = parents.read_manifest(written[0][1])
   n_quant = sum(math.prod(e['shape']) for e in manifest['quantized'].values())
-  n_all = n_quant + sum(math.prod(s.shape) for p, s in gemma.param_shapes(config).items()
+  n_all = n_quant + sum(math.prod(s.shape) for p, s in nn.param_shapes(config).items()
                         if p not in manifest['quantized'])
   mib = lambda x: f'{x / 2**20:.1f}'
   print(f'\n{config.num_layers} layers; {n_all:,} parameters, {n_quant:,} of them quantized '
-        f'(targets {", ".join(parent.quantized_targets(variables, config))})')
+        f'(targets {", ".join(nn.quantized_targets(variables, config))})')
   print('| artifact | codes MiB | scales MiB | other MiB | total on disk MiB | code bits / quantized param |')
   print('|---|---|---|---|---|---|')
   print(f'| bf16 model (arithmetic) | | | | {mib(2 * n_all)} | 16 |')
   for label, d, bits in written:
-    size = parent.file_bytes(d)
+    size = parents.file_bytes(d)
     layer_bits = bits if isinstance(bits, tuple) else (bits,) * config.num_layers
     want = sum(math.ceil(math.prod(e['shape']) * layer_bits[int(p.split('/')[0][6:])] / 8)
                for p, e in manifest['quantized'].items())

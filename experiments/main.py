@@ -14,7 +14,7 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from matquant_jax import logs, study
+from matquant_jax.lab import logs, study
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/default.py',
                                           'Experiment config file.')

@@ -16,9 +16,12 @@ import time
 
 from absl import app, flags, logging
 
-from matquant_jax import checkpoints, evaluate, logs, parent, planner, plans, report
+from matquant_jax import ckpts, evals, nn, parents
+from matquant_jax.core import plans
+from matquant_jax.core.qeinsum import QuantSpec
 from matquant_jax.data import pipeline
-from matquant_jax.qeinsum import QuantSpec
+from matquant_jax.lab import logs, report
+from matquant_jax.parents import planner
 
 _MODEL = flags.DEFINE_string('model', None, 'A stored parent directory.', required=True)
 _FLOAT = flags.DEFINE_string('float', None, 'The float model for the KL reference (else the widest slice).')
@@ -42,17 +45,17 @@ def main(argv):
   results = report.read_json(path, {'rows': [], 'plans': {}})
   save = lambda: report.write_json(path, results)
 
-  model, variables, tokenizer = parent.load(_MODEL.value)
+  model, variables, tokenizer = parents.load(_MODEL.value)
   layers = model.config.num_layers
   counts = planner.layer_params(variables)
-  targets = parent.quantized_targets(variables, model.config)
+  targets = nn.quantized_targets(variables, model.config)
   widths = tuple(int(w) for w in _WIDTHS.value)
-  float_params = checkpoints.load(_FLOAT.value)[1]['params'] if _FLOAT.value else None
+  float_params = ckpts.load(_FLOAT.value)[1]['params'] if _FLOAT.value else None
   train_texts = pipeline.load_split_texts('shakespeare_plays', _DATA_DIR.value, 'train')
-  stream = evaluate.token_stream(tokenizer, train_texts[8:16])  # not the GPTQ/OmniQuant calibration plays
+  stream = evals.token_stream(tokenizer, train_texts[8:16])  # not the GPTQ/OmniQuant calibration plays
   calib = pipeline.train_batch(stream, 0, _SAMPLES.value, _SEQ.value, seed=2)[:, :-1]
   candidates = {f'uniform int{w}': (w,) * layers for w in widths}
-  candidates['pyramid'] = evaluate.pyramid(layers)
+  candidates['pyramid'] = plans.pyramid(layers)
   todo = [b for b in _BUDGETS.value if f'planner {b} bits' not in results['plans']]
   if todo:
     found = planner.search_budgets(model, variables, calib, [float(b) for b in todo], widths,
@@ -70,13 +73,13 @@ def main(argv):
   for b in _BUDGETS.value:
     candidates[f'planner {b} bits'] = tuple(results['plans'][f'planner {b} bits']['layer_bits'])
 
-  texts = evaluate.read_texts('tfds:shakespeare_plays:validation', _DATA_DIR.value)
+  texts = evals.read_texts('tfds:shakespeare_plays:validation', _DATA_DIR.value)
   done = {r['plan'] for r in results['rows']}
   for name, layer_bits in candidates.items():
     if name in done:
       continue
     t = time.perf_counter()
-    ll = evaluate.log_perplexity(model, variables, tokenizer, texts, QuantSpec(layer_bits, targets=targets),
+    ll = evals.log_perplexity(model, variables, tokenizer, texts, QuantSpec(layer_bits, targets=targets),
                                  _PPL_SEQ.value, 8, _PPL_BATCHES.value)
     results['rows'].append(dict(plan=name, average_bits=planner.average_bits(layer_bits, counts),
                                 log_pplx=ll, layer_bits=list(layer_bits)))

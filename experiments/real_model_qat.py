@@ -23,12 +23,15 @@ import time
 
 from absl import app, flags, logging
 
-from matquant_jax import checkpoints, evaluate, logs, losses, parent, report, study, train, warm_start
+from matquant_jax import ckpts, evals, parents
+from matquant_jax.algos import qat, warm_start
+from matquant_jax.core import losses
+from matquant_jax.core.qeinsum import QuantSpec
 from matquant_jax.data import pipeline
-from matquant_jax.qeinsum import QuantSpec
+from matquant_jax.lab import logs, report, study
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and results.', required=True)
-_MODEL = flags.DEFINE_enum('model', 'smollm2-135m', sorted(checkpoints.MODELS), 'The real model.')
+_MODEL = flags.DEFINE_enum('model', 'smollm2-135m', sorted(ckpts.MODELS), 'The real model.')
 _DATA_DIR = flags.DEFINE_string('data_dir', pipeline.DEFAULT_DATA_DIR, 'TFDS data directory.')
 _STEPS = flags.DEFINE_integer('steps', 64, 'QAT steps per run.')
 _BATCH = flags.DEFINE_integer('batch_size', 4, 'Sequences per step.')
@@ -65,35 +68,35 @@ def main(argv):
   if _INIT_PARENT.value or _EXTRA.value:  # (absent from workdirs made before these flags)
     settings.update(init_parent=_INIT_PARENT.value, extra_precision=_EXTRA.value)
   group = _GROUP.value or None
-  if _INIT_PARENT.value and (g := parent.read_manifest(_INIT_PARENT.value).get('group_size')) != group:
+  if _INIT_PARENT.value and (g := parents.read_manifest(_INIT_PARENT.value).get('group_size')) != group:
     raise ValueError(f'--init_parent has group size {g}, but --group_size={_GROUP.value}')
   results, save = report.open_results(workdir, settings=settings)
 
-  model, variables, tokenizer = checkpoints.load(_MODEL.value)
+  model, variables, tokenizer = ckpts.load(_MODEL.value)
   cfg = model.config
   start = {'params': variables['params']}
   if _INIT_PARENT.value:
-    stored = parent.load(_INIT_PARENT.value)[1]
+    stored = parents.load(_INIT_PARENT.value)[1]
     start = warm_start.float_variables(cfg, stored)
     logging.info('%s: min-max requantization reproduces %.4f%% of its codes', _INIT_PARENT.value,
                  100 * warm_start.code_agreement(cfg, stored, start))
   gran = f'g{group}' if group else 'per-channel'
   train_texts = pipeline.load_split_texts('shakespeare_plays', _DATA_DIR.value, 'train')
-  stream = evaluate.token_stream(tokenizer, train_texts)
+  stream = evals.token_stream(tokenizer, train_texts)
   def batch_fn(step):
     batch = pipeline.train_batch(stream, step, _BATCH.value, _SEQ.value, seed=(0, 1))
     if cfg.bos_per_sequence:  # Gemma: every sequence opens with BOS, as in use
       batch[:, 0] = tokenizer.bos_id
     return batch
-  texts = evaluate.read_texts('tfds:shakespeare_plays:validation', _DATA_DIR.value)
-  items = evaluate.shakespeare_next_line(_DATA_DIR.value, _TASK_N.value)
+  texts = evals.read_texts('tfds:shakespeare_plays:validation', _DATA_DIR.value)
+  items = evals.shakespeare_next_line(_DATA_DIR.value, _TASK_N.value)
   done = {(r['data_type'], r['method']) for r in results['rows']}
 
   def measure(dtype, method, variables, spec):
     if (dtype, method) in done:
       return
     t = time.perf_counter()
-    row = evaluate.table_row(model, variables, tokenizer, spec, {'next_line': items}, texts,
+    row = evals.table_row(model, variables, tokenizer, spec, {'next_line': items}, texts,
                              512, 8, _PPL_BATCHES.value)
     bits = study.ffn_average_bits(variables['params'], spec, cfg) if spec else 32.0
     results['rows'].append(dict(data_type=dtype, method=method, bits_per_ffn_param=bits,
@@ -115,12 +118,12 @@ def main(argv):
       measure(f'int{b}', f'PTQ min-max ({gran})', start, spec(b, b))
   lambdas = tuple(map(float, _LAMBDAS.value))
   for name, objective, parent_bits in (r for r in RUNS if r[0] in _RUNS.value):
-    opts = train.Options(steps=_STEPS.value, learning_rate=_LR.value, warmup_steps=max(1, _STEPS.value // 8),
+    opts = qat.Options(steps=_STEPS.value, learning_rate=_LR.value, warmup_steps=max(1, _STEPS.value // 8),
                          trainable='ffn', spec=spec(parent_bits, parent_bits) if parent_bits else None,
                          log_every=4)
     obj = losses.parse_objective(objective, lambdas if name == 'matquant' else None, parent_bits or 8)
     t = time.perf_counter()
-    trained, _ = train.train(model, start, obj, batch_fn, opts,
+    trained, _ = qat.train(model, start, obj, batch_fn, opts,
                             os.path.join(workdir, 'checkpoints', name), desc=f'{_MODEL.value} QAT {name}')
     results.setdefault('train_s', {}).setdefault(name, time.perf_counter() - t)
     if name == 'matquant':

@@ -30,13 +30,16 @@ from absl import app, flags, logging
 import jax.numpy as jnp
 import numpy as np
 
-from matquant_jax import checkpoints, configs, evaluate, gptq, logs, losses, omniquant, report, study, train
+from matquant_jax import ckpts, evals, nn, parents
+from matquant_jax.algos import gptq, omniquant
+from matquant_jax.core import losses, plans
+from matquant_jax.core.qeinsum import QuantSpec
 from matquant_jax.data import pipeline
-from matquant_jax.models import gemma, reference
-from matquant_jax.qeinsum import QuantSpec
+from matquant_jax.lab import configs, logs, report, study
+from matquant_jax.testing import reference
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and results.', required=True)
-_MODEL = flags.DEFINE_enum('model', 'smollm2-135m', sorted(checkpoints.MODELS), 'The real model.')
+_MODEL = flags.DEFINE_enum('model', 'smollm2-135m', sorted(ckpts.MODELS), 'The real model.')
 _DATA_DIR = flags.DEFINE_string('data_dir', pipeline.DEFAULT_DATA_DIR, 'TFDS data directory.')
 _SAMPLES = flags.DEFINE_integer('samples', 64, 'OmniQuant calibration sequences.')
 _SEQ = flags.DEFINE_integer('seq_len', 128, 'OmniQuant calibration sequence length.')
@@ -69,19 +72,19 @@ def main(argv):
   model_name = _MODEL.value
   short = model_name.split('-')[0]
   results, save = report.open_results(workdir, model=model_name)
-  model, variables, tokenizer = checkpoints.load(model_name)
+  model, variables, tokenizer = ckpts.load(model_name)
   params = variables['params']
   cfg = model.config
-  texts = evaluate.read_texts('tfds:shakespeare_plays:validation', _DATA_DIR.value)
+  texts = evals.read_texts('tfds:shakespeare_plays:validation', _DATA_DIR.value)
   if 'reference' not in results:
-    gguf_path = checkpoints.MODELS[model_name]()
+    gguf_path = ckpts.MODELS[model_name]()
     if model_name == 'gemma3-270m':  # Gemma needs its BOS; 600 tokens cross the 512-token window
       ids = np.asarray([tokenizer.bos_id] + tokenizer.encode(texts[0][20000:40000]))[:600]
       ref = reference.gguf_gemma3_forward(gguf_path, ids)[0]
     else:
       ids = np.asarray(tokenizer.encode(texts[0][20000:40000])[:512])
       ref = reference.gguf_llama_nll(gguf_path, ids)
-    logp = np.asarray(train.token_logprobs(model, variables, jnp.asarray(ids[:-1])[None],
+    logp = np.asarray(evals.token_logprobs(model, variables, jnp.asarray(ids[:-1])[None],
                                            jnp.asarray(ids[1:])[None], None))
     ours = float(-np.mean(logp))
     results['reference'] = {'tokens': len(ids), 'jax_float32': ours, 'numpy_float64': ref}
@@ -100,7 +103,7 @@ def main(argv):
   mat_lambdas = tuple(map(float, _LAMBDAS.value)) if _LAMBDAS.value else (
       (0.1, 0.1, 1.0) if algo == 'omniquant' else (1.0, 1.0, 1.0))
   train_texts = pipeline.load_split_texts('shakespeare_plays', _DATA_DIR.value, 'train')
-  stream = evaluate.token_stream(tokenizer, train_texts[:8])
+  stream = evals.token_stream(tokenizer, train_texts[:8])
   calib = pipeline.train_batch(stream, 0, _SAMPLES.value, _SEQ.value, seed=1)[:, :-1]
   if cfg.bos_per_sequence:  # Gemma: rows open with BOS, as in use (its activations differ there)
     calib[:, 0] = tokenizer.bos_id
@@ -110,7 +113,7 @@ def main(argv):
   mat = 'matquant_ep' if ep else 'matquant'
   calibrations = [(mat, '8,4,2', mat_lambdas, 8, 1)] + [
       (f'baseline_int{b}', b, (1.0,), int(b), 2 if b == '2' else 1) for b in _BASELINES.value]
-  parents = {}
+  made = {}
   for name, objective, lambdas, parent_bits, budget in calibrations:
     spec = QuantSpec(parent_bits, parent_bits=parent_bits, group_size=group, extra_precision=name == mat and ep)
     opts = dataclasses.replace(base_opts, epochs=base_opts.epochs * budget)
@@ -118,20 +121,20 @@ def main(argv):
     obj = losses.parse_objective(objective, lambdas, parent_bits)
     ckpt = os.path.join(workdir, 'checkpoints', f'{tag}_{name}')
     if algo == 'gptq':
-      parents[name] = gptq.calibrate(cfg, params, calib, obj, spec, gptq.Options(act_order=_ACT_ORDER.value),
+      made[name] = gptq.calibrate(cfg, params, calib, obj, spec, gptq.Options(act_order=_ACT_ORDER.value),
                                      ckpt, desc=f'{short} {tag} {name}')
     else:
       qtree = omniquant.calibrate(cfg, params, calib, obj, spec, opts, ckpt, desc=f'{short} {tag} {name}')
-      parents[name] = omniquant.export_parent(cfg, params, qtree, spec)
+      made[name] = parents.make_parent(cfg, params, spec, qtree)
     results.setdefault('calibration_s', {}).setdefault(f'{tag}_{name}', time.perf_counter() - t)
-    study.save_parent(os.path.join(workdir, 'parents', f'{tag}_{name}'), parents[name], cfg, tokenizer,
+    study.save_parent(os.path.join(workdir, 'parents', f'{tag}_{name}'), made[name], cfg, tokenizer,
                       {'name': name, 'objective': objective, 'lambdas': lambdas, 'recipe': recipe,
                        'algo': algo, 'epochs': opts.epochs, 'samples': _SAMPLES.value})
   save()
 
-  items = evaluate.shakespeare_next_line(_DATA_DIR.value, _TASK_N.value)
-  mix = evaluate.pyramid(cfg.num_layers)  # SmolLM2's 30 layers: 10 x int2, 10 x int4, 10 x int8
-  float_model = gemma.Transformer(dataclasses.replace(cfg, dtype=_FLOAT.value))
+  items = evals.shakespeare_next_line(_DATA_DIR.value, _TASK_N.value)
+  mix = plans.pyramid(cfg.num_layers)  # SmolLM2's 30 layers: 10 x int2, 10 x int4, 10 x int8
+  float_model = nn.Transformer(dataclasses.replace(cfg, dtype=_FLOAT.value))
   spec = lambda b, **kw: QuantSpec(b, group_size=group, **kw)
   short_dtype = {'bfloat16': 'bf16', 'float32': 'float32'}[_FLOAT.value]
   rows = [(short_dtype, f'{short_dtype} activations, float weights', float_model, params, None)]
@@ -143,25 +146,25 @@ def main(argv):
     if _EP.value and b in (4, 3, 2):
       rows.append((f'int{b}', f'Sliced int8, E.P. slice (min-max, {gran})', model, params,
                    spec(b, extra_precision=True)))
-    if f'baseline_int{b}' in parents:
-      rows.append((f'int{b}', f'{label} baseline ({recipe})', model, parents[f'baseline_int{b}'],
+    if f'baseline_int{b}' in made:
+      rows.append((f'int{b}', f'{label} baseline ({recipe})', model, made[f'baseline_int{b}'],
                    QuantSpec(b, parent_bits=b, group_size=group)))
-    if b != 8 and 'baseline_int8' in parents:
-      rows.append((f'int{b}', f'Sliced {label} int8 ({recipe})', model, parents['baseline_int8'], spec(b)))
-    rows.append((f'int{b}', mat_label, model, parents[mat], spec(b, extra_precision=ep)))
+    if b != 8 and 'baseline_int8' in made:
+      rows.append((f'int{b}', f'Sliced {label} int8 ({recipe})', model, made['baseline_int8'], spec(b)))
+    rows.append((f'int{b}', mat_label, model, made[mat], spec(b, extra_precision=ep)))
     if _EP.value and not ep and b in (4, 3, 2):
       ep_label = 'MatQuant' if algo == 'omniquant' else f'MatQuant ({label})'
-      rows.append((f'int{b}', f'{ep_label}, E.P. slice ({recipe})', model, parents['matquant'],
+      rows.append((f'int{b}', f'{ep_label}, E.P. slice ({recipe})', model, made['matquant'],
                    spec(b, extra_precision=True)))
   if _MIX.value:
     rows.append(("Mix'n'Match pyramid", f'Sliced int8 (min-max, {gran})', model, params, spec(mix)))
-    rows.append(("Mix'n'Match pyramid", mat_label, model, parents[mat], spec(mix, extra_precision=ep)))
+    rows.append(("Mix'n'Match pyramid", mat_label, model, made[mat], spec(mix, extra_precision=ep)))
   done = {(r['data_type'], r['method']) for r in results['rows']}
   for dtype, method, m, variables, s in rows:
     if (dtype, method) in done or (_METHODS.value and not method.startswith(tuple(_METHODS.value))):
       continue
     t = time.perf_counter()
-    row = evaluate.table_row(m, variables, tokenizer, s, {'next_line': items}, texts, 512, 8,
+    row = evals.table_row(m, variables, tokenizer, s, {'next_line': items}, texts, 512, 8,
                              _PPL_BATCHES.value)
     bits = study.ffn_average_bits(variables, s, cfg) if s else {"bfloat16": 16, "float32": 32}[_FLOAT.value]
     results['rows'].append(dict(data_type=dtype, method=method, ffn_bits=bits, group_size=group,

@@ -15,8 +15,11 @@ import time
 
 from absl import app, flags
 
-from matquant_jax import checkpoints, evaluate, logs, omniquant, parent, sampler
-from matquant_jax.qeinsum import QuantSpec
+from matquant_jax import ckpts, nn, parents
+from matquant_jax.core import plans
+from matquant_jax.core.qeinsum import QuantSpec
+from matquant_jax.lab import logs
+from matquant_jax.text import sampler
 
 _MODEL = flags.DEFINE_string('model', 'smollm2-135m', 'Stored parent, checkpoint, .gguf or model name.')
 _BITS = flags.DEFINE_list('bits', ['8', '4', '2'], "Widths, 'pyramid' or plan files.")
@@ -34,7 +37,7 @@ _CACHE = flags.DEFINE_integer('cache_size', 512, 'KV-cache slots.')
 def precision(arg: str, num_layers: int):
   """A --bits entry -> (label, what Sampler.sample takes)."""
   if arg == 'pyramid':
-    return 'pyramid', evaluate.pyramid(num_layers)
+    return 'pyramid', plans.pyramid(num_layers)
   if arg.isdigit():
     return f'int{arg}', int(arg)
   return arg, arg  # a plan file
@@ -43,17 +46,17 @@ def precision(arg: str, num_layers: int):
 def main(argv):
   del argv
   logs.setup()
-  model, variables, tokenizer = checkpoints.load(_MODEL.value)
+  model, variables, tokenizer = ckpts.load(_MODEL.value)
   rows = []
-  if parent.stored_bits(variables) is None:  # float weights: a float row, then a min-max parent
+  if nn.stored_bits(variables) is None:  # float weights: a float row, then a min-max parent
     rows.append(('float', sampler.Sampler(model, variables, tokenizer, _CACHE.value), None))
     spec = QuantSpec(8, targets=tuple(_TARGETS.value))
-    variables = omniquant.export_parent(model.config, variables['params'], None, spec)
+    variables = parents.make_parent(model.config, variables['params'], spec)
   resident = sampler.Sampler(model, variables, tokenizer, _CACHE.value)
   rows += [(label, resident, bits) for label, bits in
            (precision(b, model.config.num_layers) for b in _BITS.value)]
   mode = sampler.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
-  bytes_ = parent.weight_bytes(variables)
+  bytes_ = parents.weight_bytes(variables)
   print(f'resident parent: {bytes_["total"] / 2**20:.1f} MiB ({bytes_["quantized"] / 2**20:.1f} MiB '
         f'quantized weights, targets {resident.targets}); sampling {mode}')
   results = []

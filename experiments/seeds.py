@@ -13,10 +13,10 @@ seeds, MatQuant minus Baseline per width, and the int2 gap closure against the
 import os
 
 from absl import app, flags, logging
-import numpy as np
 from ml_collections import config_flags
+import numpy as np
 
-from matquant_jax import logs, report, study
+from matquant_jax.lab import logs, report, study
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/default.py', 'Study config.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where the seeds and the summary go.', required=True)

@@ -2,43 +2,52 @@
 
     import matquant_jax as mq
     model, variables, tokenizer = mq.load('smollm2-135m')          # or a stored parent directory
-    parent = mq.export_parent(model.config, variables['params'], None, mq.QuantSpec(8))
-    mq.log_perplexity(model, parent, tokenizer, texts, mq.QuantSpec(2))
+    parent = mq.make_parent(model.config, variables['params'], mq.QuantSpec(8))   # min-max int8
+    mq.log_perplexity(model, parent, tokenizer, texts, 2)
     mq.Sampler(model, parent, tokenizer).sample(['To be, or not'], 16, bits=4)
 
-The names below are re-exported from the modules that define them (imported on
-first use, so `import matquant_jax` stays cheap).
+The house has a room per role, each a subpackage with its own face: `mq.core` (numerics,
+`QuantSpec`, the objective, plans), `mq.nn` (config, presets, the Transformer, the table of
+quantizable weights, sharding), `mq.text` (tokenizers, Sampler), `mq.data`, `mq.parents`
+(make, store, export, plan), `mq.ckpts` (checkpoint formats and `load`), `mq.algos` (QAT,
+OmniQuant, GPTQ), `mq.evals` (perplexity, tasks), `mq.lab` (studies, results files) and
+`mq.testing`. The names below are re-exported from them; everything is imported on first
+use, so `import matquant_jax` stays cheap.
 """
 
 import importlib
 
+SUBPACKAGES = ('core', 'nn', 'text', 'data', 'parents', 'ckpts', 'algos', 'evals', 'lab', 'testing')
 _EXPORTS = {
     # models and checkpoints
-    'load': 'checkpoints', 'Transformer': 'models.gemma', 'TransformerConfig': 'models.gemma',
+    'load': 'ckpts', 'Transformer': 'nn', 'TransformerConfig': 'nn',
     # precision and numerics
-    'QuantSpec': 'qeinsum', 'fake_quant': 'quant', 'slice_codes': 'quant', 'QuantizedArray': 'quant',
-    'parse_objective': 'losses',
+    'QuantSpec': 'core', 'fake_quant': 'core', 'slice_codes': 'core', 'QuantizedArray': 'core',
+    'parse_objective': 'core', 'resolve_spec': 'nn',
     # base algorithms
-    'QATOptions': ('train', 'Options'), 'train_qat': ('train', 'train'),
-    'OmniQuantOptions': ('omniquant', 'Options'), 'calibrate_omniquant': ('omniquant', 'calibrate'),
-    'export_parent': 'omniquant',
-    'GPTQOptions': ('gptq', 'Options'), 'calibrate_gptq': ('gptq', 'calibrate'),
-    # the stored parent, plans, serving
-    'save_parent': ('parent', 'save'), 'load_parent': ('parent', 'load'), 'export': 'parent',
-    'search_plan': ('planner', 'search'), 'Sampler': 'sampler', 'Sampling': 'sampler',
+    'QATOptions': ('algos.qat', 'Options'), 'train_qat': ('algos.qat', 'train'),
+    'OmniQuantOptions': ('algos.omniquant', 'Options'), 'calibrate_omniquant': ('algos.omniquant', 'calibrate'),
+    'GPTQOptions': ('algos.gptq', 'Options'), 'calibrate_gptq': ('algos.gptq', 'calibrate'),
+    # the parent: make, store, export, plan; serving
+    'make_parent': 'parents', 'save_parent': ('parents', 'save'), 'load_parent': ('parents', 'load'),
+    'export': 'parents', 'search_plan': ('parents.planner', 'search'),
+    'Sampler': 'text', 'Sampling': 'text',
     # evaluation
-    'log_perplexity': 'evaluate', 'accuracy': 'evaluate', 'task_items': 'evaluate',
-    'read_texts': 'evaluate', 'token_stream': 'evaluate', 'pyramid': 'evaluate',
+    'log_perplexity': 'evals', 'accuracy': 'evals', 'task_items': 'evals',
+    'read_texts': 'evals', 'token_stream': 'evals', 'pyramid': 'core',
 }
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS) + list(SUBPACKAGES)
 
 
 def __getattr__(name):
-  if name not in _EXPORTS:
+  if name in SUBPACKAGES:
+    value = importlib.import_module(f'{__name__}.{name}')
+  elif name in _EXPORTS:
+    where = _EXPORTS[name]
+    module, attr = where if isinstance(where, tuple) else (where, name)
+    value = getattr(importlib.import_module(f'{__name__}.{module}'), attr)
+  else:
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-  where = _EXPORTS[name]
-  module, attr = where if isinstance(where, tuple) else (where, name)
-  value = getattr(importlib.import_module(f'{__name__}.{module}'), attr)
   globals()[name] = value
   return value
 

@@ -7,7 +7,7 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 
 import pytest  # pylint: disable=g-import-not-at-top
 
-from matquant_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+from matquant_jax.data import pipeline
 
 # One shared data cache for the suite (the dataset and tokenizer are built once).
 DATA_DIR = os.environ.get('MATQUANT_TEST_DATA', os.path.expanduser('~/.cache/matquant_jax'))

@@ -19,7 +19,7 @@ def test_quantspec_is_keyword_only_after_bits():
 
 def test_qat_options_are_checked_and_read_from_a_config():
   import pytest
-  from matquant_jax import configs
+  from matquant_jax.lab import configs
   with pytest.raises(ValueError, match='train.steps must be an integer >= 1'):
     mq.QATOptions(steps=0, learning_rate=1e-3)
   opts = mq.QATOptions.from_config(configs.base_config().qat, mq.QuantSpec(8, group_size=32))

@@ -8,16 +8,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from matquant_jax import checkpoints
+from matquant_jax import ckpts, nn
 from matquant_jax.data import shakespeare
-from matquant_jax.models import gemma, llama, reference
+from matquant_jax.nn import llama
+from matquant_jax.testing import reference
 
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(4, 256, (2, 9)))
 
 
 @pytest.fixture(scope='module')
 def smollm2():
-  model, variables, tokenizer = checkpoints.load('smollm2-135m')
+  model, variables, tokenizer = ckpts.load('smollm2-135m')
   params = variables['params']
   text = open(os.path.join(shakespeare.texts_dir(), 'hamlet_gut.txt'), encoding='utf-8').read()
   ids = np.array(tokenizer.encode(text[20000:24000])[:128])
@@ -35,7 +36,7 @@ def test_smollm2_matches_numpy_reference_on_held_out_shakespeare(smollm2):
   assert model.config == dataclasses.replace(llama.smollm2_135m(), norm_eps=model.config.norm_eps)
   assert tokenizer.decode(tokenizer.encode('To be, or not to be')) == 'To be, or not to be'
   ours = _nll(model.apply({'params': params}, jnp.asarray(ids)[None])[0], ids)
-  ref = reference.gguf_llama_nll(checkpoints.smollm2_path(), ids)
+  ref = reference.gguf_llama_nll(ckpts.smollm2_path(), ids)
   assert abs(ours - ref) < 0.01, (ours, ref)
   assert ours < 4.5  # nats/token on 128 tokens of Hamlet; a uniform guess is log(49152) = 10.8
 
@@ -46,7 +47,7 @@ def test_wrong_qk_order_costs_nats(smollm2):
   c = model.config
   def repermute(w, heads):  # our [heads, D, hd] back to GGUF row order
     rows = np.asarray(w).transpose(0, 2, 1).reshape(-1, c.embed_dim)
-    return checkpoints.permute_rope(rows, heads).reshape(heads, c.head_dim, c.embed_dim).transpose(0, 2, 1)
+    return ckpts.permute_rope(rows, heads).reshape(heads, c.head_dim, c.embed_dim).transpose(0, 2, 1)
   raw = jax.tree.map(lambda a: a, params)
   for i in range(c.num_layers):
     a = raw[f'layer_{i}']['attn']
@@ -60,14 +61,14 @@ def test_wrong_qk_order_costs_nats(smollm2):
 
 def test_rope_permutation_inverts():
   w = np.arange(4 * 8 * 3, dtype=np.float32).reshape(4 * 8, 3)
-  np.testing.assert_array_equal(checkpoints.unpermute_rope(checkpoints.permute_rope(w, 4), 4), w)
+  np.testing.assert_array_equal(ckpts.unpermute_rope(ckpts.permute_rope(w, 4), 4), w)
   # Within a head of 8 rows, interleaved pairs (0,1), (2,3), ... become halves (0..3 | 4..7).
-  assert checkpoints.unpermute_rope(w, 4)[:8, 0].tolist() == [0, 6, 12, 18, 3, 9, 15, 21]
+  assert ckpts.unpermute_rope(w, 4)[:8, 0].tolist() == [0, 6, 12, 18, 3, 9, 15, 21]
 
 
 CONFIGS = {
-    'gemma2': gemma.TransformerConfig.tiny(),
-    'gemma2 9b-style transposed gating, MHA': gemma.TransformerConfig.tiny(transpose_gating_einsum=True,
+    'gemma2': nn.TransformerConfig.tiny(),
+    'gemma2 9b-style transposed gating, MHA': nn.TransformerConfig.tiny(transpose_gating_einsum=True,
                                                                             num_kv_heads=4),
     'llama untied': llama.llama_config(num_layers=2, num_embed=256, embed_dim=32, hidden_dim=64,
                                        num_heads=4, num_kv_heads=2),
@@ -77,7 +78,7 @@ CONFIGS = {
 
 
 def _random_params(c):
-  m = gemma.Transformer(c)
+  m = nn.Transformer(c)
   p = m.init(jax.random.PRNGKey(1), TOKENS)['params']
   noise = lambda a, k: a + 0.02 * jax.random.normal(k, a.shape)
   leaves, tree = jax.tree.flatten(p)
@@ -89,8 +90,8 @@ def _random_params(c):
 def test_hugging_face_round_trip(name, tmp_path):
   c = CONFIGS[name]
   model, params = _random_params(c)
-  checkpoints.save_hf(str(tmp_path), params, c)
-  loaded, v2, _ = checkpoints.load(str(tmp_path))
+  ckpts.save_hf(str(tmp_path), params, c)
+  loaded, v2, _ = ckpts.load(str(tmp_path))
   np.testing.assert_array_equal(np.asarray(loaded.apply(v2, TOKENS)),
                                 np.asarray(model.apply({'params': params}, TOKENS)))
 
@@ -99,8 +100,8 @@ def test_hugging_face_bfloat16_safetensors(tmp_path):
   c = CONFIGS['llama untied']
   model, params = _random_params(c)
   import ml_dtypes
-  checkpoints.save_hf(str(tmp_path), params, c, dtype=ml_dtypes.bfloat16)
-  _, v2, _ = checkpoints.load(str(tmp_path))
+  ckpts.save_hf(str(tmp_path), params, c, dtype=ml_dtypes.bfloat16)
+  _, v2, _ = ckpts.load(str(tmp_path))
   w = v2['params']['layer_1']['mlp']['linear']
   assert w.dtype == jnp.float32
   np.testing.assert_array_equal(np.asarray(w), np.asarray(params['layer_1']['mlp']['linear']).astype(
@@ -112,44 +113,44 @@ def test_hugging_face_bfloat16_safetensors(tmp_path):
 def test_official_gemma_orbax_layouts(name, layout, tmp_path):
   c = CONFIGS[name]
   model, params = _random_params(c)
-  checkpoints.save_gemma_orbax(str(tmp_path / 'ckpt'), params, layout)
+  ckpts.save_gemma_orbax(str(tmp_path / 'ckpt'), params, layout)
   import orbax.checkpoint as ocp
   raw = ocp.PyTreeCheckpointer().metadata(str(tmp_path / 'ckpt'))
   raw = getattr(getattr(raw, 'item_metadata', raw), 'tree', raw)
   if layout == 'flat':
     assert 'w' in raw['transformer/layer_0/mlp/gating_einsum']  # the official flat layout
-  config, p2, _ = checkpoints.load_gemma_orbax(str(tmp_path / 'ckpt'), config=c)
-  assert checkpoints.load_gemma_orbax(str(tmp_path / 'ckpt'))[0].transpose_gating_einsum == (
+  config, p2, _ = ckpts.load_gemma_orbax(str(tmp_path / 'ckpt'), config=c)
+  assert ckpts.load_gemma_orbax(str(tmp_path / 'ckpt'))[0].transpose_gating_einsum == (
       c.transpose_gating_einsum)  # read off the shapes when no config is given
-  np.testing.assert_array_equal(np.asarray(gemma.Transformer(config).apply({'params': p2}, TOKENS)),
+  np.testing.assert_array_equal(np.asarray(nn.Transformer(config).apply({'params': p2}, TOKENS)),
                                 np.asarray(model.apply({'params': params}, TOKENS)))
 
 
 def test_official_preset_is_recognised_by_shapes():
-  c = gemma.TransformerConfig.gemma2_9b()
-  shapes = jax.eval_shape(gemma.Transformer(c).init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
+  c = nn.TransformerConfig.gemma2_9b()
+  shapes = jax.eval_shape(nn.Transformer(c).init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
   fake = jax.tree.map(lambda s: np.broadcast_to(np.float32(0), s.shape), shapes['params'])  # no memory
-  assert checkpoints.infer_gemma_config(fake, 'float32') == c
+  assert ckpts.infer_gemma_config(fake, 'float32') == c
 
 
 def test_errors_name_the_problem(tmp_path):
   with pytest.raises(FileNotFoundError, match='is not a checkpoint directory, a .gguf file'):
-    checkpoints.load(str(tmp_path / 'nothing'))
+    ckpts.load(str(tmp_path / 'nothing'))
   with pytest.raises(FileNotFoundError, match='does not exist'):
-    checkpoints.load(str(tmp_path / 'missing.gguf'))
+    ckpts.load(str(tmp_path / 'missing.gguf'))
   c = CONFIGS['llama untied']
   _, params = _random_params(c)
   bad = jax.tree.map(lambda a: a, params)
   bad['layer_1']['mlp']['linear'] = bad['layer_1']['mlp']['linear'][:-1]
   with pytest.raises(ValueError, match=r"parameter 'layer_1/mlp/linear' has shape \(63, 32\), the config "
                      r'expects \(64, 32\)'):
-    checkpoints.check_params(bad, c)
-  checkpoints.save_hf(str(tmp_path / 'hf'), params, c)
+    ckpts.check_params(bad, c)
+  ckpts.save_hf(str(tmp_path / 'hf'), params, c)
   import json
   cfg = json.load(open(tmp_path / 'hf' / 'config.json'))
   json.dump(dict(cfg, intermediate_size=96), open(tmp_path / 'hf' / 'config.json', 'w'))
   with pytest.raises(ValueError, match="'layer_0/mlp/gating_einsum' has shape"):
-    checkpoints.load(str(tmp_path / 'hf'))
+    ckpts.load(str(tmp_path / 'hf'))
   json.dump(dict(cfg, architectures=['GPTNeoXForCausalLM']), open(tmp_path / 'hf' / 'config.json', 'w'))
   with pytest.raises(ValueError, match="unknown architecture 'GPTNeoXForCausalLM'"):
-    checkpoints.load(str(tmp_path / 'hf'))
+    ckpts.load(str(tmp_path / 'hf'))

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
+from matquant_jax import nn
 from matquant_jax.data import pipeline, shakespeare
-from matquant_jax.models import gemma
 
 
 def test_builder_splits_hold_out_whole_plays(data_dir):
@@ -18,11 +18,11 @@ def test_builder_splits_hold_out_whole_plays(data_dir):
 def test_tokenizer_and_streams(token_data):
   sp = token_data.tokenizer
   assert (sp.pad_id(), sp.eos_id(), sp.bos_id(), sp.unk_id()) == (
-      gemma.PAD_ID, gemma.EOS_ID, gemma.BOS_ID, gemma.UNK_ID)
+      nn.PAD_ID, nn.EOS_ID, nn.BOS_ID, nn.UNK_ID)
   assert sp.decode(sp.encode('To be, or not to be')) == 'To be, or not to be'
-  assert token_data.validation[0] == gemma.BOS_ID and token_data.validation[-1] == gemma.EOS_ID
-  assert np.sum(token_data.validation == gemma.BOS_ID) == 3
-  assert np.sum(token_data.train == gemma.BOS_ID) == 39
+  assert token_data.validation[0] == nn.BOS_ID and token_data.validation[-1] == nn.EOS_ID
+  assert np.sum(token_data.validation == nn.BOS_ID) == 3
+  assert np.sum(token_data.train == nn.BOS_ID) == 39
 
 
 def test_batches_are_deterministic_windows(token_data):

@@ -8,14 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from matquant_jax import checkpoints, evaluate, tokenization
-from matquant_jax.models import gemma
+from matquant_jax import ckpts, evals, nn
+from matquant_jax.evals import tasks
+from matquant_jax.nn import llama
+from matquant_jax.text import tokenization
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
 
 
 def _items(task):
-  return evaluate.task_items(task, os.path.join(DATA, f'{task}.jsonl'))
+  return evals.task_items(task, os.path.join(DATA, f'{task}.jsonl'))
 
 
 def test_readers_build_the_usual_prompts():
@@ -34,29 +36,29 @@ def test_readers_build_the_usual_prompts():
   assert wg.label == 0  # '1' -> the first option
   assert wg.choices == (('The trophy did not fit in the suitcase because the trophy', ' was too big.'),
                         ('The trophy did not fit in the suitcase because the suitcase', ' was too big.'))
-  assert evaluate.TASKS['arc_challenge'][2] is evaluate.arc
+  assert evals.TASKS['arc_challenge'][2] is evals.arc
 
 
 def test_accuracy_and_length_normalisation(monkeypatch):
-  items = [evaluate.Item((('q', ' a long answer'), ('q', ' b')), label=0),   # 14 and 2 bytes
-           evaluate.Item((('q', ' yes'), ('q', ' no')), label=1)]
+  items = [evals.Item((('q', ' a long answer'), ('q', ' b')), label=0),   # 14 and 2 bytes
+           evals.Item((('q', ' yes'), ('q', ' no')), label=1)]
   scores = np.array([-5.0, -3.0, -1.0, -2.0])  # item 1: raw picks 1, per byte 0; item 2: picks 0
-  monkeypatch.setattr(evaluate, 'loglikelihoods', lambda *a, **k: scores)
-  assert evaluate.accuracy(None, None, None, items) == {'acc': 0.0, 'acc_norm': 0.5, 'n': 2}
+  monkeypatch.setattr(tasks, 'loglikelihoods', lambda *a, **k: scores)
+  assert evals.accuracy(None, None, None, items) == {'acc': 0.0, 'acc_norm': 0.5, 'n': 2}
 
 
 def test_loglikelihood_equals_a_direct_sum(token_data, data_dir):
-  cfg = gemma.TransformerConfig.tiny(num_embed=512)
-  model = gemma.Transformer(cfg)
+  cfg = nn.TransformerConfig.tiny(num_embed=512)
+  model = nn.Transformer(cfg)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))['params']
   del token_data  # builds the tokenizer file
   sp = tokenization.from_sentencepiece(
       os.path.join(os.path.expanduser(data_dir), 'tokens', 'shakespeare_plays_spm512.model'))
   pairs = [('To be, or not', ' to be'), ('Friends, Romans,', ' countrymen, lend me your ears'),
            ('What', ' light through yonder window breaks')]
-  got = evaluate.loglikelihoods(model, params, sp, pairs, batch_size=2, bucket=8)
+  got = evals.loglikelihoods(model, params, sp, pairs, batch_size=2, bucket=8)
   for (ctx, cont), value in zip(pairs, got):
-    ids = [gemma.BOS_ID] + sp.encode(ctx) + sp.encode(cont)
+    ids = [nn.BOS_ID] + sp.encode(ctx) + sp.encode(cont)
     n = len(sp.encode(cont))
     logp = jax.nn.log_softmax(model.apply({'params': params}, jnp.asarray([ids[:-1]]))[0], axis=-1)
     want = sum(float(logp[t, ids[t + 1]]) for t in range(len(ids) - 1 - n, len(ids) - 1))
@@ -64,8 +66,8 @@ def test_loglikelihood_equals_a_direct_sum(token_data, data_dir):
 
 
 def test_offline_task_is_deterministic_and_well_formed(data_dir):
-  a = evaluate.shakespeare_next_line(data_dir, n=30)
-  b = evaluate.shakespeare_next_line(data_dir, n=30)
+  a = evals.shakespeare_next_line(data_dir, n=30)
+  b = evals.shakespeare_next_line(data_dir, n=30)
   assert a == b and len(a) == 30
   for item in a:
     assert len(item.choices) == 4 and len({c for _, c in item.choices}) == 4
@@ -76,22 +78,22 @@ def test_offline_task_is_deterministic_and_well_formed(data_dir):
 def test_text_sources_and_their_errors(data_dir, tmp_path):
   path = tmp_path / 'doc.txt'
   path.write_text('Now is the winter of our discontent')
-  assert evaluate.read_texts(str(path)) == ['Now is the winter of our discontent']
-  plays = evaluate.read_texts('tfds:shakespeare_plays:validation', data_dir)
+  assert evals.read_texts(str(path)) == ['Now is the winter of our discontent']
+  plays = evals.read_texts('tfds:shakespeare_plays:validation', data_dir)
   assert len(plays) == 3 and 'Hamlet' in plays[0][:2000] + plays[1][:2000] + plays[2][:2000]
   with pytest.raises(FileNotFoundError, match='neither tfds:NAME:SPLIT nor an existing file'):
-    evaluate.read_texts(str(tmp_path / 'missing.txt'))
+    evals.read_texts(str(tmp_path / 'missing.txt'))
   with pytest.raises(FileNotFoundError, match='TFDS dataset c4/en \\(validation\\) is not prepared'):
-    evaluate.read_texts('tfds:c4/en:validation', str(tmp_path))
+    evals.read_texts('tfds:c4/en:validation', str(tmp_path))
   with pytest.raises(ValueError, match="unknown task 'mmlu'"):
-    evaluate.task_items('mmlu')
+    evals.task_items('mmlu')
 
 
 @pytest.mark.slow
 def test_smollm2_beats_chance_on_the_offline_task(data_dir):
-  model, variables, tokenizer = checkpoints.load('smollm2-135m')
-  items = evaluate.shakespeare_next_line(data_dir, n=48)
-  result = evaluate.accuracy(model, variables, tokenizer, items)
+  model, variables, tokenizer = ckpts.load('smollm2-135m')
+  items = evals.shakespeare_next_line(data_dir, n=48)
+  result = evals.accuracy(model, variables, tokenizer, items)
   # chance is 0.25; measured 0.52 on 60 items (the first 24 alone: 0.33, so n stays 48)
   assert result['acc_norm'] > 0.35, result
 
@@ -100,11 +102,10 @@ def test_evaluate_model_command_prints_the_paper_table(tmp_path):
   """The evaluation command on a synthetic Hugging Face Llama checkpoint with local task files."""
   import subprocess
   import sys
-  from matquant_jax.models import llama
   cfg = llama.llama_config(num_layers=2, num_embed=256, embed_dim=32, hidden_dim=64, num_heads=4,
                            num_kv_heads=2)
-  params = gemma.Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))['params']
-  checkpoints.save_hf(str(tmp_path / 'hf'), params, cfg)
+  params = nn.Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))['params']
+  ckpts.save_hf(str(tmp_path / 'hf'), params, cfg)
   import tokenizers
   from tokenizers import models, pre_tokenizers
   tk = tokenizers.Tokenizer(models.WordLevel({f'w{i}': i for i in range(250)} | {'[UNK]': 250}, '[UNK]'))
@@ -130,12 +131,12 @@ def test_gemma_windows_open_with_bos_and_count_each_token_once(token_data, data_
   del token_data
   sp = tokenization.from_sentencepiece(
       os.path.join(os.path.expanduser(data_dir), 'tokens', 'shakespeare_plays_spm512.model'))
-  cfg = gemma.TransformerConfig.tiny(num_embed=512, bos_per_sequence=True)
-  model = gemma.Transformer(cfg)
+  cfg = nn.TransformerConfig.tiny(num_embed=512, bos_per_sequence=True)
+  model = nn.Transformer(cfg)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))['params']
   texts = ['To be, or not to be, that is the question. ' * 6]
-  got = evaluate.log_perplexity(model, params, sp, texts, seq_len=16, batch_size=2, max_batches=1)
-  stream = evaluate.token_stream(sp, texts)[:32]
+  got = evals.log_perplexity(model, params, sp, texts, seq_len=16, batch_size=2, max_batches=1)
+  stream = evals.token_stream(sp, texts)[:32]
   total = 0.0
   for w in stream.reshape(2, 16):  # by hand: [BOS] + 16 tokens, 16 predictions per window
     ids = [sp.bos_id] + list(w)

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from matquant_jax import quant
-from matquant_jax.models import gemma
-from matquant_jax.qeinsum import QuantSpec
+from matquant_jax import nn
+from matquant_jax.core import quant
+from matquant_jax.core.qeinsum import QuantSpec
 
 # spec section 10 (2B, 9B); 27B from the official config (D 4608, H 36864, 32/16 heads, head dim 128)
 SHAPES = {
@@ -26,8 +26,8 @@ SHAPES = {
 @pytest.mark.parametrize('name', sorted(SHAPES))
 def test_official_parameter_shapes(name):
   want = SHAPES[name]
-  cfg = getattr(gemma.TransformerConfig, name)()
-  p = jax.eval_shape(gemma.Transformer(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))['params']
+  cfg = getattr(nn.TransformerConfig, name)()
+  p = jax.eval_shape(nn.Transformer(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))['params']
   assert set(p) == {'embedder', 'final_norm'} | {f'layer_{i}' for i in range(want['layers'])}
   assert p['embedder']['input_embedding'].shape == want['emb']
   assert p['final_norm']['scale'].shape == want['norm']
@@ -45,17 +45,17 @@ def test_official_parameter_shapes(name):
 
 
 def test_published_constants():
-  c2, c9 = gemma.TransformerConfig.gemma2_2b(), gemma.TransformerConfig.gemma2_9b()
-  assert c2.attention_types[:2] == (gemma.AttentionType.LOCAL_SLIDING, gemma.AttentionType.GLOBAL)
+  c2, c9 = nn.TransformerConfig.gemma2_2b(), nn.TransformerConfig.gemma2_9b()
+  assert c2.attention_types[:2] == (nn.AttentionType.LOCAL_SLIDING, nn.AttentionType.GLOBAL)
   assert (c2.sliding_window_size, c2.attn_logits_soft_cap, c2.final_logit_softcap) == (4096, 50.0, 30.0)
   assert c9.transpose_gating_einsum and not c2.transpose_gating_einsum
-  assert gemma.TransformerConfig.gemma2_27b().query_scale == pytest.approx(144**-0.5)
+  assert nn.TransformerConfig.gemma2_27b().query_scale == pytest.approx(144**-0.5)
   # the embedding normalizer is cast to the activation dtype (bf16: 48.0 for 2B, 59.75 for 9B)
   assert float(jnp.sqrt(2304).astype(jnp.bfloat16)) == 48.0
   assert float(jnp.sqrt(3584).astype(jnp.bfloat16)) == 59.75
 
 
-def np_forward(p, tokens, c: gemma.TransformerConfig, ffn_weights=None):
+def np_forward(p, tokens, c: nn.TransformerConfig, ffn_weights=None):
   """Gemma-2 forward in float64 numpy, written from the spec, independent of the Flax code."""
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
   b, t = tokens.shape
@@ -98,9 +98,9 @@ def np_forward(p, tokens, c: gemma.TransformerConfig, ffn_weights=None):
 
 
 def _tiny(**kw):
-  cfg = gemma.TransformerConfig.tiny(num_layers=3, **kw)
+  cfg = nn.TransformerConfig.tiny(num_layers=3, **kw)
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 11), 1, cfg.num_embed)
-  params = gemma.Transformer(cfg).init(jax.random.PRNGKey(0), tokens)['params']
+  params = nn.Transformer(cfg).init(jax.random.PRNGKey(0), tokens)['params']
   # non-zero norm scales so (1 + scale) is exercised
   params = jax.tree_util.tree_map_with_path(
       lambda path, x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(len(str(path))), x.shape)
@@ -110,13 +110,13 @@ def _tiny(**kw):
 
 def test_forward_matches_numpy_reference():
   cfg, params, tokens = _tiny()
-  got = gemma.Transformer(cfg).apply({'params': params}, tokens)
+  got = nn.Transformer(cfg).apply({'params': params}, tokens)
   np.testing.assert_allclose(got, np_forward(params, np.asarray(tokens), cfg), rtol=2e-4, atol=2e-4)
 
 
 def test_quantization_off_is_bit_identical():
   cfg, params, tokens = _tiny()
-  model = gemma.Transformer(cfg)
+  model = nn.Transformer(cfg)
   ref = model.apply({'params': params}, tokens)
   off = model.apply({'params': params}, tokens, quant=QuantSpec(bits=(None,) * cfg.num_layers))
   np.testing.assert_array_equal(ref, off)
@@ -129,7 +129,7 @@ def test_quantized_ffn_and_mixnmatch_match_manual_fake_quant(layer_bits):
   """Per-output-channel axes: gating reduces over D, linear over H; per-layer bits."""
   cfg, params, tokens = _tiny()
   spec = QuantSpec(bits=layer_bits if layer_bits[1] is None else 2)
-  got = gemma.Transformer(cfg).apply({'params': params}, tokens, quant=spec)
+  got = nn.Transformer(cfg).apply({'params': params}, tokens, quant=spec)
   ffn = {}
   for i in range(cfg.num_layers):
     bits = spec.bits_for(i, cfg.num_layers)
@@ -138,25 +138,25 @@ def test_quantized_ffn_and_mixnmatch_match_manual_fake_quant(layer_bits):
       ffn[i] = (quant.fake_quant(mlp['gating_einsum'], bits, reduce_axes=(1,)),
                 quant.fake_quant(mlp['linear'], bits, reduce_axes=(0,)))
   np.testing.assert_allclose(got, np_forward(params, np.asarray(tokens), cfg, ffn), rtol=2e-4, atol=2e-4)
-  assert not np.allclose(got, gemma.Transformer(cfg).apply({'params': params}, tokens), atol=1e-3)
+  assert not np.allclose(got, nn.Transformer(cfg).apply({'params': params}, tokens), atol=1e-3)
 
 
 def test_transposed_gating_quantizes_over_embed_axis():
   cfg, params, tokens = _tiny()
-  tcfg = gemma.TransformerConfig.tiny(num_layers=3, transpose_gating_einsum=True)
+  tcfg = nn.TransformerConfig.tiny(num_layers=3, transpose_gating_einsum=True)
   tparams = jax.tree.map(lambda x: x, params)
   for i in range(3):
     tparams[f'layer_{i}']['mlp']['gating_einsum'] = jnp.swapaxes(params[f'layer_{i}']['mlp']['gating_einsum'], 1, 2)
   for spec in (None, QuantSpec(2)):
-    a = gemma.Transformer(cfg).apply({'params': params}, tokens, quant=spec)
-    b = gemma.Transformer(tcfg).apply({'params': tparams}, tokens, quant=spec)
+    a = nn.Transformer(cfg).apply({'params': params}, tokens, quant=spec)
+    b = nn.Transformer(tcfg).apply({'params': tparams}, tokens, quant=spec)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_activations_run_close_to_float():
   cfg, params, tokens = _tiny()
-  ref = gemma.Transformer(cfg).apply({'params': params}, tokens)
-  bf = gemma.Transformer(gemma.TransformerConfig.tiny(num_layers=3, dtype='bfloat16')).apply(
+  ref = nn.Transformer(cfg).apply({'params': params}, tokens)
+  bf = nn.Transformer(nn.TransformerConfig.tiny(num_layers=3, dtype='bfloat16')).apply(
       {'params': params}, tokens)
   assert bf.dtype == jnp.float32
   np.testing.assert_allclose(bf, ref, atol=0.15)
@@ -169,4 +169,4 @@ def test_bad_quant_specs():
     QuantSpec(bits=4, targets=('mlp',))
   cfg, params, tokens = _tiny()
   with pytest.raises(ValueError, match='per-layer bits has 2 entries for a 3-layer model'):
-    gemma.Transformer(cfg).apply({'params': params}, tokens, quant=QuantSpec(bits=(2, 4)))
+    nn.Transformer(cfg).apply({'params': params}, tokens, quant=QuantSpec(bits=(2, 4)))

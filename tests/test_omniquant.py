@@ -5,13 +5,16 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
-from matquant_jax import configs, losses, omniquant, quant, train
-from matquant_jax.models import gemma
-from matquant_jax.qeinsum import QuantSpec
+from matquant_jax import nn, parents
+from matquant_jax.algos import blockwise, omniquant
+from matquant_jax.core import losses, qeinsum, quant
+from matquant_jax.core.qeinsum import QuantSpec
+from matquant_jax.lab import configs
 
-CFG = gemma.TransformerConfig.tiny()
+CFG = nn.TransformerConfig.tiny()
 OPTS = omniquant.Options(epochs=4, batch_size=4, lwc_lr=5e-2, let_lr=5e-2)
 
 
@@ -22,7 +25,7 @@ def _logit(p):
 @pytest.fixture(scope='module')
 def setup():
   tokens = np.random.default_rng(0).integers(4, CFG.num_embed, (16, 16)).astype(np.int32)
-  model = gemma.Transformer(CFG)
+  model = nn.Transformer(CFG)
   params = model.init(jax.random.PRNGKey(0), jnp.asarray(tokens))['params']
   return model, params, tokens
 
@@ -48,7 +51,6 @@ def test_lwc_scale_and_zero_point_by_hand():
   qa = quant.QuantizedArray.from_float(w, 8, (0,), gamma=jnp.float32(gamma), beta=jnp.float32(beta))
   assert qa.codes[:, 0].tolist() == codes
   # The einsum path with the logits in 'quant' gives alpha * (q - z).
-  from matquant_jax import qeinsum
   w_hat = qeinsum.quantized_weight(w, (0,), 8, QuantSpec(8), aux)
   np.testing.assert_allclose(np.asarray(w_hat[:, 0]), alpha * (np.array(codes) - z), rtol=1e-5)
 
@@ -69,9 +71,9 @@ def test_transform_is_exact_identity_without_quantization(setup):
 def test_calibration_lowers_int2_block_error(setup, calibrated):
   _, params, tokens = setup
   _, qtree = calibrated
-  key, block = gemma.blocks(CFG)[0]
-  x = gemma.embed(CFG, params, tokens)
-  pos, mask = gemma.attention_inputs(CFG, jnp.asarray(tokens))
+  key, block = nn.blocks(CFG)[0]
+  x = nn.embed(CFG, params, tokens)
+  pos, mask = nn.attention_inputs(CFG, jnp.asarray(tokens))
   target = block.apply({'params': params[key]}, x, pos, mask)[0]
   def err(q):
     out = block.apply({'params': params[key], 'quant': q[key]}, x, pos, mask, 2, QuantSpec(2))[0]
@@ -84,9 +86,9 @@ def test_calibration_lowers_int2_block_error(setup, calibrated):
 def test_gradient_reaches_clipping_and_scale(setup):
   _, params, tokens = setup
   qtree = omniquant.init_transforms(CFG, params, QuantSpec(8))
-  key, block = gemma.blocks(CFG)[0]
-  x = gemma.embed(CFG, params, tokens)
-  pos, mask = gemma.attention_inputs(CFG, jnp.asarray(tokens))
+  key, block = nn.blocks(CFG)[0]
+  x = nn.embed(CFG, params, tokens)
+  pos, mask = nn.attention_inputs(CFG, jnp.asarray(tokens))
   def loss(q):
     return jnp.mean(block.apply({'params': params[key], 'quant': q}, x, pos, mask, 2, QuantSpec(2))[0] ** 2)
   g = jax.grad(loss)(qtree[key])['mlp']['linear']
@@ -114,7 +116,7 @@ def test_lambda_weighted_mse_loss_matches_numpy():
 def test_exported_parent_matches_fake_quant_and_round_trips(setup, calibrated, tmp_path):
   model, params, tokens = setup
   _, qtree = calibrated
-  parent = omniquant.export_parent(CFG, params, qtree, QuantSpec(8))
+  parent = parents.make_parent(CFG, params, QuantSpec(8), qtree)
   qa = parent['params']['layer_1']['mlp']['linear']
   assert isinstance(qa, quant.QuantizedArray) and qa.codes.dtype == jnp.uint8
   assert set(parent['quant']['layer_0']['mlp']['gating_einsum']) == {'shift', 'smooth', 'bias'}
@@ -124,11 +126,11 @@ def test_exported_parent_matches_fake_quant_and_round_trips(setup, calibrated, t
     a = model.apply(live, tokens, quant=spec)
     b = model.apply(parent, tokens, quant=spec)
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, err_msg=str(spec))
-  mngr = train.checkpoint_manager(tmp_path / 'parent')
-  mngr.save(0, args=train.ocp.args.StandardSave(parent))
+  mngr = blockwise.checkpoint_manager(tmp_path / 'parent')
+  mngr.save(0, args=ocp.args.StandardSave(parent))
   mngr.wait_until_finished()
-  abstract = jax.tree.map(train.ocp.utils.to_shape_dtype_struct, parent)
-  restored = mngr.restore(0, args=train.ocp.args.StandardRestore(abstract))
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, parent)
+  restored = mngr.restore(0, args=ocp.args.StandardRestore(abstract))
   np.testing.assert_array_equal(np.asarray(model.apply(restored, tokens, quant=QuantSpec(2))),
                                 np.asarray(model.apply(parent, tokens, quant=QuantSpec(2))))
   int4 = jax.tree.map(lambda x: x, parent)  # a stored int4 weight cannot give 8 bits
@@ -205,7 +207,7 @@ def test_balanced_aug_loss_calibration_lowers_int2_error(setup):
   opts = dataclasses.replace(OPTS, balance=True, aug_loss=True, skip_tokens=1)
   qtree = omniquant.calibrate(CFG, params, tokens, losses.parse_objective('8,4,2', (0.1, 0.1, 1.0)),
                               QuantSpec(8), opts)
-  model = gemma.Transformer(CFG)
+  model = nn.Transformer(CFG)
   plain = model.apply({'params': params}, tokens)
   def err(variables):
     return float(jnp.mean((model.apply(variables, tokens, quant=QuantSpec(2)) - plain) ** 2))

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from matquant_jax import checkpoints, omniquant, parent, plans, tokenization
-from matquant_jax.models import gemma
-from matquant_jax.qeinsum import QuantSpec
+from matquant_jax import ckpts, nn, parents
+from matquant_jax.algos import omniquant
+from matquant_jax.core import plans
+from matquant_jax.core.qeinsum import QuantSpec
+from matquant_jax.text import tokenization
 
-CFG = gemma.TransformerConfig.tiny(num_embed=64)
+CFG = nn.TransformerConfig.tiny(num_embed=64)
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(4, 64, (2, 9)))
 
 
@@ -30,13 +32,13 @@ def _hf_tokenizer():
 @pytest.fixture(scope='module')
 def stored():
   """An OmniQuant-transformed parent (codes, scales, shift/smooth/bias) and its float params."""
-  model = gemma.Transformer(CFG)
+  model = nn.Transformer(CFG)
   params = model.init(jax.random.PRNGKey(0), TOKENS)['params']
   spec = QuantSpec(8, targets=('ffn', 'attn'))
   qtree = omniquant.init_transforms(CFG, params, spec, lwc=True, let=True)
   rng = np.random.default_rng(1)
   qtree = jax.tree.map(lambda v: jnp.asarray(v + 0.1 * rng.normal(size=v.shape), jnp.float32), qtree)
-  return model, params, omniquant.export_parent(CFG, params, qtree, spec)
+  return model, params, parents.make_parent(CFG, params, spec, qtree)
 
 
 def _equal(a, b):
@@ -45,23 +47,23 @@ def _equal(a, b):
 
 def test_pack_matches_a_hand_computation():
   # 2-bit codes 1, 2, 3 -> bits (LSB first) 10 01 11 -> 0b111001 = 57
-  np.testing.assert_array_equal(parent.pack(np.array([1, 2, 3]), 2), [57])
+  np.testing.assert_array_equal(parents.pack(np.array([1, 2, 3]), 2), [57])
   # 3-bit codes cross bytes: 5, 7, 1 -> 101 111 100 -> byte 0 = 0b01111101 = 125, byte 1 = 0
-  np.testing.assert_array_equal(parent.pack(np.array([5, 7, 1]), 3), [125, 0])
+  np.testing.assert_array_equal(parents.pack(np.array([5, 7, 1]), 3), [125, 0])
   rng = np.random.default_rng(0)
   for bits in range(1, 9):
     codes = rng.integers(0, 2**bits, (3, 5, 7)).astype(np.uint8)
-    packed = parent.pack(codes, bits)
+    packed = parents.pack(codes, bits)
     assert packed.size == math.ceil(codes.size * bits / 8)
-    np.testing.assert_array_equal(parent.unpack(packed, bits, codes.shape), codes)
+    np.testing.assert_array_equal(parents.unpack(packed, bits, codes.shape), codes)
   with pytest.raises(ValueError, match='a code 4 does not fit in 2 bits'):
-    parent.pack(np.array([4]), 2)
+    parents.pack(np.array([4]), 2)
 
 
 def test_round_trip_is_bit_exact_with_tokenizer(stored, tmp_path, token_data):
   model, _, variables = stored
-  parent.save(str(tmp_path / 'a'), variables, CFG, token_data.tokenizer, run={'name': 'test'})
-  m2, v2, tok = parent.load(str(tmp_path / 'a'))
+  parents.save(str(tmp_path / 'a'), variables, CFG, token_data.tokenizer, run={'name': 'test'})
+  m2, v2, tok = parents.load(str(tmp_path / 'a'))
   assert m2.config == CFG and _equal(v2, variables) and set(v2) == {'params', 'quant'}
   assert tok.encode('To be, or not to be') == token_data.tokenizer.encode('To be, or not to be')
   manifest = json.load(open(tmp_path / 'a' / 'manifest.json'))
@@ -70,12 +72,12 @@ def test_round_trip_is_bit_exact_with_tokenizer(stored, tmp_path, token_data):
   np.testing.assert_array_equal(np.asarray(m2.apply(v2, TOKENS, quant=QuantSpec(2, targets=('ffn', 'attn')))),
                                 np.asarray(model.apply(variables, TOKENS, quant=QuantSpec(2, targets=('ffn', 'attn')))))
   # One entry point for every model source.
-  m3, v3, _ = checkpoints.load(str(tmp_path / 'a'))
+  m3, v3, _ = ckpts.load(str(tmp_path / 'a'))
   assert _equal(v3, variables)
   # A Hugging Face tokenizer (tokenizer.json) and a grouped parent, bf16 float weights.
-  p = omniquant.export_parent(CFG, stored[1], None, QuantSpec(8, group_size=16))
-  parent.save(str(tmp_path / 'b'), p, CFG, _hf_tokenizer(), float_dtype=jnp.bfloat16)
-  _, vb, tb = parent.load(str(tmp_path / 'b'))
+  p = parents.make_parent(CFG, stored[1], QuantSpec(8, group_size=16))
+  parents.save(str(tmp_path / 'b'), p, CFG, _hf_tokenizer(), float_dtype=jnp.bfloat16)
+  _, vb, tb = parents.load(str(tmp_path / 'b'))
   assert tb.encode('to be') == [4, 5] and (tb.bos_id, tb.eos_id) == (2, 1)
   assert vb['params']['layer_0']['mlp']['linear'].codes.shape == (4, 16, 32)
   assert vb['params']['final_norm']['scale'].dtype == jnp.bfloat16
@@ -85,15 +87,15 @@ def test_round_trip_is_bit_exact_with_tokenizer(stored, tmp_path, token_data):
 @pytest.mark.parametrize('bits', [8, 6, 4, 3, 2, 1, (2, 4)])
 def test_packed_export_sizes_and_logits(stored, tmp_path, bits):
   model, _, variables = stored
-  parent.export(str(tmp_path / 'e'), variables, CFG, None, bits)
-  _, v, _ = parent.load(str(tmp_path / 'e'))
+  parents.export(str(tmp_path / 'e'), variables, CFG, None, bits)
+  _, v, _ = parents.load(str(tmp_path / 'e'))
   targets = ('ffn', 'attn')
   want = model.apply(variables, TOKENS, quant=QuantSpec(bits, targets=targets))
   got = model.apply(v, TOKENS)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
   layer_bits = bits if isinstance(bits, tuple) else (bits,) * CFG.num_layers
   tensors = safetensors.numpy.load_file(str(tmp_path / 'e' / 'weights.safetensors'))
-  for path, w in gemma.param_shapes(CFG).items():
+  for path, w in nn.param_shapes(CFG).items():
     if f'params/{path}/codes' in tensors:
       r = layer_bits[int(path.split('/')[0].split('_')[1])]
       assert tensors[f'params/{path}/codes'].nbytes == math.ceil(math.prod(w.shape) * r / 8), path
@@ -102,66 +104,66 @@ def test_packed_export_sizes_and_logits(stored, tmp_path, bits):
 def test_export_from_a_plan_file(stored, tmp_path):
   _, _, variables = stored
   plans.save(str(tmp_path / 'plan.json'), [4, 2], found_by='hand')
-  parent.export(str(tmp_path / 'e'), variables, CFG, None, str(tmp_path / 'plan.json'))
+  parents.export(str(tmp_path / 'e'), variables, CFG, None, str(tmp_path / 'plan.json'))
   assert json.load(open(tmp_path / 'e' / 'manifest.json'))['layer_bits'] == [4, 2]
   with pytest.raises(ValueError, match='3 layer widths for a 2-layer model'):
-    parent.export(str(tmp_path / 'f'), variables, CFG, None, (4, 2, 8))
+    parents.export(str(tmp_path / 'f'), variables, CFG, None, (4, 2, 8))
   with pytest.raises(ValueError, match='layer_0/.*: width 8 is wider than its stored 4-bit parent'):
-    _, v4, _ = parent.load(str(tmp_path / 'e'))
-    parent.export(str(tmp_path / 'g'), v4, CFG, None, 8)
+    _, v4, _ = parents.load(str(tmp_path / 'e'))
+    parents.export(str(tmp_path / 'g'), v4, CFG, None, 8)
   assert not os.path.exists(tmp_path / 'f') and not os.path.exists(tmp_path / 'g')
 
 
 def test_sizes_table_arithmetic(stored, tmp_path):
   _, params, variables = stored
-  parent.save(str(tmp_path / 'p'), variables, CFG)
-  parent.export(str(tmp_path / 'e2'), variables, CFG, None, 2)
-  p8, e2 = parent.file_bytes(str(tmp_path / 'p')), parent.file_bytes(str(tmp_path / 'e2'))
+  parents.save(str(tmp_path / 'p'), variables, CFG)
+  parents.export(str(tmp_path / 'e2'), variables, CFG, None, 2)
+  p8, e2 = parents.file_bytes(str(tmp_path / 'p')), parents.file_bytes(str(tmp_path / 'e2'))
   assert p8['codes'] == 4 * e2['codes'] and p8['scales'] == e2['scales'] and p8['other'] == e2['other']
-  resident = parent.weight_bytes(variables)
+  resident = parents.weight_bytes(variables)
   assert resident['quantized'] == p8['codes'] + p8['scales']
-  assert parent.weight_bytes({'params': params})['quantized'] == 0
+  assert parents.weight_bytes({'params': params})['quantized'] == 0
 
 
 def test_bad_directories_are_clear_errors(stored, tmp_path):
   _, _, variables = stored
   with pytest.raises(FileNotFoundError, match='does not exist'):
-    parent.load(str(tmp_path / 'none'))
+    parents.load(str(tmp_path / 'none'))
   os.makedirs(tmp_path / 'empty')
   with pytest.raises(FileNotFoundError, match='manifest.json is missing'):
-    parent.load(str(tmp_path / 'empty'))
+    parents.load(str(tmp_path / 'empty'))
   d = tmp_path / 'p'
-  parent.save(str(d), variables, CFG)
+  parents.save(str(d), variables, CFG)
   with pytest.raises(FileExistsError, match='exists'):
-    parent.save(str(d), variables, CFG)
+    parents.save(str(d), variables, CFG)
   with pytest.raises(ValueError, match='no QuantizedArray weights'):
-    parent.save(str(tmp_path / 'float'), {'params': stored[1]}, CFG)
+    parents.save(str(tmp_path / 'float'), {'params': stored[1]}, CFG)
   assert not os.path.exists(tmp_path / 'float')
   weights = d / 'weights.safetensors'
   whole = open(weights, 'rb').read()
   open(weights, 'wb').write(whole[:len(whole) // 2])
   with pytest.raises(ValueError, match='cannot be read .* truncated'):
-    parent.load(str(d))
+    parents.load(str(d))
   tensors = safetensors.numpy.load_file(_save_and_path(variables, tmp_path / 'q'))
   del tensors['params/layer_1/mlp/linear/scale']
   safetensors.numpy.save_file(tensors, str(tmp_path / 'q' / 'weights.safetensors'))
   with pytest.raises(ValueError, match="tensor 'params/layer_1/mlp/linear/scale' is missing"):
-    parent.load(str(tmp_path / 'q'))
+    parents.load(str(tmp_path / 'q'))
   manifest = json.load(open(d / 'manifest.json'))
   json.dump({**manifest, 'format': 'something-else'}, open(d / 'manifest.json', 'w'))
   with pytest.raises(ValueError, match="format 'something-else'.*foreign"):
-    parent.load(str(d))
+    parents.load(str(d))
   c = tmp_path / 'c'
   _save_and_path(variables, c)
   cfg = json.load(open(c / 'config.json'))
   json.dump({**cfg, 'num_layers': 3}, open(c / 'config.json', 'w'))
   with pytest.raises(ValueError, match="'params/layer_2/.*' is missing"):
-    parent.load(str(c))
+    parents.load(str(c))
   json.dump({**cfg, 'num_layerz': 3}, open(c / 'config.json', 'w'))
   with pytest.raises(ValueError, match=r"unknown config fields \['num_layerz'\]"):
-    parent.load(str(c))
+    parents.load(str(c))
 
 
 def _save_and_path(variables, d):
-  parent.save(str(d), variables, CFG)
+  parents.save(str(d), variables, CFG)
   return str(d / 'weights.safetensors')

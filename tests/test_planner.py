@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from matquant_jax import omniquant, planner, plans
-from matquant_jax.models import gemma
-from matquant_jax.qeinsum import QuantSpec
+from matquant_jax import nn, parents
+from matquant_jax.core import plans
+from matquant_jax.core.qeinsum import QuantSpec
+from matquant_jax.parents import planner
 
 
 def test_knapsack_equals_brute_force():
@@ -28,16 +29,16 @@ def test_knapsack_equals_brute_force():
     planner.knapsack(costs, widths, counts, 1.5)
 
 
-CFG = gemma.TransformerConfig.tiny(num_embed=64, num_layers=4, tie_embeddings=False)
+CFG = nn.TransformerConfig.tiny(num_embed=64, num_layers=4, tie_embeddings=False)
 
 
 @pytest.fixture(scope='module')
 def tiny():
-  model = gemma.Transformer(CFG)
+  model = nn.Transformer(CFG)
   tokens = np.random.default_rng(0).integers(4, 64, (8, 16)).astype(np.int32)
   params = model.init(jax.random.PRNGKey(0), jnp.asarray(tokens))['params']
   params = jax.tree.map(lambda w: 3 * w, params)
-  stored = omniquant.export_parent(CFG, params, None, QuantSpec(8, targets=('ffn', 'attn')))
+  stored = parents.make_parent(CFG, params, QuantSpec(8, targets=('ffn', 'attn')))
   return model, params, stored, tokens
 
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from matquant_jax import quant
+from matquant_jax.core import quant
 
 
 def ref_slice(q: int, r: int, c: int = 8, clamp: bool = True) -> int:

@@ -7,13 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from matquant_jax import omniquant, parent, plans, sampler, sharding, train
-from matquant_jax.models import gemma, llama
-from matquant_jax.qeinsum import QuantSpec
+from matquant_jax import ckpts, nn, parents
+from matquant_jax.core import plans
+from matquant_jax.core.qeinsum import QuantSpec
+from matquant_jax.nn import llama, sharding
+from matquant_jax.text import sampler
 
 # Window 3 < prompt + generated length, so local layers mask past the window. An untied
 # random head gives varied greedy continuations (a tied one mostly repeats the last token).
-CFG = gemma.TransformerConfig.tiny(num_embed=64, sliding_window_size=3, tie_embeddings=False)
+CFG = nn.TransformerConfig.tiny(num_embed=64, sliding_window_size=3, tie_embeddings=False)
 EOS = 1
 
 
@@ -30,7 +32,7 @@ class CharTokenizer:
 
 @pytest.fixture(scope='module')
 def tiny():
-  model = gemma.Transformer(CFG)
+  model = nn.Transformer(CFG)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))['params']
   return model, params
 
@@ -57,7 +59,7 @@ def test_cached_logits_match_full_forward_past_the_window(tiny):
   tokens = np.concatenate([np.zeros(pad, int), seq[:prompt]])[None]
   mask = np.arange(pad + prompt)[None] >= pad
   positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
-  cache = gemma.init_cache(CFG, 1, 24)
+  cache = nn.init_cache(CFG, 1, 24)
   logits, cache = model.apply({'params': params}, jnp.asarray(tokens), jnp.asarray(positions), cache=cache,
                               input_mask=jnp.asarray(mask))
   got = [logits[0, -1]]
@@ -83,7 +85,7 @@ OTHER_FAMILIES = {
 def test_greedy_sampling_equals_argmax_of_full_forward(tiny, family):
   model, params = tiny
   if family is not None:
-    model = gemma.Transformer(OTHER_FAMILIES[family])
+    model = nn.Transformer(OTHER_FAMILIES[family])
     params = model.init(jax.random.PRNGKey(2), jnp.zeros((1, 4), jnp.int32))['params']
     params = jax.tree.map(lambda w: 4 * w, params)  # sharper logits: varied greedy continuations
   s = sampler.Sampler(model, params, CharTokenizer(), cache_size=48)
@@ -98,11 +100,11 @@ def test_greedy_sampling_equals_argmax_of_full_forward(tiny, family):
 
 def test_resident_parent_equals_fake_quant_and_switches_per_call(tiny):
   model, params = tiny
-  stored = omniquant.export_parent(CFG, params, None, QuantSpec(8, targets=('ffn', 'attn')))
+  stored = parents.make_parent(CFG, params, QuantSpec(8, targets=('ffn', 'attn')))
   spec = lambda b: QuantSpec(b, targets=('ffn', 'attn'))
   live = sampler.Sampler(model, params, CharTokenizer(), cache_size=48)
   resident = sampler.Sampler(model, stored, CharTokenizer(), cache_size=48)
-  assert resident.targets == ('ffn', 'attn') and resident.max_bits == 8
+  assert resident.spec(4).targets == ('ffn', 'attn') and resident.spec(4).parent_bits == 8
   prompts = ['to be or not', 'brevity is the soul']
   nucleus = sampler.Sampling(temperature=0.8, top_k=20, top_p=0.9)
   calls = [(8, sampler.GREEDY), (2, sampler.GREEDY), ((2, 8), sampler.GREEDY), (4, nucleus),
@@ -120,14 +122,14 @@ def test_resident_parent_equals_fake_quant_and_switches_per_call(tiny):
 
 def test_plan_file_and_packed_export_serve_the_same_tokens(tiny, tmp_path):
   model, params = tiny
-  stored = omniquant.export_parent(CFG, params, None, QuantSpec(8))
+  stored = parents.make_parent(CFG, params, QuantSpec(8))
   plan = str(tmp_path / 'plan.json')
   plans.save(plan, [2, 4], note='test')
   s = sampler.Sampler(model, stored, CharTokenizer(), cache_size=48)
   want = [o.tokens for o in s.sample(['all the world'], 8, bits=(2, 4))]
   assert [o.tokens for o in s.sample(['all the world'], 8, bits=plan)] == want
-  parent.export(str(tmp_path / 'packed'), stored, CFG, None, plan)
-  m2, v2, _ = parent.load(str(tmp_path / 'packed'))
+  parents.export(str(tmp_path / 'packed'), stored, CFG, None, plan)
+  m2, v2, _ = parents.load(str(tmp_path / 'packed'))
   assert [o.tokens for o in sampler.Sampler(m2, v2, CharTokenizer(), 48).sample(['all the world'], 8)] == want
 
 
@@ -167,7 +169,7 @@ def test_stops_at_eos_per_row(tiny):
 
 def test_bad_input_is_a_clear_error(tiny, tmp_path):
   model, params = tiny
-  stored = omniquant.export_parent(CFG, params, None, QuantSpec(8))
+  stored = parents.make_parent(CFG, params, QuantSpec(8))
   s = sampler.Sampler(model, stored, CharTokenizer(), cache_size=48)
   with pytest.raises(ValueError, match='prompt 1 is empty'):
     s.sample(['ok', ''], 4)
@@ -184,8 +186,8 @@ def test_bad_input_is_a_clear_error(tiny, tmp_path):
     s.sample(['ok'], 4, bits=str(tmp_path / 'p.json'))
   with pytest.raises(ValueError, match=r'prompt \(16 tokens, padded\) \+ max_new_tokens \(33\) exceeds'):
     s.sample(['ok'], 33)
-  parent.export(str(tmp_path / 'int4'), stored, CFG, None, 4)
-  m4, v4, _ = parent.load(str(tmp_path / 'int4'))
+  parents.export(str(tmp_path / 'int4'), stored, CFG, None, 4)
+  m4, v4, _ = parents.load(str(tmp_path / 'int4'))
   with pytest.raises(ValueError, match='bits=8: the resident model gives widths 1..4'):
     sampler.Sampler(m4, v4, CharTokenizer()).sample(['ok'], 2, bits=8)
   with pytest.raises(ValueError, match='temperature must be >= 0'):
@@ -194,11 +196,11 @@ def test_bad_input_is_a_clear_error(tiny, tmp_path):
 
 def test_sharded_parent_samples_like_one_device(tiny):
   model, params = tiny
-  stored = omniquant.export_parent(CFG, params, None, QuantSpec(8, targets=('ffn', 'attn')))
+  stored = parents.make_parent(CFG, params, QuantSpec(8, targets=('ffn', 'attn')))
   one = sampler.Sampler(model, stored, CharTokenizer(), cache_size=48).sample(['sharded', 'x'], 8, bits=4)
   mesh = sharding.make_mesh(sharding.mesh_config(2, 2, 2))
   p = stored['params']
-  placed = {'params': jax.device_put(p, train.model_shardings(CFG, p, mesh, sharding.DEFAULT_RULES))}
+  placed = {'params': jax.device_put(p, sharding.model_shardings(CFG, p, mesh, sharding.DEFAULT_RULES))}
   w = placed['params']['layer_0']['mlp']['gating_einsum'].codes
   assert len(w.sharding.device_set) == 8 and w.addressable_shards[0].data.shape != w.shape
   got = sampler.Sampler(model, placed, CharTokenizer(), cache_size=48).sample(['sharded', 'x'], 8, bits=4)
@@ -207,8 +209,7 @@ def test_sharded_parent_samples_like_one_device(tiny):
 
 @pytest.mark.slow
 def test_smollm2_cached_greedy_matches_full_forward():
-  from matquant_jax import checkpoints
-  model, variables, tokenizer = checkpoints.load('smollm2-135m')
+  model, variables, tokenizer = ckpts.load('smollm2-135m')
   s = sampler.Sampler(model, variables, tokenizer, cache_size=48)
   prompt = 'To be, or not to be, that is the'
   out = s.sample([prompt], 4)[0]

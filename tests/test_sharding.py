@@ -2,15 +2,18 @@
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
-from matquant_jax import losses, omniquant, sharding, train
-from matquant_jax.models import gemma
-from matquant_jax.qeinsum import QuantSpec
+from matquant_jax import nn
+from matquant_jax.algos import omniquant, qat
+from matquant_jax.core import losses
+from matquant_jax.core.qeinsum import QuantSpec
+from matquant_jax.data import pipeline
+from matquant_jax.nn import sharding
 
-CFG = gemma.TransformerConfig.tiny()
+CFG = nn.TransformerConfig.tiny()
 OBJ = losses.parse_objective('8,4,2', (0.1, 0.1, 1.0))
 
 
@@ -19,7 +22,7 @@ def _mesh(data, fsdp, tensor):
 
 
 def _cfg(steps, trainable='ffn'):
-  return train.Options(steps=steps, learning_rate=1e-2, warmup_steps=1, trainable=trainable,
+  return qat.Options(steps=steps, learning_rate=1e-2, warmup_steps=1, trainable=trainable,
                        checkpoint_every=2, log_every=1)
 
 
@@ -27,7 +30,7 @@ def _cfg(steps, trainable='ffn'):
 def problem():
   rng = np.random.default_rng(0)
   batches = [rng.integers(4, CFG.num_embed, (8, 17)).astype(np.int32) for _ in range(4)]
-  model = gemma.Transformer(CFG)
+  model = nn.Transformer(CFG)
   params = model.init(jax.random.PRNGKey(0), jnp.asarray(batches[0][:, :-1]))['params']
   return model, params, batches
 
@@ -51,10 +54,10 @@ def test_mesh_shapes_and_errors():
 
 def test_gemma2_2b_logical_rules():
   mesh = sharding.make_mesh(sharding.mesh_config(1, 4, 2))
-  cfg = gemma.TransformerConfig.gemma2_2b()
-  model = gemma.Transformer(cfg)
+  cfg = nn.TransformerConfig.gemma2_2b()
+  model = nn.Transformer(cfg)
   abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))['params']
-  sh = train.model_shardings(cfg, abstract, mesh, sharding.DEFAULT_RULES)
+  sh = sharding.model_shardings(cfg, abstract, mesh, sharding.DEFAULT_RULES)
   layer = sh['layer_0']
   assert sh['embedder']['input_embedding'].spec == P('tensor', 'fsdp')
   assert layer['mlp']['gating_einsum'].spec == P(None, 'fsdp', 'tensor')
@@ -65,7 +68,7 @@ def test_gemma2_2b_logical_rules():
   assert layer['pre_ffw_norm']['scale'].spec == P(None)
   # OmniQuant transforms follow their weight: clipping per output channel, shift/scale per input channel.
   qtree = jax.eval_shape(lambda p: omniquant.init_transforms(cfg, p, QuantSpec(8)), abstract)
-  qsh = train.model_shardings(cfg, qtree, mesh, sharding.DEFAULT_RULES)['layer_3']['mlp']
+  qsh = sharding.model_shardings(cfg, qtree, mesh, sharding.DEFAULT_RULES)['layer_3']['mlp']
   assert qsh['gating_einsum']['gamma_logit'].spec == P(None, None, 'tensor')
   assert qsh['gating_einsum']['shift'].spec == P('fsdp')
   assert qsh['linear']['smooth'].spec == P('tensor')
@@ -75,8 +78,8 @@ def test_gemma2_2b_logical_rules():
 @pytest.mark.parametrize('shape', [(2, 4, 1), (2, 2, 2)], ids=['data x fsdp', 'data x fsdp x tensor'])
 def test_sharded_matquant_step_matches_one_device(problem, shape):
   model, params, batches = problem
-  ref, ref_m = train.train(model, params, OBJ, lambda s: batches[s], _cfg(3), mesh=_mesh(1, 1, 1))
-  got, got_m = train.train(model, params, OBJ, lambda s: batches[s], _cfg(3), mesh=_mesh(*shape))
+  ref, ref_m = qat.train(model, params, OBJ, lambda s: batches[s], _cfg(3), mesh=_mesh(1, 1, 1))
+  got, got_m = qat.train(model, params, OBJ, lambda s: batches[s], _cfg(3), mesh=_mesh(*shape))
   np.testing.assert_allclose(got_m['loss'], ref_m['loss'], rtol=1e-5)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(ref)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, err_msg=jax.tree_util.keystr(path))
@@ -88,22 +91,21 @@ def test_sharded_matquant_step_matches_one_device(problem, shape):
 
 def test_checkpoint_restores_onto_other_meshes(problem, tmp_path):
   model, params, batches = problem
-  saved, _ = train.train(model, params, OBJ, lambda s: batches[s], _cfg(2), str(tmp_path), mesh=_mesh(2, 4, 1))
+  saved, _ = qat.train(model, params, OBJ, lambda s: batches[s], _cfg(2), str(tmp_path), mesh=_mesh(2, 4, 1))
   for shape in [(1, 1, 1), (1, 2, 2)]:
     mesh = _mesh(*shape)
-    restored, _ = train.train(model, params, OBJ, lambda s: batches[s], _cfg(2), str(tmp_path), mesh=mesh)
+    restored, _ = qat.train(model, params, OBJ, lambda s: batches[s], _cfg(2), str(tmp_path), mesh=mesh)
     w = restored['layer_1']['mlp']['linear']
     assert w.sharding.mesh.shape == mesh.shape
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(saved)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # And training continues on the new mesh from the restored state.
-  more, _ = train.train(model, params, OBJ, lambda s: batches[s], _cfg(4), str(tmp_path), mesh=_mesh(1, 2, 2))
+  more, _ = qat.train(model, params, OBJ, lambda s: batches[s], _cfg(4), str(tmp_path), mesh=_mesh(1, 2, 2))
   assert not np.array_equal(np.asarray(more['layer_1']['mlp']['linear']), np.asarray(saved['layer_1']['mlp']['linear']))
 
 
 def test_batch_rows_per_process():
   stream = np.arange(1000, dtype=np.int32)
-  from matquant_jax.data import pipeline
   full = pipeline.train_batch(stream, 3, 8, 5, 0)
   parts = [pipeline.train_batch(stream, 3, 8, 5, 0, i, 4) for i in range(4)]
   np.testing.assert_array_equal(np.concatenate(parts), full)

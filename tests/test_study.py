@@ -9,7 +9,11 @@ import sys
 import ml_collections
 import pytest
 
-from matquant_jax import configs
+from matquant_jax import evals, nn, parents
+from matquant_jax.core.qeinsum import QuantSpec
+from matquant_jax.data import pipeline
+from matquant_jax.lab import configs, report, study
+from matquant_jax.text import sampler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,7 +81,6 @@ def test_all_config_files_are_valid():
 
 
 def test_workdir_config_mismatch_is_named(tmp_path):
-  from matquant_jax import study
   c = configs.base_config()
   study.check_workdir(str(tmp_path), c)
   c.runs = c.runs + [configs.baseline(3)]
@@ -95,11 +98,8 @@ def test_ffn_average_bits_counts_the_extra_bucket():
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from matquant_jax import study
-  from matquant_jax.models import gemma
-  from matquant_jax.qeinsum import QuantSpec
-  cfg = gemma.TransformerConfig.tiny()
-  p = gemma.Transformer(cfg).init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))['params']
+  cfg = nn.TransformerConfig.tiny()
+  p = nn.Transformer(cfg).init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))['params']
   # numpy reference: codes of an 8-bit min-max parent per output channel; int2 extra bucket is q >= 224
   extra, total = 0, 0
   for i in range(cfg.num_layers):
@@ -115,7 +115,6 @@ def test_ffn_average_bits_counts_the_extra_bucket():
 
 
 def test_gap_closure_and_seed_aggregation_by_hand():
-  from matquant_jax import report
   def table(b2, m2, ref):
     return [dict(data_type='float32', method='Float, same tokens', log_pplx=ref, bits_per_ffn_param=32.0),
             dict(data_type='int8', method='Baseline', log_pplx=ref + 0.1, bits_per_ffn_param=8.0),
@@ -131,7 +130,6 @@ def test_gap_closure_and_seed_aggregation_by_hand():
 
 
 def test_results_files_are_replaced_whole(tmp_path):
-  from matquant_jax import report
   path = str(tmp_path / 'results.json')
   assert report.read_json(path, {'rows': []}) == {'rows': []}
   report.write_json(path, {'rows': [1]})
@@ -146,23 +144,19 @@ def test_results_files_are_replaced_whole(tmp_path):
 
 def check_stored_parent(directory, measured):
   import runpy
-  from matquant_jax import parent, sampler, train
-  from matquant_jax.data import pipeline
-  from matquant_jax.qeinsum import QuantSpec
   cfg = runpy.run_path(os.path.join(ROOT, 'experiments/configs/quick.py'))['get_config']()
-  model, variables, tokenizer = parent.load(str(directory))
-  assert parent.read_manifest(str(directory))['run']['name'] == 'matquant'
+  model, variables, tokenizer = parents.load(str(directory))
+  assert parents.read_manifest(str(directory))['run']['name'] == 'matquant'
   data = pipeline.load_tokens(cfg.data.name, cfg.data.data_dir, cfg.data.vocab_size)
   val = pipeline.eval_batches(data.validation, cfg.data.eval_batch_size, cfg.data.seq_len,
                               cfg.data.eval_batches)
-  got = train.make_eval_fn(model)(variables, val, QuantSpec(2))
+  got = evals.make_eval_fn(model)(variables, val, QuantSpec(2))
   assert got == pytest.approx(measured['int2'], abs=1e-4)
   out = sampler.Sampler(model, variables, tokenizer, cache_size=64).sample(['To be, or not'], 4, bits=2)
   assert len(out[0].tokens) <= 4 and isinstance(out[0].text, str)
 
 
 def test_resumed_results_must_be_of_the_same_setup(tmp_path):
-  from matquant_jax import report
   workdir = str(tmp_path / 'run')
   results, save = report.open_results(workdir, model='smollm2-135m', settings={'steps': 64})
   results['rows'].append({'log_pplx': 3.7})

@@ -5,31 +5,33 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from matquant_jax import losses, train
-from matquant_jax.models import gemma
-from matquant_jax.qeinsum import QuantSpec
+from matquant_jax import evals, nn
+from matquant_jax.algos import qat
+from matquant_jax.evals import perplexity
+from matquant_jax.core import losses
+from matquant_jax.core.qeinsum import QuantSpec
 
-CFG = gemma.TransformerConfig.tiny(num_embed=64)
+CFG = nn.TransformerConfig.tiny(num_embed=64)
 
 
 def _setup():
-  model = gemma.Transformer(CFG)
+  model = nn.Transformer(CFG)
   batch = np.asarray(jax.random.randint(jax.random.PRNGKey(3), (4, 17), 1, 64))
   params = model.init(jax.random.PRNGKey(0), jnp.asarray(batch[:, :-1]))['params']
   return model, params, batch
 
 
 def _cfg(steps, trainable='ffn', lr=1e-2):
-  return train.Options(steps=steps, learning_rate=lr, warmup_steps=2, trainable=trainable,
+  return qat.Options(steps=steps, learning_rate=lr, warmup_steps=2, trainable=trainable,
                        checkpoint_every=3, log_every=1)
 
 
 def test_matquant_step_lowers_loss_and_trains_only_ffn():
   model, params, batch = _setup()
   obj = losses.parse_objective('8,4,2', (0.1, 0.1, 1.0))
-  evaluate = train.make_eval_fn(model)
+  evaluate = evals.make_eval_fn(model)
   before = evaluate(params, [batch], QuantSpec(2))
-  new, metrics = train.train(model, params, obj, lambda step: batch, _cfg(15))
+  new, metrics = qat.train(model, params, obj, lambda step: batch, _cfg(15))
   after = evaluate(new, [batch], QuantSpec(2))
   assert after < before - 0.3, (before, after)
   assert set(metrics) >= {'loss', 'ce_int8', 'ce_int4', 'ce_int2', 'grad_norm'}
@@ -42,12 +44,12 @@ def test_matquant_step_lowers_loss_and_trains_only_ffn():
 
 def test_split_and_merge_params():
   _, params, _ = _setup()
-  a, b = train.split_params(params, 'ffn')
+  a, b = qat.split_params(params, 'ffn')
   assert set(a) == {'layer_0', 'layer_1'} and set(a['layer_0']) == {'mlp'}
-  merged = train.merge_params(a, b)
+  merged = qat.merge_params(a, b)
   assert jax.tree.structure(merged) == jax.tree.structure(params)
   with pytest.raises(ValueError, match='selects no parameter'):
-    train.split_params(params, 'nothing_matches_this')
+    qat.split_params(params, 'nothing_matches_this')
 
 
 class Interrupt(Exception):
@@ -58,26 +60,26 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path):
   model, params, _ = _setup()
   obj = losses.parse_objective('8,4,2', (0.1, 0.1, 1.0))
   batches = lambda step: np.asarray(jax.random.randint(jax.random.PRNGKey(step), (4, 17), 1, 64))
-  full, _ = train.train(model, params, obj, batches, _cfg(7), str(tmp_path / 'a'))
+  full, _ = qat.train(model, params, obj, batches, _cfg(7), str(tmp_path / 'a'))
 
   def crashing(step):
     if step == 4:
       raise Interrupt()
     return batches(step)
   with pytest.raises(Interrupt):
-    train.train(model, params, obj, crashing, _cfg(7), str(tmp_path / 'b'))
-  resumed, _ = train.train(model, params, obj, batches, _cfg(7), str(tmp_path / 'b'))
+    qat.train(model, params, obj, crashing, _cfg(7), str(tmp_path / 'b'))
+  resumed, _ = qat.train(model, params, obj, batches, _cfg(7), str(tmp_path / 'b'))
   for x, y in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(x, y)
 
 
 def test_token_logprobs_in_row_chunks_match_one_pass(monkeypatch):
   """Evaluation bounds its logits memory (a 262k vocabulary) by rows; the numbers do not change."""
-  c = gemma.TransformerConfig.tiny()
-  model = gemma.Transformer(c)
+  c = nn.TransformerConfig.tiny()
+  model = nn.Transformer(c)
   x = jnp.asarray(np.random.default_rng(0).integers(4, 256, (5, 9)))
   variables = model.init(jax.random.PRNGKey(0), x)
-  whole = train.token_logprobs(model, variables, x[:, :-1], x[:, 1:], None)
-  monkeypatch.setattr(train, 'LOGITS_BYTES', 2 * 8 * c.num_embed * 4)  # two rows at a time
-  chunked = train.token_logprobs(model, variables, x[:, :-1], x[:, 1:], None)
+  whole = evals.token_logprobs(model, variables, x[:, :-1], x[:, 1:], None)
+  monkeypatch.setattr(perplexity, 'LOGITS_BYTES', 2 * 8 * c.num_embed * 4)  # two rows at a time
+  chunked = evals.token_logprobs(model, variables, x[:, :-1], x[:, 1:], None)
   np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), atol=1e-5)

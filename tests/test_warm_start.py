@@ -1,14 +1,15 @@
 """QAT from a stored parent: the float weights give back the parent's codes exactly, its outputs to float rounding."""
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 
-from matquant_jax import losses, omniquant, train, warm_start
-from matquant_jax.models import gemma
-from matquant_jax.qeinsum import QuantSpec
+from matquant_jax import nn, parents
+from matquant_jax.algos import omniquant, qat, warm_start
+from matquant_jax.core import losses
+from matquant_jax.core.qeinsum import QuantSpec
 
 GROUP = 16
 
@@ -16,7 +17,7 @@ GROUP = 16
 def _parent(cfg, seed=0):
   """A tiny model's parent with random OmniQuant transforms (clipping, shift, scale) on the FFN."""
   tokens = np.random.default_rng(seed).integers(4, cfg.num_embed, (2, 12)).astype(np.int32)
-  model = gemma.Transformer(cfg)
+  model = nn.Transformer(cfg)
   params = model.init(jax.random.PRNGKey(seed), jnp.asarray(tokens))['params']
   spec = QuantSpec(8, group_size=GROUP)
   flat = traverse_util.flatten_dict(omniquant.init_transforms(cfg, params, spec))
@@ -25,13 +26,13 @@ def _parent(cfg, seed=0):
     flat[k] = jnp.asarray({'gamma_logit': rng.uniform(0.5, 3.0, v.shape), 'beta_logit': rng.uniform(0.5, 3.0, v.shape),
                            'shift': rng.normal(0, 0.2, v.shape), 'smooth': np.exp(rng.normal(0, 0.4, v.shape))}[k[-1]],
                           jnp.float32)
-  parent = omniquant.export_parent(cfg, params, traverse_util.unflatten_dict(flat), spec)
+  parent = parents.make_parent(cfg, params, spec, traverse_util.unflatten_dict(flat))
   return model, parent, tokens
 
 
-@pytest.mark.parametrize('cfg', [gemma.TransformerConfig.tiny(),
-                                 gemma.TransformerConfig.tiny(norm_plus_one=False, ffn_activation='silu'),
-                                 gemma.TransformerConfig.tiny(transpose_gating_einsum=True)],
+@pytest.mark.parametrize('cfg', [nn.TransformerConfig.tiny(),
+                                 nn.TransformerConfig.tiny(norm_plus_one=False, ffn_activation='silu'),
+                                 nn.TransformerConfig.tiny(transpose_gating_einsum=True)],
                          ids=['gemma', 'llama', 'transposed'])
 def test_float_weights_reproduce_the_parent(cfg):
   model, parent, tokens = _parent(cfg)
@@ -45,12 +46,12 @@ def test_float_weights_reproduce_the_parent(cfg):
 
 
 def test_qat_keeps_the_quant_collection_and_trains_the_ffn():
-  cfg = gemma.TransformerConfig.tiny()
+  cfg = nn.TransformerConfig.tiny()
   model, parent, tokens = _parent(cfg, seed=3)
   warm = warm_start.float_variables(cfg, parent)
   batch = np.random.default_rng(4).integers(4, cfg.num_embed, (2, 13)).astype(np.int32)
-  opts = train.Options(steps=2, learning_rate=1e-2, spec=QuantSpec(8, group_size=GROUP))
-  out, metrics = train.train(model, warm, losses.parse_objective('8,4,2', (1.0, 1.0, 1.0)), lambda s: batch, opts)
+  opts = qat.Options(steps=2, learning_rate=1e-2, spec=QuantSpec(8, group_size=GROUP))
+  out, metrics = qat.train(model, warm, losses.parse_objective('8,4,2', (1.0, 1.0, 1.0)), lambda s: batch, opts)
   assert np.isfinite(metrics['loss'])
   jax.tree.map(np.testing.assert_array_equal, out['quant'], warm['quant'])
   before, after = warm['params']['layer_0']['mlp']['linear'], out['params']['layer_0']['mlp']['linear']
@@ -60,7 +61,7 @@ def test_qat_keeps_the_quant_collection_and_trains_the_ffn():
 
 
 def test_attention_transforms_are_refused():
-  cfg = gemma.TransformerConfig.tiny()
+  cfg = nn.TransformerConfig.tiny()
   _, parent, _ = _parent(cfg)
   parent = {**parent, 'quant': {**parent['quant'], 'layer_0': {**parent['quant']['layer_0'],
                                                                 'attn': {'q_einsum': {'smooth': jnp.ones(32)}}}}}

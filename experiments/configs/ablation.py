@@ -9,7 +9,7 @@ Combine with --config.qat.quant.slice_grad=identity, --config.omniquant.balance=
 float model> to reuse a study's pretraining; compare with that study's baselines.
 """
 
-from matquant_jax import configs
+from matquant_jax.lab import configs
 
 
 def get_config(runs: str = 'qat'):

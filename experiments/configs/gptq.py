@@ -6,7 +6,7 @@ all on the same pretrained float model and calibration sequences. One-shot:
 seconds per run here.
 """
 
-from matquant_jax import configs
+from matquant_jax.lab import configs
 
 
 def get_config():

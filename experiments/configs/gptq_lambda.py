@@ -4,7 +4,7 @@ lambda (1, 1, 1) over [8,4,2] (the default), int8-weighted (1, 0.1, 0.01), and M
 widths [8,4,3]; evaluated at every width like the other studies.
 """
 
-from matquant_jax import configs
+from matquant_jax.lab import configs
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """The default study plus MatQuant with larger int8/int4 weights (the paper's ablation grid)."""
 
-from matquant_jax import configs
+from matquant_jax.lab import configs
 
 
 def get_config():

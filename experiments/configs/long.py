@@ -1,6 +1,6 @@
 """The default study plus int6/int3 baselines, Single Precision MatQuant and co-distillation."""
 
-from matquant_jax import configs
+from matquant_jax.lab import configs
 
 
 def get_config():

@@ -5,7 +5,7 @@ Baselines at 8, 4, 2 (twice the epochs), 6 and 3 bits, sliced int8, MatQuant
 MatQuant, all calibrated on the same pretrained float model.
 """
 
-from matquant_jax import configs
+from matquant_jax.lab import configs
 
 
 def get_config():

@@ -4,7 +4,7 @@ OmniQuant's own code (the default, configs/omniquant.py) uses lr 1e-2 for the cl
 logits and 5e-3 for shift/scale; this config keeps the paper's setting reproducible.
 """
 
-from matquant_jax import configs
+from matquant_jax.lab import configs
 
 
 def get_config():

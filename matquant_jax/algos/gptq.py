@@ -1,0 +1,253 @@
+"""GPTQ as MatQuant's third base algorithm: one-shot, block by block, no training.
+
+For every quantized weight W (its contraction axes flattened to `in`, the rest
+to `out`) and its inputs X from the already quantized prefix, H = X^T X (the
+GPTQ Hessian up to a factor 2), damped by `damp` x mean(diag H). Columns (input
+channels) are quantized in order (or by decreasing diag H, act-order), in
+blocks of `block_size` with lazy batch updates; each column's error, scaled by
+the inverse Hessian's Cholesky factor, is fed back to the columns not yet
+quantized (Frantar et al., 2022).
+
+The code of a column is searched exhaustively over the parent's 2^c codes:
+argmin_q sum_r lambda_r (w - deq(S(q, r)))^2 with the objective's widths and
+lambdas (MatQuant mode), or over the 2^r codes of an r-bit grid (the GPTQ
+baseline at r, `'r'` with parent_bits r); the residual fed back is the
+lambda-weighted mean of the widths' errors. With several widths, each width has
+its own activation stream (its quantized prefix) and H = sum_r lambda_r H_r / sum
+lambda. Scales and zero points are min-max of the original weights, per output
+channel or per group, fixed before the column loop (GPTQ's static groups), so
+act-order and groups combine. Inside a block, weights are quantized in GPTQ's
+true-sequential order (q/k/v, then the attention output, then gate/up, then
+down), each group's inputs taken with the earlier groups already quantized.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any
+
+from absl import logging
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import tqdm
+
+from matquant_jax import nn, parents
+from matquant_jax.algos import blockwise
+from matquant_jax.core import losses, quant
+from matquant_jax.core.qeinsum import QuantSpec
+
+
+Tree = Any
+
+
+# GPTQ's true-sequential order inside a block: each group's inputs see the earlier groups quantized.
+ORDER = {'attn/qkv_einsum/w': 0, 'attn/q_einsum/w': 0, 'attn/kv_einsum/w': 0,
+         'attn/attn_vec_einsum/w': 1, 'mlp/gating_einsum': 2, 'mlp/linear': 3}
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """damp: added to diag H, as a fraction of its mean. block_size: columns per lazy
+  batch update. act_order: quantize columns by decreasing diag H. batch_size:
+  calibration sequences per forward pass (memory only)."""
+  damp: float = 0.01
+  block_size: int = 128
+  act_order: bool = False
+  batch_size: int = 8
+
+  def __post_init__(self):
+    if not 0 <= self.damp < 1:
+      raise ValueError(f'gptq damp must be in [0, 1), got {self.damp}')
+    if self.block_size < 1 or self.batch_size < 1:
+      raise ValueError('gptq block_size and batch_size must be >= 1')
+
+  @classmethod
+  def from_config(cls, cfg, **overrides) -> 'Options':
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{**{k: v for k, v in cfg.items() if k in fields}, **overrides})
+
+
+def as_matrix(w: jax.Array, reduce_axes) -> jax.Array:
+  """A weight as [in, out]: its contraction axes first (flattened), the others after."""
+  axes = tuple(sorted(a % w.ndim for a in reduce_axes))
+  perm = axes + tuple(a for a in range(w.ndim) if a not in axes)
+  n_in = math.prod(w.shape[a] for a in axes)
+  return jnp.transpose(w, perm).reshape(n_in, -1)
+
+
+def from_matrix(m: jax.Array, shape, reduce_axes) -> jax.Array:
+  """The inverse of `as_matrix`."""
+  axes = tuple(sorted(a % len(shape) for a in reduce_axes))
+  perm = axes + tuple(a for a in range(len(shape)) if a not in axes)
+  return jnp.transpose(m.reshape([shape[a] for a in perm]), np.argsort(perm))
+
+
+def code_table(widths, parent_bits: int, extra_precision: bool = False) -> np.ndarray:
+  """[R, 2^c]: the value on the parent grid that each candidate code q takes at each width."""
+  q = np.arange(2**parent_bits)
+  return np.stack([quant.slice_codes(q, r, parent_bits, extra_precision) for r in widths]).astype(np.float32)
+
+
+def choose_codes(w, scale, zero, table, lambdas):
+  """Per output channel, argmin_q sum_r lambda_r (w - scale (table[r, q] - zero))^2.
+
+  w, scale, zero: [out]; returns (codes [out] int32, lambda-weighted mean residual [out]).
+  """
+  deq = scale[None, :, None] * (table[:, None, :] - zero[None, :, None])  # [R, out, C]
+  err = w[None, :, None] - deq
+  q = jnp.argmin(jnp.einsum('r,roc->oc', lambdas, err**2), axis=-1)
+  picked = jnp.take_along_axis(err, q[None, :, None], axis=-1)[..., 0]  # [R, out]
+  return q.astype(jnp.int32), jnp.einsum('r,ro->o', lambdas, picked) / jnp.sum(lambdas)
+
+
+@functools.partial(jax.jit, static_argnames=('block_size', 'act_order'))
+def quantize_matrix(W, H, scale, zero, table, lambdas, damp: float, block_size: int = 128,
+                    act_order: bool = False):
+  """GPTQ codes [in, out] (int32, on the parent grid) for W [in, out] with Hessian H [in, in].
+
+  scale, zero: [in, out] (each column's statistics; per-channel ones repeat over in).
+  """
+  n = W.shape[0]
+  diag = jnp.diag(H)
+  dead = diag == 0
+  H = H + jnp.diag(jnp.where(dead, 1.0, 0.0))
+  W = jnp.where(dead[:, None], 0.0, W)
+  perm = jnp.argsort(-jnp.diag(H)) if act_order else jnp.arange(n)
+  W, scale, zero, H = W[perm], scale[perm], zero[perm], H[perm][:, perm]
+  H = H + damp * jnp.mean(jnp.diag(H)) * jnp.eye(n, dtype=H.dtype)
+  Hinv = jnp.linalg.cholesky(jnp.linalg.inv(H)).T  # upper U with U^T U = H^-1
+  codes = jnp.zeros(W.shape, jnp.int32)
+  for b0 in range(0, n, block_size):
+    b1 = min(b0 + block_size, n)
+    H1 = Hinv[b0:b1, b0:b1]
+
+    def column(i, carry, b0=b0, H1=H1):
+      W1, Q1, E1 = carry
+      q, err = choose_codes(W1[i], scale[b0 + i], zero[b0 + i], table, lambdas)
+      e = err / H1[i, i]
+      W1 = W1 - H1[i][:, None] * e[None, :]  # rows below i (H1 is upper triangular)
+      return W1, Q1.at[i].set(q), E1.at[i].set(e)
+
+    W1, Q1, E1 = jax.lax.fori_loop(0, b1 - b0, column, (W[b0:b1], codes[b0:b1], jnp.zeros_like(W[b0:b1])))
+    codes = codes.at[b0:b1].set(Q1)
+    W = W.at[b1:].add(-Hinv[b0:b1, b1:].T @ E1)
+  return codes[jnp.argsort(perm)]
+
+
+def quantize_weight(w, x_hessian, info: nn.WeightInfo, objective: losses.Objective, spec: QuantSpec,
+                    opts: Options) -> quant.QuantizedArray:
+  """A stored parent of float weight w (its einsum `info`) from its input Hessian."""
+  w = jnp.asarray(w, jnp.float32)
+  stats = quant.QuantizedArray.from_float(w, spec.parent_bits, info.reduce_axes, spec.group_size)
+  full = lambda s: jnp.broadcast_to(s, stats.codes.shape).reshape(w.shape)
+  scale, zero = (as_matrix(full(s), info.reduce_axes) for s in (stats.scale, stats.zero_point))
+  table = jnp.asarray(code_table(objective.widths, spec.parent_bits, spec.extra_precision))
+  lambdas = jnp.asarray(objective.lambdas, jnp.float32)
+  codes = quantize_matrix(as_matrix(w, info.reduce_axes), x_hessian, scale, zero, table, lambdas,
+                          opts.damp, opts.block_size, opts.act_order)
+  codes = from_matrix(codes, w.shape, info.reduce_axes)
+  grouped, _ = quant.group(codes, info.reduce_axes, spec.group_size)
+  return dataclasses.replace(stats, codes=grouped.astype(jnp.uint8))
+
+
+@functools.partial(jax.jit, static_argnames=('block', 'dims'))
+def _hessian_batch(block, lp, x, tokens, dims: tuple[tuple[str, int], ...]):
+  positions, mask = nn.attention_inputs(block.config, tokens)
+  _, state = block.apply({'params': lp}, x, positions, mask, mutable=['einsum_inputs'])
+  flat = traverse_util.flatten_dict(state['einsum_inputs'], sep='/')
+  return {p: (lambda a: a.T @ a)(flat[p][0].reshape(-1, n).astype(jnp.float32)) for p, n in dims}
+
+
+@functools.partial(jax.jit, static_argnames=('block',))
+def _block_forward(block, lp, x, tokens):
+  return block.apply({'params': lp}, x, *nn.attention_inputs(block.config, tokens))[0]
+
+
+def _hessians(block, lp, dims: dict[str, int], xs, tokens, batch_size):
+  """{weight path: X^T X} of the einsum inputs of the block's weights `dims` (path -> in size),
+  on inputs xs [n, T, D] with float block weights lp."""
+  total = None
+  for i in range(0, len(xs), batch_size):
+    h = _hessian_batch(block, lp, xs[i:i + batch_size], tokens[i:i + batch_size], tuple(dims.items()))
+    total = h if total is None else jax.tree.map(jnp.add, total, h)
+  return total
+
+
+def _at_width(lp, done: dict, r: int, extra_precision: bool):
+  """Block params with the already quantized weights replaced by their float value at width r."""
+  flat = traverse_util.flatten_dict(lp, sep='/')
+  for path, qa in done.items():
+    flat[path] = qa.dequantize(min(r, qa.parent_bits), extra_precision)
+  return traverse_util.unflatten_dict(flat, sep='/')
+
+
+def calibrate(config: nn.TransformerConfig, params: Tree, tokens: np.ndarray,
+              objective: losses.Objective, spec: QuantSpec, opts: Options = Options(),
+              ckpt_dir: str | None = None, desc: str = 'gptq') -> dict[str, Tree]:
+  """A stored parent {'params': ...} (QuantizedArray for spec.targets) made by GPTQ.
+
+  tokens: int [samples, seq_len] calibration sequences. With `ckpt_dir`, the
+  parent is saved after every block and a rerun resumes after the last one.
+  """
+  tokens = np.asarray(tokens)
+  if tokens.ndim != 2:
+    raise ValueError(f'calibration tokens must be [samples, seq_len], got shape {tokens.shape}')
+  if objective.distill or None in objective.widths:
+    raise ValueError('GPTQ takes quantized data widths only (no "float", no "->" distillation)')
+  infos = nn.targeted_weights(config, spec.targets)
+  parent = parents.make_parent(config, params, spec)  # min-max; replaced block by block
+  mngr, done_blocks, parent = blockwise.restore_blockwise(ckpt_dir, parent, desc, config.num_layers)
+  if done_blocks >= config.num_layers:  # finished: no activation streams to rebuild
+    mngr.close()
+    return parent
+  widths = objective.widths
+  lam = dict(zip(widths, objective.lambdas))
+  bs = opts.batch_size
+  x0 = jnp.concatenate([nn.embed(config, params, tokens[i:i + bs]) for i in range(0, len(tokens), bs)])
+  streams = {r: x0 for r in widths}
+  layers = nn.blocks(config)
+  groups = sorted({ORDER[p] for p in infos})
+  bar = tqdm.tqdm(total=(len(layers) - done_blocks) * len(infos), desc=desc, mininterval=2.0,
+                  dynamic_ncols=True)
+  t_start = time.perf_counter()
+  for i, (key, block) in enumerate(layers):
+    lp = params[key]
+    flat_lp = traverse_util.flatten_dict(lp, sep='/')
+    ep = spec.extra_precision
+    if i >= done_blocks:
+      t0 = time.perf_counter()
+      done = {}
+      for g in groups:
+        paths = [p for p in infos if ORDER[p] == g]
+        dims = {p: math.prod(np.shape(flat_lp[p])[a] for a in infos[p].reduce_axes) for p in paths}
+        hess = {p: 0.0 for p in paths}
+        for r in widths:
+          h = _hessians(block, _at_width(lp, done, r, ep), dims, streams[r], tokens, bs)
+          for p in paths:
+            hess[p] = hess[p] + lam[r] / sum(objective.lambdas) * h[p]
+        for p in paths:
+          done[p] = quantize_weight(flat_lp[p], hess[p], infos[p], objective, spec, opts)
+          bar.update()
+      block_params = traverse_util.flatten_dict(parent['params'][key], sep='/') | done
+      parent = {'params': {**parent['params'], key: traverse_util.unflatten_dict(block_params, sep='/')}}
+      if mngr is not None:
+        mngr.save(i + 1, args=ocp.args.StandardSave(parent))
+        mngr.wait_until_finished()  # a run stopped in the next block finds this one complete
+      bar.set_description(f'{desc} block {i + 1}/{len(layers)}')
+      logging.info('%s: block %d/%d in %.1fs', desc, i + 1, len(layers), time.perf_counter() - t0)
+    block_q = {p: traverse_util.flatten_dict(parent['params'][key], sep='/')[p] for p in infos}
+    streams = {r: jnp.concatenate([_block_forward(block, _at_width(lp, block_q, r, ep), streams[r][j:j + bs],
+                                                  tokens[j:j + bs]) for j in range(0, len(tokens), bs)])
+               for r in widths}
+  bar.close()
+  if mngr is not None:
+    mngr.wait_until_finished()
+    mngr.close()
+  logging.info('%s: %d blocks in %.1fs', desc, len(layers) - done_blocks, time.perf_counter() - t_start)
+  return parent

@@ -1,0 +1,58 @@
+"""GGUF files (llama.cpp): Llama family and Gemma 3, dequantized with the `gguf` package."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+
+from matquant_jax.ckpts.layouts import GGUF_GEMMA3, GGUF_GEMMA3_NORMS, GGUF_LLAMA, check_params, gemma_params, llama_params, unpermute_rope
+from matquant_jax.nn import gemma3, llama
+from matquant_jax.text import tokenization
+
+
+def load_gguf(path: str, dtype: str = 'float32'):
+  """(config, params, tokenizer) from a GGUF file (architectures 'llama' and 'gemma3'),
+  dequantized to float32."""
+  import gguf  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'GGUF file {path} does not exist')
+  reader = gguf.GGUFReader(path)
+  field = lambda k: reader.fields[k].contents()
+  arch = field('general.architecture')
+  if arch not in ('llama', 'gemma3'):
+    raise ValueError(f'{path}: unknown GGUF architecture {arch!r}; supported: llama, gemma3')
+  meta = lambda k, d=None: field(f'{arch}.{k}') if f'{arch}.{k}' in reader.fields else d
+  n_heads = meta('attention.head_count')
+  tensors = {t.name: t for t in reader.tensors}
+  shape = dict(num_layers=meta('block_count'), num_embed=len(field('tokenizer.ggml.tokens')),
+               embed_dim=meta('embedding_length'), hidden_dim=meta('feed_forward_length'),
+               num_heads=n_heads, num_kv_heads=meta('attention.head_count_kv', n_heads),
+               head_dim=meta('attention.key_length'), dtype=dtype)
+  if arch == 'gemma3':
+    config = gemma3.from_gguf_metadata(shape, meta('attention.sliding_window'),
+                                       meta('rope.freq_base', 1_000_000.0), meta('rope.scaling.factor', 1.0),
+                                       meta('attention.layer_norm_rms_epsilon', 1e-6))
+  else:
+    config = llama.llama_config(
+        **shape, rope_base=meta('rope.freq_base', 10_000.0),
+        norm_eps=meta('attention.layer_norm_rms_epsilon', 1e-5),
+        tie_embeddings='output.weight' not in tensors)
+
+  def get(name):
+    if name not in tensors:
+      raise ValueError(f'{path}: tensor {name!r} is missing')
+    t = tensors[name]
+    w = np.asarray(gguf.dequantize(t.data, t.tensor_type), np.float32)
+    if arch == 'llama' and re.fullmatch(r'blk\.\d+\.attn_q\.weight', name):
+      w = unpermute_rope(w, config.num_heads)
+    elif arch == 'llama' and re.fullmatch(r'blk\.\d+\.attn_k\.weight', name):
+      w = unpermute_rope(w, config.num_kv_heads)
+    return w
+
+  if arch == 'gemma3':  # half-split RoPE already (llama.cpp's NEOX order): no Q/K permutation
+    params = gemma_params(get, config, GGUF_GEMMA3, GGUF_GEMMA3_NORMS, norm_shift=-1.0)
+  else:
+    params = llama_params(get, config, GGUF_LLAMA)
+  return config, check_params(params, config, path), tokenization.from_gguf(reader)

@@ -1,0 +1,31 @@
+"""One entry point: `load(source)` -> (model, variables, tokenizer)."""
+
+from __future__ import annotations
+
+import os
+
+from matquant_jax import nn, parents
+from matquant_jax.ckpts.gemma_orbax import load_gemma_orbax
+from matquant_jax.ckpts.gguf import load_gguf
+from matquant_jax.ckpts.hf import load_hf
+from matquant_jax.ckpts.zoo import MODELS
+
+
+def load(source: str, dtype: str = 'float32'):
+  """(model, variables, tokenizer) from a stored parent directory (`parents.save`/`export`),
+  a checkpoint directory, a .gguf file, or a model name ('smollm2-135m', 'gemma3-270m');
+  variables = {'params': ...}."""
+  if source in MODELS:
+    source = MODELS[source]()
+  if os.path.isdir(source) and os.path.exists(os.path.join(source, parents.MANIFEST)):
+    return parents.load(source)
+  if source.endswith('.gguf'):
+    config, params, tokenizer = load_gguf(source, dtype)
+  elif os.path.isdir(source) and os.path.exists(os.path.join(source, 'config.json')):
+    config, params, tokenizer = load_hf(source, dtype)
+  elif os.path.isdir(source):
+    config, params, tokenizer = load_gemma_orbax(source, dtype)
+  else:
+    raise FileNotFoundError(f'{source!r} is not a checkpoint directory, a .gguf file or a known '
+                            f'model name {sorted(MODELS)}')
+  return nn.Transformer(config), {'params': params}, tokenizer

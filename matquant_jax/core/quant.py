@@ -1,0 +1,266 @@
+"""Matryoshka quantization numerics as small pure functions.
+
+calibrate -> quantize -> slice_codes -> dequantize, plus `fake_quant` which
+chains them for training. Gradient behaviour lives in two `jax.custom_vjp`
+straight-through primitives, `round_clip_ste` and `slice_ste`; everything else
+is ordinary JAX, so gradients reach OmniQuant clipping factors through the
+scale and zero point. See spec sections 2-4.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+MAX_PARENT_BITS = 8  # codes are stored as uint8
+
+
+SCALE_FLOOR = 1e-8  # guards max == min channels against division by zero
+
+
+def check_bits(bits: int, parent_bits: int = 8) -> None:
+  """Raises ValueError unless 1 <= bits <= parent_bits <= 8 are integers."""
+  if not isinstance(parent_bits, (int, np.integer)) or not 1 <= parent_bits <= MAX_PARENT_BITS:
+    raise ValueError(f'parent_bits must be an integer in [1, {MAX_PARENT_BITS}], got {parent_bits!r}')
+  if not isinstance(bits, (int, np.integer)) or isinstance(bits, bool) or not 1 <= bits <= parent_bits:
+    raise ValueError(f'bits must be an integer in [1, parent_bits={parent_bits}], got {bits!r}')
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def round_clip_ste(x: jax.Array, lo: float, hi: float) -> jax.Array:
+  """clip(round(x), lo, hi); backward passes the gradient where not clipped."""
+  return jnp.clip(jnp.round(x), lo, hi)
+
+
+def _round_clip_fwd(x, lo, hi):
+  r = jnp.round(x)
+  return jnp.clip(r, lo, hi), (r >= lo) & (r <= hi)
+
+
+def _round_clip_bwd(lo, hi, inside, g):
+  del lo, hi
+  return (g * inside.astype(g.dtype),)
+
+
+round_clip_ste.defvjp(_round_clip_fwd, _round_clip_bwd)
+
+
+@jax.custom_vjp
+def round_ste(x: jax.Array) -> jax.Array:
+  """round(x) with an identity gradient."""
+  return jnp.round(x)
+
+
+round_ste.defvjp(lambda x: (jnp.round(x), None), lambda _, g: (g,))
+
+
+def _slice_float(q, bits: int, parent_bits: int, extra_precision: bool):
+  """S(q, r) on float-valued codes (exact for integers below 2**24)."""
+  if bits == parent_bits:
+    return q
+  step = float(2 ** (parent_bits - bits))
+  s = jnp.floor(q / step + 0.5)  # round half up
+  if not extra_precision:
+    s = jnp.minimum(s, 2**bits - 1)
+  return s * step
+
+
+SLICE_GRADS = ('clamp', 'identity')
+
+
+def _slice_fwd(q, bits, parent_bits, extra_precision, grad):
+  s = _slice_float(q, bits, parent_bits, extra_precision)
+  if grad == 'identity' or extra_precision or bits == parent_bits:
+    return s, None
+  step = float(2 ** (parent_bits - bits))
+  return s, jnp.floor(q / step + 0.5) <= 2**bits - 1  # False where the slice clamped
+
+
+def _slice_bwd(bits, parent_bits, extra_precision, grad, inside, g):
+  del bits, parent_bits, extra_precision, grad
+  return (g if inside is None else g * inside.astype(g.dtype),)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _slice_ste(q, bits, parent_bits, extra_precision, grad):
+  return _slice_float(q, bits, parent_bits, extra_precision)
+
+
+_slice_ste.defvjp(lambda q, *a: _slice_fwd(q, *a), _slice_bwd)
+
+
+def slice_ste(q: jax.Array, bits: int, parent_bits: int = 8, extra_precision: bool = False,
+              grad: str = 'clamp') -> jax.Array:
+  """The Matryoshka slice S(q, r) on float codes, straight-through.
+
+  grad='clamp': identity gradient except for codes the slice clamps into its
+  top bucket (int2: 224..255 -> 192), which get zero, as `round_clip_ste` does
+  for the parent's clamp. grad='identity': the gradient passes everywhere.
+  """
+  check_bits(bits, parent_bits)
+  if grad not in SLICE_GRADS:
+    raise ValueError(f'slice gradient must be one of {SLICE_GRADS}, got {grad!r}')
+  return _slice_ste(q, bits, parent_bits, extra_precision, grad)
+
+
+def slice_codes(q, bits: int, parent_bits: int = 8, extra_precision: bool = False):
+  """S(q, bits) on integer codes, as integers on the parent's grid.
+
+  s = min(2^r - 1, (q >> (c-r)) + ((q >> (c-r-1)) & 1)) << (c-r); the min is
+  dropped with extra precision (an r-bit slice then has 2^r + 1 levels).
+  Returns int32 (extra precision can reach 2**parent_bits).
+  """
+  check_bits(bits, parent_bits)
+  xp = jnp if isinstance(q, jax.Array) else np
+  q = xp.asarray(q).astype(xp.int32)
+  if bits == parent_bits:
+    return q
+  shift = parent_bits - bits
+  s = (q >> shift) + ((q >> (shift - 1)) & 1)
+  if not extra_precision:
+    s = xp.minimum(s, 2**bits - 1)
+  return s << shift
+
+
+def _norm_axes(reduce_axes: Sequence[int], ndim: int) -> tuple[int, ...]:
+  axes = tuple(sorted(a % ndim for a in reduce_axes))
+  if len(set(axes)) != len(axes) or not axes:
+    raise ValueError(f'reduce_axes must be distinct and non-empty, got {reduce_axes!r}')
+  return axes
+
+
+def group(w: jax.Array, reduce_axes: Sequence[int], group_size: int | None):
+  """Splits the (single) contraction axis into (n // group_size, group_size).
+
+  Returns the grouped array and the reduce axes in it; a no-op when
+  group_size is None.
+  """
+  axes = _norm_axes(reduce_axes, w.ndim)
+  if group_size is None:
+    return w, axes
+  if len(axes) != 1:
+    raise ValueError(f'group_size needs exactly one contraction axis, got reduce_axes={reduce_axes!r}')
+  ax = axes[0]
+  n = w.shape[ax]
+  if group_size <= 0 or n % group_size:
+    raise ValueError(f'group_size={group_size} must divide the contraction axis of size {n}')
+  shape = w.shape[:ax] + (n // group_size, group_size) + w.shape[ax + 1:]
+  if isinstance(w, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(shape, w.dtype), (ax + 1,)
+  return w.reshape(shape), (ax + 1,)
+
+
+def stats_shape(shape: Sequence[int], reduce_axes: Sequence[int], group_size: int | None = None):
+  """Shape of the per-channel (or per-group) scale, zero point and clipping factors."""
+  wg, axes = group(jax.ShapeDtypeStruct(tuple(shape), jnp.float32), reduce_axes, group_size)
+  return tuple(1 if a in axes else n for a, n in enumerate(wg.shape))
+
+
+def calibrate(w, bits: int, reduce_axes: Sequence[int], gamma=None, beta=None,
+              stats_grad: bool = False):
+  """Asymmetric min-max scale and rounded zero point over `reduce_axes`.
+
+  With OmniQuant clipping factors gamma, beta in (0, 1) (broadcastable to the
+  keepdims statistics): alpha = (gamma max - beta min) / (2^c - 1),
+  z = round(-beta min / alpha). By default the statistics of w are constants
+  to the gradient (so fake_quant's gradient w.r.t. w is the identity); gamma
+  and beta get gradients through alpha and z. `stats_grad=True` lets the
+  gradient through min/max too (OmniQuant's scale s acts on w through them).
+  """
+  axes = _norm_axes(reduce_axes, jnp.ndim(w))
+  ws = w if stats_grad else jax.lax.stop_gradient(w)
+  wmax = jnp.max(ws, axis=axes, keepdims=True)
+  wmin = jnp.min(ws, axis=axes, keepdims=True)
+  if gamma is not None:
+    wmax = gamma * wmax
+  if beta is not None:
+    wmin = beta * wmin
+  scale = jnp.maximum((wmax - wmin) / (2**bits - 1), SCALE_FLOOR)
+  zero_point = round_ste(-wmin / scale)
+  return scale, zero_point
+
+
+def quantize(w, scale, zero_point, bits: int):
+  """Unsigned codes clamp(round(w / scale + z), 0, 2^bits - 1), as floats."""
+  return round_clip_ste(w / scale + zero_point, 0.0, float(2**bits - 1))
+
+
+def dequantize(q, scale, zero_point):
+  """scale * (q - z); slices use the parent's scale and zero point."""
+  return scale * (q - zero_point)
+
+
+def fake_quant(w, bits: int, *, parent_bits: int = 8, reduce_axes: Sequence[int] = (0,),
+               extra_precision: bool = False, group_size: int | None = None,
+               gamma=None, beta=None, stats_grad: bool = False, slice_grad: str = 'clamp'):
+  """Quantize w to a parent_bits parent, slice to `bits`, dequantize.
+
+  Statistics are taken over `reduce_axes` (the contraction axes: one scale per
+  output channel), optionally in groups of `group_size` along the one
+  contraction axis. The gradient w.r.t. w is the identity wherever the code is
+  not clipped (always, without clipping factors), plus, with `stats_grad`, the
+  path through the min/max statistics. `slice_grad`: see `slice_ste`.
+  """
+  check_bits(bits, parent_bits)
+  shape = jnp.shape(w)
+  wg, axes = group(w, reduce_axes, group_size)
+  scale, zero = calibrate(wg, parent_bits, axes, gamma, beta, stats_grad)
+  q = slice_ste(quantize(wg, scale, zero, parent_bits), bits, parent_bits, extra_precision, slice_grad)
+  return dequantize(q, scale, zero).reshape(shape).astype(jnp.asarray(w).dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedArray:
+  """An int-c parent: uint8 codes plus per-channel (or per-group) scale and zero point.
+
+  `codes` has the grouped shape when group_size is set; `shape` is the
+  original weight shape.
+  """
+  codes: jax.Array
+  scale: jax.Array
+  zero_point: jax.Array
+  parent_bits: int = dataclasses.field(metadata=dict(static=True), default=8)
+  shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True), default=())
+
+  @classmethod
+  def from_float(cls, w, parent_bits: int = 8, reduce_axes: Sequence[int] = (0,),
+                 group_size: int | None = None, gamma=None, beta=None) -> 'QuantizedArray':
+    """Calibrates and quantizes a float weight into a stored parent."""
+    check_bits(parent_bits, parent_bits)
+    wg, axes = group(jnp.asarray(w, jnp.float32), reduce_axes, group_size)
+    scale, zero = calibrate(wg, parent_bits, axes, gamma, beta)
+    codes = quantize(wg, scale, zero, parent_bits).astype(jnp.uint8)
+    return cls(codes, scale, zero, parent_bits, tuple(jnp.shape(w)))
+
+  def sliced_codes(self, bits: int, extra_precision: bool = False) -> jax.Array:
+    """Integer codes S(q, bits) on the parent grid (int32)."""
+    return slice_codes(self.codes, bits, self.parent_bits, extra_precision)
+
+  def dequantize(self, bits: int | None = None, extra_precision: bool = False,
+                 dtype=jnp.float32) -> jax.Array:
+    """The float weight at `bits` (default: the parent), in the original shape."""
+    q = self.sliced_codes(bits or self.parent_bits, extra_precision)
+    w = dequantize(q.astype(jnp.float32), self.scale, self.zero_point)
+    return w.reshape(self.shape).astype(dtype)
+
+  @property
+  def group_size(self) -> int | None:
+    """Weights per scale along the contraction axis (None: one scale per output channel)."""
+    if self.codes.ndim == len(self.shape):
+      return None
+    ax = next(i for i, (a, b) in enumerate(zip(self.codes.shape, self.shape)) if a != b)
+    return int(self.codes.shape[ax + 1])
+
+  def average_bits(self, bits: int, extra_precision: bool = False) -> float:
+    """bits + the fraction of weights in the extra bucket (extra precision only)."""
+    if not extra_precision or bits == self.parent_bits:
+      return float(bits)
+    top = 2**self.parent_bits
+    return float(bits) + float(jnp.mean(self.sliced_codes(bits, True) == top))

@@ -1,0 +1,134 @@
+"""The base experiment config; every config file starts from it and is checked against it."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from matquant_jax.core.qeinsum import QuantSpec
+from matquant_jax.nn import sharding
+
+
+def quant_spec(bits: int | None, quant: ml_collections.ConfigDict | None) -> QuantSpec | None:
+  """The QuantSpec for `bits` (an int, a per-layer tuple, or None for float) from a config's
+  quantizer subtree (parent_bits, extra_precision, group_size, targets, slice_grad)."""
+  if bits is None:
+    return None
+  q = quant or {}
+  return QuantSpec(bits=bits, parent_bits=q.get('parent_bits', 8),
+                   extra_precision=q.get('extra_precision', False),
+                   group_size=q.get('group_size', None), targets=tuple(q.get('targets', ('ffn',))),
+                   slice_grad=q.get('slice_grad', 'clamp'))
+
+
+RUN_FIELDS = {'name', 'label', 'objective', 'lambdas', 'parent_bits', 'extra_precision', 'algo', 'budget'}
+
+
+ALGOS = ('qat', 'omniquant', 'gptq')
+
+
+def optimizer(learning_rate: float, warmup_steps: int) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(learning_rate=learning_rate, warmup_steps=warmup_steps,
+                                        end_lr_fraction=0.1, grad_clip=1.0, weight_decay=0.0))
+
+
+def run(name: str, label: str, objective: str, lambdas=None, parent_bits: int = 8,
+        extra_precision: bool = False, algo: str = 'qat', budget: float = 1.0) -> dict:
+  """One run of the study; all start from the same pretrained float model.
+
+  algo: 'qat' (cfg.qat), 'omniquant' (cfg.omniquant) or 'gptq' (cfg.gptq); budget
+  multiplies the QAT steps or the OmniQuant epochs (GPTQ is one-shot and ignores it).
+  """
+  return dict(name=name, label=label, objective=objective, lambdas=lambdas,
+              parent_bits=parent_bits, extra_precision=extra_precision, algo=algo, budget=budget)
+
+
+def baseline(bits: int, algo: str = 'qat') -> dict:
+  """One precision: a `bits`-bit min-max quantizer (parent_bits = bits).
+
+  The OmniQuant int2 baseline gets twice the budget, as in the paper.
+  """
+  budget = 2.0 if algo == 'omniquant' and bits == 2 else 1.0
+  return run(f'baseline_int{bits}', 'Baseline', str(bits), (1.0,), parent_bits=bits,
+             algo=algo, budget=budget)
+
+
+def float_same_tokens() -> dict:
+  """The float model trained like a QAT run (same tokens, steps, lr): the fair reference."""
+  return run('float_qat', 'Float, same tokens', 'float', (1.0,))
+
+
+def omniquant_table_runs() -> list[dict]:
+  """The paper's Table 1 with OmniQuant: baselines 8/4/2/6/3, MatQuant, S.P. and E.P. MatQuant."""
+  omni = dict(algo='omniquant')
+  return [baseline(b, 'omniquant') for b in (8, 4, 2, 6, 3)] + [
+      run('matquant', 'MatQuant', '8,4,2', (0.1, 0.1, 1.0), **omni),
+      run('sp_matquant', 'S.P. MatQuant', '2', (1.0,), **omni),
+      run('ep_matquant', 'E.P. MatQuant', '8,4,2', (1.0, 1.0, 1.0), extra_precision=True, **omni),
+  ]
+
+
+def gptq_table_runs(lambdas=(1.0, 1.0, 1.0)) -> list[dict]:
+  """Per width the GPTQ baseline (8, 6, 4, 3, 2; the int8 one is also sliced) and MatQuant-GPTQ."""
+  return [baseline(b, 'gptq') for b in (8, 6, 4, 3, 2)] + [
+      run('matquant', 'MatQuant', '8,4,2', lambdas, algo='gptq')]
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The default study: small Gemma-2 on Shakespeare, baselines 8/4/2 and MatQuant [8,4,2]."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data = dict(name='shakespeare_plays', data_dir='~/.cache/matquant_jax', vocab_size=2048,
+                seq_len=128, batch_size=16, eval_batch_size=16, eval_batches=24)
+  c.model = dict(num_layers=4, embed_dim=128, hidden_dim=512, num_heads=4, head_dim=32,
+                 num_kv_heads=2, sliding_window_size=64, dtype='float32')
+  # pretrain.checkpoint_dir: '' keeps the float model in WORKDIR/checkpoints/float; a path
+  # shares one pretrained model between studies (experiments/seeds.py).
+  c.pretrain = dict(steps=800, trainable='all', checkpoint_every=200, log_every=20,
+                    optimizer=optimizer(3e-3, 50), checkpoint_dir='')
+  # QAT batches are their own stream (seed, 1, data_seed), not a replay of pretraining's. lr 3e-5:
+  # at 3e-4 the int8 baseline gains from the extra training itself and MatQuant's int8/int4 lag it
+  # by ~0.035 nats (docs/results.md). quant.slice_grad: the slice's straight-through gradient
+  # ('clamp' or 'identity'), for QAT and OmniQuant.
+  c.qat = dict(steps=250, trainable='ffn', checkpoint_every=250, log_every=10,
+               optimizer=optimizer(3e-5, 25), data_seed=0,
+               quant=dict(group_size=None, targets=('ffn',), slice_grad='clamp'))
+  # OmniQuant calibration (the paper: 128 x 2048 C4 tokens, batch 4, 10M tokens seen, about 40
+  # passes over the calibration set, so 40 epochs here). Learning rates per parameter group as in
+  # OmniQuant's code; the rest of the fields: omniquant.Options.
+  c.omniquant = dict(samples=128, seq_len=128, batch_size=4, epochs=40, lwc_lr=1e-2, let_lr=5e-3,
+                     weight_decay=0.0, lwc=True, let=True, aug_loss=False, balance=False,
+                     skip_tokens=0)
+  # GPTQ (gptq.Options): calibration sequences as for OmniQuant; damping as a fraction of mean
+  # diag H (the GPTQ default), lazy-batch block of 128 columns, act-order off by default.
+  c.gptq = dict(samples=128, seq_len=128, damp=0.01, block_size=128, act_order=False, batch_size=8)
+  c.runs = [float_same_tokens(), baseline(8), baseline(4), baseline(2),
+            run('matquant', 'MatQuant', '8,4,2', (0.1, 0.1, 1.0))]
+  # Device mesh (data, fsdp, tensor; -1 = the rest) and logical-to-mesh rules. Not part of a
+  # workdir's identity: a run saved on one mesh resumes on another.
+  c.mesh = sharding.mesh_config()
+  c.eval = dict(bits=(8, 6, 4, 3, 2), mixnmatch={'pyramid': (2, 8, 8, 2), 'pyramid_3bit': (2, 4, 4, 2)})
+  # Locked: a misspelled field (in a config file or a --config.x flag) is an error naming it.
+  # Mix'n'Match plans are free-form names.
+  c.lock()
+  c.eval.mixnmatch.unlock()
+  return c
+
+
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first field the base config does not know, or a bad run."""
+  try:
+    base_config().update(cfg)  # locked: an unknown key is a KeyError naming it
+  except (KeyError, AttributeError) as e:
+    raise ValueError(f'unknown config field: {e.args[0]}') from None
+  names = set()
+  for r in cfg.runs:
+    unknown = set(r) - RUN_FIELDS
+    if unknown:
+      raise ValueError(f'unknown field(s) {sorted(unknown)} in run {r.get("name")!r}; known: {sorted(RUN_FIELDS)}')
+    if r.get('algo', 'qat') not in ALGOS:
+      raise ValueError(f'run {r["name"]!r}: algo must be one of {ALGOS}, got {r.get("algo")!r}')
+    if not r.get('budget', 1.0) > 0:
+      raise ValueError(f'run {r["name"]!r}: budget must be positive, got {r.get("budget")!r}')
+    if r['name'] in names or r['name'] == 'float':
+      raise ValueError(f'run name {r["name"]!r} is repeated or reserved')
+    names.add(r['name'])

@@ -1,0 +1,76 @@
+"""Which precision a model runs at: stored parents in a variables tree, params vs. variables."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+
+from matquant_jax.core import plans, quant
+from matquant_jax.core.qeinsum import QuantSpec
+from matquant_jax.nn.config import TransformerConfig
+from matquant_jax.nn.weights import WeightInfo, quantizable_weights
+
+
+def is_quantized(x) -> bool:
+  """Whether a variables leaf is a stored parent (`QuantizedArray`)."""
+  return isinstance(x, quant.QuantizedArray)
+
+
+def _flat(tree) -> dict[str, Any]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]
+  return {'/'.join(str(getattr(k, 'key', k)) for k in path): v for path, v in leaves}
+
+
+def _weight_info(config: TransformerConfig, path: str) -> WeightInfo:
+  """The quantizable-weight table's entry for params path `path` ('layer_i/...')."""
+  suffix = re.sub(r'^layer_\d+/', '', path)
+  infos = quantizable_weights(config)
+  if suffix not in infos:
+    raise ValueError(f'{path!r} is not a quantizable weight of this model')
+  return infos[suffix]
+
+
+def quantized_targets(variables, config: TransformerConfig) -> tuple[str, ...]:
+  """The QuantSpec targets ('ffn', 'attn') whose weights are stored parents in `variables`."""
+  found = {_weight_info(config, path).target for path, leaf in _flat(variables['params']).items()
+           if is_quantized(leaf)}
+  return tuple(t for t in ('ffn', 'attn') if t in found)
+
+
+def stored_bits(variables) -> int | None:
+  """The widest width every stored weight can give (None without stored parents)."""
+  widths = [leaf.parent_bits for leaf in _flat(variables).values() if is_quantized(leaf)]
+  return min(widths) if widths else None
+
+
+def as_variables(params_or_variables) -> dict:
+  """{'params': ...} plus an optional 'quant' collection (OmniQuant transforms)."""
+  if 'params' in params_or_variables:
+    return params_or_variables
+  return {'params': params_or_variables}
+
+
+def resolve_spec(bits, variables, config: TransformerConfig, *,
+                 extra_precision: bool = False) -> QuantSpec | None:
+  """The one way what a user passes becomes the spec a model is applied with.
+
+  bits: None (float weights stay float, a stored parent runs at its own width), an int,
+  a per-layer tuple, a plan file (`plans.save`) or a `QuantSpec` (returned as given).
+  With stored parents in `variables`, their bits and quantized targets win; with float
+  weights the spec is min-max at `quant.MAX_PARENT_BITS` on the FFN.
+  """
+  if bits is None or isinstance(bits, QuantSpec):
+    return bits
+  variables = as_variables(variables)
+  parent_bits = stored_bits(variables) or quant.MAX_PARENT_BITS
+  layers = config.num_layers
+  if isinstance(bits, str):
+    bits = plans.load(bits, layers, parent_bits)
+  elif isinstance(bits, (tuple, list)):
+    bits = plans.check(bits, layers, parent_bits, 'per-layer bits')
+  elif not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= parent_bits:
+    raise ValueError(f'bits={bits!r}: the resident model gives widths 1..{parent_bits}')
+  targets = quantized_targets(variables, config) or ('ffn',)
+  return QuantSpec(bits, parent_bits=parent_bits, extra_precision=extra_precision, targets=targets)

@@ -1,0 +1,333 @@
+"""The stored parent: one directory a user ships, reloads and serves at any width.
+
+    <dir>/manifest.json       format, version, family, widths, the quantized paths, the run
+    <dir>/config.json         the TransformerConfig fields
+    <dir>/weights.safetensors 'params/<path>' float weights (stored dtype);
+                              'params/<path>/{codes,scale,zero_point}' per quantized weight;
+                              'quant/<path>/<leaf>' OmniQuant's shift, smooth and bias
+    <dir>/tokenizer.model or tokenizer.json
+
+`save` writes a uint8 parent (every width sliceable from it); `export` writes
+one width, or one per layer, with the codes packed densely: ceil(N * r / 8)
+bytes for N codes at r bits, for every r in 1..8 (bit planes, little-endian,
+so 3- and 6-bit codes cross byte boundaries and nothing is padded). A packed
+r-bit weight loads as an r-bit parent, scale * 2^(8-r) and zero point / 2^(8-r),
+which dequantizes bit-identically to the 8-bit parent sliced at r. (Slicing it
+further rounds twice, so it is not the 8-bit parent's narrower slice.) `load`
+returns (model, variables, tokenizer); a missing, truncated or foreign entry is
+an error naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from typing import Any, Mapping, Sequence
+
+from flax import traverse_util
+import jax.numpy as jnp
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from matquant_jax import nn
+from matquant_jax.core import plans, quant
+from matquant_jax.nn.precision import _flat, _weight_info, is_quantized
+from matquant_jax.text import tokenization
+
+
+FORMAT, VERSION = 'matquant-parent', 1
+
+
+_ITEMSIZE = {'U8': 1, 'I8': 1, 'BF16': 2, 'F16': 2, 'F32': 4, 'I32': 4, 'F64': 8, 'I64': 8}
+
+
+WEIGHTS, MANIFEST, CONFIG = 'weights.safetensors', 'manifest.json', 'config.json'
+
+
+def family(config: nn.TransformerConfig) -> str:
+  """The model family a config describes (recorded in the manifest)."""
+  if config.norm_plus_one:
+    return 'gemma3' if config.qk_norm else 'gemma2'
+  return 'mistral' if config.attention_pattern == 'sliding' else 'llama'
+
+
+def is_parent(directory: str) -> bool:
+  """Whether `directory` holds a stored parent (its manifest names this format)."""
+  path = os.path.join(directory, MANIFEST)
+  if not os.path.isfile(path):
+    return False
+  with open(path) as f:
+    try:
+      return json.load(f).get('format') == FORMAT
+    except json.JSONDecodeError:
+      return False
+
+
+def pack(codes: np.ndarray, bits: int) -> np.ndarray:
+  """Codes < 2**bits, any shape -> ceil(size * bits / 8) bytes (bit planes, little-endian)."""
+  codes = np.asarray(codes, np.uint8).reshape(-1, 1)
+  if codes.size and int(codes.max()) >= 2**bits:
+    raise ValueError(f'a code {int(codes.max())} does not fit in {bits} bits')
+  planes = np.unpackbits(codes, axis=1, bitorder='little')[:, :bits]
+  return np.packbits(planes.reshape(-1), bitorder='little')
+
+
+def unpack(packed: np.ndarray, bits: int, shape: Sequence[int]) -> np.ndarray:
+  """The inverse of `pack`: uint8 codes of `shape`."""
+  n = math.prod(shape)
+  if packed.size != -(-n * bits // 8):
+    raise ValueError(f'{packed.size} packed bytes cannot hold {n} codes of {bits} bits')
+  planes = np.unpackbits(packed, bitorder='little')[:n * bits].reshape(n, bits)
+  planes = np.pad(planes, ((0, 0), (0, 8 - bits)))
+  return np.packbits(planes, axis=1, bitorder='little').reshape(shape)
+
+
+def _layer_of(path: str) -> int:
+  m = re.match(r'layer_(\d+)/', path)
+  if m is None:
+    raise ValueError(f'quantized weight {path!r} is not inside a layer')
+  return int(m.group(1))
+
+
+def _tensors(variables, layer_bits: Sequence[int] | None, float_dtype):
+  """Named numpy arrays and the manifest's per-weight entries."""
+  tensors, quantized = {}, {}
+  for collection, tree in variables.items():
+    for path, leaf in _flat(tree).items():
+      name = f'{collection}/{path}'
+      if not is_quantized(leaf):
+        a = np.asarray(leaf)
+        tensors[name] = a.astype(float_dtype) if float_dtype and collection == 'params' else a
+        continue
+      entry = {'shape': list(leaf.shape), 'codes_shape': list(leaf.codes.shape),
+               'bits': leaf.parent_bits, 'group_size': leaf.group_size, 'packed': False}
+      codes, scale, zero = np.asarray(leaf.codes), np.asarray(leaf.scale), np.asarray(leaf.zero_point)
+      if layer_bits is not None:
+        r = layer_bits[_layer_of(path)]
+        if r > leaf.parent_bits:
+          raise ValueError(f'{path}: width {r} is wider than its stored {leaf.parent_bits}-bit parent')
+        shift = leaf.parent_bits - r
+        codes = np.asarray(leaf.sliced_codes(r), np.int32) >> shift  # 0 .. 2^r - 1
+        scale, zero = scale * np.float32(2**shift), zero / np.float32(2**shift)
+        codes = pack(codes, r)
+        entry.update(bits=r, packed=True)
+      tensors[f'{name}/codes'] = np.asarray(codes, np.uint8)
+      tensors[f'{name}/scale'] = np.asarray(scale, np.float32)
+      tensors[f'{name}/zero_point'] = np.asarray(zero, np.float32)
+      quantized[path] = entry
+  return tensors, quantized
+
+
+def _write(directory: str, variables, config: nn.TransformerConfig, tokenizer, manifest: dict,
+           layer_bits, float_dtype) -> None:
+  """Writes into a fresh temporary directory, then renames it into place (nothing half-written)."""
+  if 'params' not in variables:
+    variables = {'params': variables}
+  tensors, quantized = _tensors(variables, layer_bits, float_dtype)
+  if not quantized:
+    raise ValueError('variables hold no QuantizedArray weights; make a parent first '
+                     '(omniquant.make_parent)')
+  directory = os.path.abspath(directory)
+  if os.path.exists(directory):
+    raise FileExistsError(f'{directory} exists; choose a new directory or remove it')
+  parent_dir = os.path.dirname(directory)
+  os.makedirs(parent_dir, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix='.tmp_parent_', dir=parent_dir)
+  try:
+    safetensors.numpy.save_file(tensors, os.path.join(tmp, WEIGHTS))
+    tok_entry = _save_tokenizer(tmp, tokenizer)
+    widths = sorted({e['bits'] for e in quantized.values()})
+    groups = sorted({e['group_size'] or 0 for e in quantized.values()})
+    manifest = {'format': FORMAT, 'version': VERSION, 'family': family(config),
+                'parent_bits': max(widths), 'widths': widths,
+                'group_size': (groups[0] or None) if len(groups) == 1 else 'mixed',
+                'quantized': quantized, 'tokenizer': tok_entry, **manifest}
+    with open(os.path.join(tmp, MANIFEST), 'w') as f:
+      json.dump(manifest, f, indent=1)
+    with open(os.path.join(tmp, CONFIG), 'w') as f:
+      json.dump(dataclasses.asdict(config), f, indent=1)
+    os.replace(tmp, directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def _save_tokenizer(directory: str, tokenizer) -> dict | None:
+  if tokenizer is None:
+    return None
+  tokenizer = tokenization.wrap(tokenizer)
+  entry = {'bos_id': tokenizer.bos_id, 'eos_id': tokenizer.eos_id}
+  if isinstance(tokenizer, tokenization.SentencePieceTokenizer):
+    with open(os.path.join(directory, 'tokenizer.model'), 'wb') as f:
+      f.write(tokenizer.sp.serialized_model_proto())
+    return {'file': 'tokenizer.model', **entry}
+  if isinstance(tokenizer, tokenization.HFTokenizer):
+    with open(os.path.join(directory, 'tokenizer.json'), 'w') as f:
+      f.write(tokenizer.tk.to_str())
+    return {'file': 'tokenizer.json', **entry}
+  raise TypeError(f'cannot store a tokenizer of type {type(tokenizer).__name__}')
+
+
+def save(directory: str, variables, config: nn.TransformerConfig, tokenizer=None, *,
+         run: Mapping[str, Any] | None = None, float_dtype=None) -> None:
+  """Writes a stored parent: variables {'params', optional 'quant'} with `QuantizedArray`
+  weights (as `omniquant.make_parent` makes them). `run` describes how it was made;
+  float_dtype (e.g. jnp.bfloat16) recasts the other weights, default as they are."""
+  _write(directory, variables, config, tokenizer, {'kind': 'parent', 'run': dict(run or {})},
+         None, float_dtype)
+
+
+def export(directory: str, variables, config: nn.TransformerConfig, tokenizer, bits, *,
+           run: Mapping[str, Any] | None = None, float_dtype=None) -> None:
+  """Writes the parent sliced to `bits` (a width, a per-layer tuple, or a plan file),
+  codes packed densely. Extra-precision slices are not exported: their 2^r + 1
+  levels need r + 1 bits, so export width r + 1 instead."""
+  if isinstance(bits, str):
+    layer_bits = plans.load(bits, config.num_layers)
+  elif isinstance(bits, (tuple, list)):
+    layer_bits = plans.check(bits, config.num_layers, source='per-layer bits')
+  else:
+    layer_bits = plans.check((bits,) * config.num_layers, config.num_layers, source=f'bits={bits!r}')
+  if None in layer_bits:
+    raise ValueError('a packed export needs a width for every layer (None would mean float weights)')
+  _write(directory, variables, config, tokenizer,
+         {'kind': 'packed', 'layer_bits': list(layer_bits), 'run': dict(run or {})}, layer_bits,
+         float_dtype)
+
+
+def read_manifest(directory: str) -> dict:
+  """The manifest, checked to be this format and version."""
+  path = os.path.join(directory, MANIFEST)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'parent directory {directory} does not exist')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{directory} is not a stored parent: {MANIFEST} is missing')
+  with open(path) as f:
+    try:
+      manifest = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path} is not valid JSON ({e})') from None
+  if manifest.get('format') != FORMAT:
+    raise ValueError(f'{path}: format {manifest.get("format")!r}, expected {FORMAT!r} '
+                     '(a foreign directory?)')
+  if manifest.get('version') != VERSION:
+    raise ValueError(f'{path}: version {manifest.get("version")!r}; this code reads version {VERSION}')
+  return manifest
+
+
+def read_config(directory: str) -> nn.TransformerConfig:
+  path = os.path.join(directory, CONFIG)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{directory}: {CONFIG} is missing')
+  with open(path) as f:
+    fields = json.load(f)
+  known = {f.name for f in dataclasses.fields(nn.TransformerConfig)}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ValueError(f'{path}: unknown config fields {unknown}')
+  return nn.TransformerConfig(**fields)
+
+
+def _load_tokenizer(directory: str, entry: dict | None):
+  if entry is None:
+    return None
+  path = os.path.join(directory, entry['file'])
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{directory}: tokenizer file {entry["file"]} is missing')
+  if entry['file'].endswith('.model'):
+    return tokenization.from_sentencepiece(path)
+  return tokenization.from_tokenizer_json(path, entry.get('bos_id'), entry.get('eos_id'))
+
+
+def _read_tensors(path: str) -> dict[str, np.ndarray]:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path} is missing')
+  try:
+    return safetensors.numpy.load_file(path)
+  except Exception as e:  # the library raises its own error types for a damaged file
+    raise ValueError(f'{path} cannot be read ({e}); is it truncated?') from None
+
+
+def load(directory: str):
+  """(model, variables, tokenizer) of a stored parent or packed export.
+
+  The stored weights stay quantized in `variables` (`QuantizedArray` leaves on
+  the default device); the model slices them per call (`quant=QuantSpec(...)`).
+  """
+  directory = os.path.abspath(directory)
+  manifest = read_manifest(directory)
+  config = read_config(directory)
+  weights = os.path.join(directory, WEIGHTS)
+  tensors = _read_tensors(weights)
+
+  def take(name, shape=None):
+    if name not in tensors:
+      raise ValueError(f'{weights}: tensor {name!r} is missing')
+    a = tensors.pop(name)
+    if shape is not None and tuple(a.shape) != tuple(shape):
+      raise ValueError(f'{weights}: tensor {name!r} has shape {a.shape}, expected {tuple(shape)}')
+    return a
+
+  quantized = manifest['quantized']
+  params = {}
+  for path, want in nn.param_shapes(config).items():
+    if path not in quantized:
+      params[path] = jnp.asarray(take(f'params/{path}', want.shape))
+      continue
+    e = quantized[path]
+    if tuple(e['shape']) != want.shape:
+      raise ValueError(f'{directory}: quantized weight {path!r} has shape {tuple(e["shape"])}, '
+                       f'the config expects {want.shape}')
+    codes = take(f'params/{path}/codes')
+    if e['packed']:
+      codes = unpack(codes, e['bits'], e['codes_shape'])
+    elif tuple(codes.shape) != tuple(e['codes_shape']):
+      raise ValueError(f'{weights}: codes of {path!r} have shape {codes.shape}, '
+                       f'the manifest says {tuple(e["codes_shape"])}')
+    stats = quant.stats_shape(e['shape'], _weight_info(config, path).reduce_axes, e['group_size'])
+    params[path] = quant.QuantizedArray(
+        jnp.asarray(codes, jnp.uint8), jnp.asarray(take(f'params/{path}/scale', stats)),
+        jnp.asarray(take(f'params/{path}/zero_point', stats)), e['bits'], tuple(e['shape']))
+  unknown = sorted(set(quantized) - set(params))
+  if unknown:
+    raise ValueError(f'{directory}: the manifest names quantized weights the model does not have: {unknown}')
+  aux = {name[len('quant/'):]: jnp.asarray(tensors.pop(name)) for name in list(tensors)
+         if name.startswith('quant/')}
+  if tensors:
+    raise ValueError(f'{weights}: unexpected tensors {sorted(tensors)[:5]}')
+  variables = {'params': traverse_util.unflatten_dict(params, sep='/')}
+  if aux:
+    variables['quant'] = traverse_util.unflatten_dict(aux, sep='/')
+  return nn.Transformer(config), variables, _load_tokenizer(directory, manifest.get('tokenizer'))
+
+
+def weight_bytes(variables) -> dict[str, int]:
+  """Resident bytes of `variables`: 'quantized' (codes, scales, zero points), 'other', 'total'."""
+  q = o = 0
+  for leaf in _flat(variables).values():
+    if is_quantized(leaf):
+      q += sum(np.asarray(x).nbytes for x in (leaf.codes, leaf.scale, leaf.zero_point))
+    else:
+      o += np.asarray(leaf).nbytes
+  return {'quantized': q, 'other': o, 'total': q + o}
+
+
+def file_bytes(directory: str) -> dict[str, int]:
+  """Bytes on disk of a stored directory: 'codes', 'scales' (scale + zero point), 'other'
+  tensors, and 'total' (every file, headers and tokenizer included)."""
+  quantized = {f'params/{p}' for p in read_manifest(directory)['quantized']}
+  out = {'codes': 0, 'scales': 0, 'other': 0}
+  with safetensors.safe_open(os.path.join(directory, WEIGHTS), 'numpy') as f:  # header only
+    for name in f.keys():
+      t = f.get_slice(name)
+      base, _, leaf = name.rpartition('/')
+      kind = 'other' if base not in quantized else 'codes' if leaf == 'codes' else 'scales'
+      out[kind] += math.prod(t.get_shape()) * _ITEMSIZE[t.get_dtype()]
+  out['total'] = sum(os.path.getsize(os.path.join(directory, p)) for p in os.listdir(directory))
+  return out
