@@ -30,7 +30,7 @@ demo: setup
 	$(PY) experiments/main.py --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 bench: setup
 	$(PY) experiments/bench_train_step.py

@@ -20,6 +20,7 @@ from absl import app, flags, logging
 from matquant_jax import ckpts, evals, nn
 from matquant_jax.core import plans
 from matquant_jax.core.qeinsum import QuantSpec
+from matquant_jax.data import pipeline
 from matquant_jax.lab import logs
 
 _MODEL = flags.DEFINE_string('model', 'smollm2-135m', 'Checkpoint directory, .gguf file or model name.')
@@ -33,7 +34,7 @@ _SEQ = flags.DEFINE_integer('seq_len', 512, 'Perplexity window.')
 _BITS = flags.DEFINE_list('bits', ['8', '6', '4', '3', '2'], 'Bit-widths.')
 _MIX = flags.DEFINE_string('mixnmatch', 'pyramid', "'pyramid' (int2 outer, int8 middle, int4 between) or "
                            'comma-separated per-layer bits, or empty.')
-_DATA_DIR = flags.DEFINE_string('data_dir', '~/.cache/matquant_jax', 'TFDS data directory.')
+_DATA_DIR = flags.DEFINE_string('data_dir', pipeline.default_data_dir(), 'TFDS data directory.')
 _OUT = flags.DEFINE_string('out', None, 'Write the rows as JSON here.')
 
 

@@ -34,7 +34,7 @@ _REFINE = flags.DEFINE_integer('refine_steps', 20, 'Local-search proposals after
 _PPL_BATCHES = flags.DEFINE_integer('ppl_batches', 2, 'Held-out batches of 8 x ppl_seq_len tokens.')
 _PPL_SEQ = flags.DEFINE_integer('ppl_seq_len', 512, 'Held-out window (the model\'s training length for '
                                 'the embedded default: 128).')
-_DATA_DIR = flags.DEFINE_string('data_dir', pipeline.DEFAULT_DATA_DIR, 'TFDS data directory.')
+_DATA_DIR = flags.DEFINE_string('data_dir', pipeline.default_data_dir(), 'TFDS data directory.')
 
 
 def main(argv):

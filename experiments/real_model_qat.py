@@ -32,7 +32,7 @@ from matquant_jax.lab import logs, report, study
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and results.', required=True)
 _MODEL = flags.DEFINE_enum('model', 'smollm2-135m', sorted(ckpts.MODELS), 'The real model.')
-_DATA_DIR = flags.DEFINE_string('data_dir', pipeline.DEFAULT_DATA_DIR, 'TFDS data directory.')
+_DATA_DIR = flags.DEFINE_string('data_dir', pipeline.default_data_dir(), 'TFDS data directory.')
 _STEPS = flags.DEFINE_integer('steps', 64, 'QAT steps per run.')
 _BATCH = flags.DEFINE_integer('batch_size', 4, 'Sequences per step.')
 _SEQ = flags.DEFINE_integer('seq_len', 128, 'Tokens per sequence.')

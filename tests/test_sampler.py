@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from matquant_jax import ckpts, nn, parents
+from matquant_jax import nn, parents
 from matquant_jax.core import plans
 from matquant_jax.core.qeinsum import QuantSpec
 from matquant_jax.nn import llama, sharding
@@ -208,8 +208,8 @@ def test_sharded_parent_samples_like_one_device(tiny):
 
 
 @pytest.mark.slow
-def test_smollm2_cached_greedy_matches_full_forward():
-  model, variables, tokenizer = ckpts.load('smollm2-135m')
+def test_smollm2_cached_greedy_matches_full_forward(smollm2):
+  model, variables, tokenizer = smollm2
   s = sampler.Sampler(model, variables, tokenizer, cache_size=48)
   prompt = 'To be, or not to be, that is the'
   out = s.sample([prompt], 4)[0]

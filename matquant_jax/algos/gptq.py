@@ -26,16 +26,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import time
 from typing import Any
 
-from absl import logging
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
-import tqdm
 
 from matquant_jax import nn, parents
 from matquant_jax.algos import blockwise
@@ -190,64 +186,46 @@ def _at_width(lp, done: dict, r: int, extra_precision: bool):
 def calibrate(config: nn.TransformerConfig, params: Tree, tokens: np.ndarray,
               objective: losses.Objective, spec: QuantSpec, opts: Options = Options(),
               ckpt_dir: str | None = None, desc: str = 'gptq') -> dict[str, Tree]:
-  """A stored parent {'params': ...} (QuantizedArray for spec.targets) made by GPTQ.
+  """A stored parent {'params': ...} (QuantizedArray for spec.targets) made by GPTQ, block by
+  block (`blockwise.calibrate`).
 
   tokens: int [samples, seq_len] calibration sequences. With `ckpt_dir`, the
   parent is saved after every block and a rerun resumes after the last one.
   """
-  tokens = np.asarray(tokens)
-  if tokens.ndim != 2:
-    raise ValueError(f'calibration tokens must be [samples, seq_len], got shape {tokens.shape}')
   if objective.distill or None in objective.widths:
     raise ValueError('GPTQ takes quantized data widths only (no "float", no "->" distillation)')
+  tokens = blockwise.check_tokens(tokens)
   infos = nn.targeted_weights(config, spec.targets)
-  parent = parents.make_parent(config, params, spec)  # min-max; replaced block by block
-  mngr, done_blocks, parent = blockwise.restore_blockwise(ckpt_dir, parent, desc, config.num_layers)
-  if done_blocks >= config.num_layers:  # finished: no activation streams to rebuild
-    mngr.close()
-    return parent
-  widths = objective.widths
+  widths, ep, bs = objective.widths, spec.extra_precision, opts.batch_size
   lam = dict(zip(widths, objective.lambdas))
-  bs = opts.batch_size
-  x0 = jnp.concatenate([nn.embed(config, params, tokens[i:i + bs]) for i in range(0, len(tokens), bs)])
-  streams = {r: x0 for r in widths}
-  layers = nn.blocks(config)
   groups = sorted({ORDER[p] for p in infos})
-  bar = tqdm.tqdm(total=(len(layers) - done_blocks) * len(infos), desc=desc, mininterval=2.0,
-                  dynamic_ncols=True)
-  t_start = time.perf_counter()
-  for i, (key, block) in enumerate(layers):
+
+  def forward(i, key, block, parent, bits):
+    lp = params[key]
+    if bits is not None:
+      block_q = {p: traverse_util.flatten_dict(parent['params'][key], sep='/')[p] for p in infos}
+      lp = _at_width(lp, block_q, bits, ep)
+    return lambda x, t: _block_forward(block, lp, x, t)
+
+  def calibrate_block(i, key, block, parent, streams, target, bar):
     lp = params[key]
     flat_lp = traverse_util.flatten_dict(lp, sep='/')
-    ep = spec.extra_precision
-    if i >= done_blocks:
-      t0 = time.perf_counter()
-      done = {}
-      for g in groups:
-        paths = [p for p in infos if ORDER[p] == g]
-        dims = {p: math.prod(np.shape(flat_lp[p])[a] for a in infos[p].reduce_axes) for p in paths}
-        hess = {p: 0.0 for p in paths}
-        for r in widths:
-          h = _hessians(block, _at_width(lp, done, r, ep), dims, streams[r], tokens, bs)
-          for p in paths:
-            hess[p] = hess[p] + lam[r] / sum(objective.lambdas) * h[p]
+    done = {}
+    for g in groups:
+      paths = [p for p in infos if ORDER[p] == g]
+      dims = {p: math.prod(np.shape(flat_lp[p])[a] for a in infos[p].reduce_axes) for p in paths}
+      hess = {p: 0.0 for p in paths}
+      for r in widths:
+        h = _hessians(block, _at_width(lp, done, r, ep), dims, streams[r], tokens, bs)
         for p in paths:
-          done[p] = quantize_weight(flat_lp[p], hess[p], infos[p], objective, spec, opts)
-          bar.update()
-      block_params = traverse_util.flatten_dict(parent['params'][key], sep='/') | done
-      parent = {'params': {**parent['params'], key: traverse_util.unflatten_dict(block_params, sep='/')}}
-      if mngr is not None:
-        mngr.save(i + 1, args=ocp.args.StandardSave(parent))
-        mngr.wait_until_finished()  # a run stopped in the next block finds this one complete
-      bar.set_description(f'{desc} block {i + 1}/{len(layers)}')
-      logging.info('%s: block %d/%d in %.1fs', desc, i + 1, len(layers), time.perf_counter() - t0)
-    block_q = {p: traverse_util.flatten_dict(parent['params'][key], sep='/')[p] for p in infos}
-    streams = {r: jnp.concatenate([_block_forward(block, _at_width(lp, block_q, r, ep), streams[r][j:j + bs],
-                                                  tokens[j:j + bs]) for j in range(0, len(tokens), bs)])
-               for r in widths}
-  bar.close()
-  if mngr is not None:
-    mngr.wait_until_finished()
-    mngr.close()
-  logging.info('%s: %d blocks in %.1fs', desc, len(layers) - done_blocks, time.perf_counter() - t_start)
-  return parent
+          hess[p] = hess[p] + lam[r] / sum(objective.lambdas) * h[p]
+      for p in paths:
+        done[p] = quantize_weight(flat_lp[p], hess[p], infos[p], objective, spec, opts)
+        bar.update()
+    block_params = traverse_util.flatten_dict(parent['params'][key], sep='/') | done
+    return {'params': {**parent['params'], key: traverse_util.unflatten_dict(block_params, sep='/')}}
+
+  return blockwise.calibrate(
+      config, params, tokens, parents.make_parent(config, params, spec),  # min-max, replaced block by block
+      widths=widths, calibrate_block=calibrate_block, forward=forward, batch_size=bs,
+      units_per_block=len(infos), ckpt_dir=ckpt_dir, desc=desc)

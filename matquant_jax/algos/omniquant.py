@@ -26,8 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
-import tqdm
 
 from matquant_jax import nn
 from matquant_jax.algos import blockwise
@@ -157,88 +155,69 @@ def loss_mask(config: nn.TransformerConfig, tokens, skip_tokens: int = 0) -> jax
   return nn.token_mask(config, tokens) * keep
 
 
-def _chunked(fn, x: jax.Array, tokens: np.ndarray, size: int) -> jax.Array:
-  return jnp.concatenate([fn(x[i:i + size], tokens[i:i + size]) for i in range(0, len(x), size)])
-
-
 def calibrate(config: nn.TransformerConfig, params: Tree, tokens: np.ndarray,
               objective: losses.Objective, spec: QuantSpec, opts: Options = Options(),
               ckpt_dir: str | None = None, writer=None, desc: str = 'omniquant', seed: int = 0) -> Tree:
-  """Learns the OmniQuant transforms block by block; returns the 'quant' tree.
+  """Learns the OmniQuant transforms block by block (`blockwise.calibrate`); returns the
+  'quant' tree.
 
   tokens: int [samples, seq_len] calibration sequences. With `ckpt_dir`, the
   transforms are saved after every block and a rerun resumes after the last
   finished one.
   """
-  tokens = np.asarray(tokens)
-  if tokens.ndim != 2:
-    raise ValueError(f'calibration tokens must be [samples, seq_len], got shape {tokens.shape}')
+  tokens = blockwise.check_tokens(tokens)
   if opts.batch_size > len(tokens):
     raise ValueError(f'omniquant.batch_size={opts.batch_size} exceeds omniquant.samples={len(tokens)}')
   if None in objective.widths:
     raise ValueError('OmniQuant calibrates quantized slices; the objective may not contain "float"')
-  qtree = init_transforms(config, params, spec, opts.lwc, opts.let)
-  mngr, done, qtree = blockwise.restore_blockwise(ckpt_dir, qtree, desc, config.num_layers)
-  if done >= config.num_layers:  # finished: no activation streams to rebuild
-    mngr.close()
-    return qtree
-
   widths = tuple(dict.fromkeys(objective.widths + objective.teachers))
   tx = optimizer(opts)
   fns = {}
   bs, n = opts.batch_size, len(tokens)
   steps_per_epoch = n // bs
-  x0 = _chunked(lambda t, _: nn.embed(config, params, t), tokens, tokens, bs)
-  fp, streams = x0, {r: x0 for r in widths}
-  layers = nn.blocks(config)
-  bar = tqdm.tqdm(total=(len(layers) - done) * opts.epochs * steps_per_epoch, desc=desc,
-                  mininterval=2.0, dynamic_ncols=True)
-  t_start = time.perf_counter()
-  for i, (key, block) in enumerate(layers):
+
+  def layer_fns(block):
     kind = (type(block), getattr(block, 'attn_type', None))
     if kind not in fns:
       fns[kind] = _layer_fns(block, objective, spec, tx, opts)
-    step, forward = fns[kind]
-    lp, aux = params[key], qtree[key]
-    float_block = lambda x, t: forward(lp, None, x, t, None)
-    target = _chunked(float_block, fp, tokens, bs)
-    if i >= done:
-      t0 = time.perf_counter()
-      aug = {r: _chunked(float_block, streams[r], tokens, bs) for r in objective.data} if opts.aug_loss else {}
-      scales = None
-      if opts.balance:  # each width's block loss at the start, on the whole calibration set
-        mask = loss_mask(config, tokens, opts.skip_tokens)
-        scales = {r: losses.mse(_chunked(lambda x, t: forward(lp, aux, x, t, r), streams[r], tokens, bs),
-                                target, mask) for r in objective.widths}
-      aux = jax.tree.map(jnp.copy, aux)  # the step donates it
-      opt_state = tx.init(aux)
-      bar.set_description(f'{desc} block {i + 1}/{len(layers)}')
-      for epoch in range(opts.epochs):
-        order = np.random.default_rng([seed, i, epoch]).permutation(n)
-        for b in range(steps_per_epoch):
-          idx = order[b * bs:(b + 1) * bs]
-          xs = {r: streams[r][idx] for r in widths}
-          aug_b = {r: a[idx] for r, a in aug.items()}
-          aux, opt_state, metrics = step(aux, opt_state, lp, xs, target[idx], tokens[idx], aug_b, scales)
-          bar.update()
-        bar.set_postfix({k: f'{float(v):.2e}' for k, v in metrics.items() if k != 'loss'})
-      metrics = {k: float(v) for k, v in metrics.items()}
-      logging.info('%s: block %d/%d, %.2f s/epoch, last batch %s', desc, i + 1, len(layers),
-                   (time.perf_counter() - t0) / opts.epochs,
-                   ', '.join(f'{k} {v:.3e}' for k, v in metrics.items()))
-      if writer is not None:
-        for k, v in metrics.items():
-          writer.add_scalar(f'{desc}/{k}', v, i + 1)
-      qtree = {**qtree, key: aux}
-    streams = {r: _chunked(lambda x, t: forward(lp, aux, x, t, r), streams[r], tokens, bs)
-               for r in widths}
-    fp = target
-    if mngr is not None and i >= done:
-      mngr.save(i + 1, args=ocp.args.StandardSave(qtree))
-      mngr.wait_until_finished()  # a run stopped in the next block finds this one complete
-  bar.close()
-  if mngr is not None:
-    mngr.wait_until_finished()
-    mngr.close()
-  logging.info('%s: %d blocks in %.1fs', desc, len(layers) - done, time.perf_counter() - t_start)
-  return qtree
+    return fns[kind]
+
+  def forward(i, key, block, qtree, bits):
+    fwd = layer_fns(block)[1]
+    aux = None if bits is None else qtree[key]
+    return lambda x, t: fwd(params[key], aux, x, t, bits)
+
+  def calibrate_block(i, key, block, qtree, streams, target, bar):
+    step = layer_fns(block)[0]
+    lp, t0 = params[key], time.perf_counter()
+    float_block = forward(i, key, block, qtree, None)
+    aug = ({r: blockwise.chunked(float_block, streams[r], tokens, bs) for r in objective.data}
+           if opts.aug_loss else {})
+    scales = None
+    if opts.balance:  # each width's block loss at the start, on the whole calibration set
+      mask = loss_mask(config, tokens, opts.skip_tokens)
+      scales = {r: losses.mse(blockwise.chunked(forward(i, key, block, qtree, r), streams[r], tokens, bs),
+                              target, mask) for r in objective.widths}
+    aux = jax.tree.map(jnp.copy, qtree[key])  # the step donates it
+    opt_state = tx.init(aux)
+    for epoch in range(opts.epochs):
+      order = np.random.default_rng([seed, i, epoch]).permutation(n)
+      for b in range(steps_per_epoch):
+        idx = order[b * bs:(b + 1) * bs]
+        xs = {r: streams[r][idx] for r in widths}
+        aug_b = {r: a[idx] for r, a in aug.items()}
+        aux, opt_state, metrics = step(aux, opt_state, lp, xs, target[idx], tokens[idx], aug_b, scales)
+        bar.update()
+      bar.set_postfix({k: f'{float(v):.2e}' for k, v in metrics.items() if k != 'loss'})
+    metrics = {k: float(v) for k, v in metrics.items()}
+    logging.info('%s: block %d, %.2f s/epoch, last batch %s', desc, i + 1,
+                 (time.perf_counter() - t0) / opts.epochs, ', '.join(f'{k} {v:.3e}' for k, v in metrics.items()))
+    if writer is not None:
+      for k, v in metrics.items():
+        writer.add_scalar(f'{desc}/{k}', v, i + 1)
+    return {**qtree, key: aux}
+
+  return blockwise.calibrate(
+      config, params, tokens, init_transforms(config, params, spec, opts.lwc, opts.let), widths=widths,
+      calibrate_block=calibrate_block, forward=forward, batch_size=bs,
+      units_per_block=opts.epochs * steps_per_epoch, ckpt_dir=ckpt_dir, desc=desc, float_targets=True)

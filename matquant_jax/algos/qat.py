@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 import tqdm
 
 from matquant_jax import nn
-from matquant_jax.algos.blockwise import checkpoint_manager
+from matquant_jax.algos import blockwise
 from matquant_jax.core import losses
 from matquant_jax.core.qeinsum import QuantSpec, width_spec
 from matquant_jax.nn import sharding
@@ -202,7 +202,7 @@ def train(model: nn.Transformer, init_params: Params, objective: losses.Objectiv
   """
   p = prepare(model, init_params, objective, opts, mesh, rules)
   state, frozen, step_fn, b_sh = p.state, p.frozen, p.step_fn, p.batch_sharding
-  mngr = checkpoint_manager(ckpt_dir) if ckpt_dir else None
+  mngr = blockwise.checkpoint_manager(ckpt_dir) if ckpt_dir else None
   if mngr is not None and mngr.latest_step() is not None:
     abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                             state, p.state_shardings)

@@ -22,7 +22,12 @@ from matquant_jax.nn.config import BOS_ID, EOS_ID
 LOCAL_BUILDERS = {'shakespeare_plays': shakespeare.ShakespearePlays}
 
 
-DEFAULT_DATA_DIR = '~/.cache/matquant_jax'
+DATA_DIR_ENV = 'MATQUANT_DATA_DIR'
+
+
+def default_data_dir() -> str:
+  """Where datasets and tokenizers are built: $MATQUANT_DATA_DIR, else ~/.cache/matquant_jax."""
+  return os.environ.get(DATA_DIR_ENV) or '~/.cache/matquant_jax'
 
 
 @dataclasses.dataclass

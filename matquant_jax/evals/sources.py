@@ -33,7 +33,7 @@ def read_texts(source: str, data_dir: str | None = None, limit: int | None = Non
   if source.startswith('tfds:'):
     _, name, split = source.split(':', 2)
     if name in pipeline.LOCAL_BUILDERS:  # built here from installed data
-      return pipeline.load_split_texts(name, data_dir or pipeline.DEFAULT_DATA_DIR, split)[:limit]
+      return pipeline.load_split_texts(name, data_dir or pipeline.default_data_dir(), split)[:limit]
     return [_s(ex[feature]) for ex in _tfds_examples(name, split, data_dir, limit)]
   if not os.path.exists(source):
     raise FileNotFoundError(f'text source {source!r} is neither tfds:NAME:SPLIT nor an existing file')

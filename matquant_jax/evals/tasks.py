@@ -112,7 +112,7 @@ def task_items(task: str, source: str | None = None, data_dir: str | None = None
                limit: int | None = None) -> list[Item]:
   """A task's items from its TFDS dataset, or from `source` (a .jsonl file with TFDS features)."""
   if task == OFFLINE_TASK:
-    return shakespeare_next_line(data_dir or pipeline.DEFAULT_DATA_DIR, limit or 300)
+    return shakespeare_next_line(data_dir or pipeline.default_data_dir(), limit or 300)
   if task not in TASKS:
     raise ValueError(f'unknown task {task!r}; known: {sorted(TASKS) + [OFFLINE_TASK]}')
   name, split, reader = TASKS[task]

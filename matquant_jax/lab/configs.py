@@ -5,6 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from matquant_jax.core.qeinsum import QuantSpec
+from matquant_jax.data import pipeline
 from matquant_jax.nn import sharding
 
 
@@ -77,7 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
   """The default study: small Gemma-2 on Shakespeare, baselines 8/4/2 and MatQuant [8,4,2]."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.data = dict(name='shakespeare_plays', data_dir='~/.cache/matquant_jax', vocab_size=2048,
+  c.data = dict(name='shakespeare_plays', data_dir=pipeline.default_data_dir(), vocab_size=2048,
                 seq_len=128, batch_size=16, eval_batch_size=16, eval_batches=24)
   c.model = dict(num_layers=4, embed_dim=128, hidden_dim=512, num_heads=4, head_dim=32,
                  num_kv_heads=2, sliding_window_size=64, dtype='float32')
