@@ -18,17 +18,18 @@ float weights whose min-max fake quantization is that parent, and the parent's o
 become the reference rows.
 """
 
+import dataclasses
 import os
 import time
 
 from absl import app, flags, logging
 
-from matquant_jax import ckpts, evals, parents
+from matquant_jax import ckpts, evals, nn, parents
 from matquant_jax.algos import qat, warm_start
 from matquant_jax.core import losses
 from matquant_jax.core.qeinsum import QuantSpec
 from matquant_jax.data import pipeline
-from matquant_jax.lab import logs, report, study
+from matquant_jax.lab import logs, report
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and results.', required=True)
 _MODEL = flags.DEFINE_enum('model', 'smollm2-135m', sorted(ckpts.MODELS), 'The real model.')
@@ -92,16 +93,16 @@ def main(argv):
   items = evals.shakespeare_next_line(_DATA_DIR.value, _TASK_N.value)
   done = {(r['data_type'], r['method']) for r in results['rows']}
 
-  def measure(dtype, method, variables, spec):
+  def measure(dtype, method, variables, spec, run, base='qat'):
     if (dtype, method) in done:
       return
     t = time.perf_counter()
     row = evals.table_row(model, variables, tokenizer, spec, {'next_line': items}, texts,
-                             512, 8, _PPL_BATCHES.value)
-    bits = study.ffn_average_bits(variables['params'], spec, cfg) if spec else 32.0
-    results['rows'].append(dict(data_type=dtype, method=method, bits_per_ffn_param=bits,
-                                log_pplx=row['log_pplx'], next_line_acc=row['next_line'],
-                                next_line_acc_norm=row['next_line_norm']))
+                          512, 8, _PPL_BATCHES.value)
+    results['rows'].append(dataclasses.asdict(report.Row(
+        dtype, method, row['log_pplx'], nn.bits_per_weight(variables, spec, cfg), run=run, base=base,
+        model=_MODEL.value, granularity=gran, seconds=time.perf_counter() - t,
+        tasks={'next_line': row['next_line'], 'next_line_norm': row['next_line_norm']})))
     logging.info('%-8s %-32s log pplx %.4f  next-line acc %.3f / %.3f  (%.0fs)', dtype, method,
                  row['log_pplx'], row['next_line'], row['next_line_norm'], time.perf_counter() - t)
     save()
@@ -111,11 +112,11 @@ def main(argv):
   ep = 'E.P. ' if _EXTRA.value else ''
   if _REFERENCE_ROWS.value and _INIT_PARENT.value:
     for b in (8, 4, 2):
-      measure(f'int{b}', f'{ep}Parent before QAT', start, spec(b))
+      measure(f'int{b}', f'{ep}Parent before QAT', start, spec(b), 'init_parent', 'omniquant')
   elif _REFERENCE_ROWS.value:
-    measure('float32', 'Pretrained float', start, None)
+    measure('float32', 'Pretrained float', start, None, 'float', 'float')
     for b in (8, 4, 2):  # where every run starts
-      measure(f'int{b}', f'PTQ min-max ({gran})', start, spec(b, b))
+      measure(f'int{b}', f'PTQ min-max ({gran})', start, spec(b, b), 'float', 'ptq')
   lambdas = tuple(map(float, _LAMBDAS.value))
   for name, objective, parent_bits in (r for r in RUNS if r[0] in _RUNS.value):
     opts = qat.Options(steps=_STEPS.value, learning_rate=_LR.value, warmup_steps=max(1, _STEPS.value // 8),
@@ -128,30 +129,24 @@ def main(argv):
     results.setdefault('train_s', {}).setdefault(name, time.perf_counter() - t)
     if name == 'matquant':
       for b in (8, 4, 2):
-        measure(f'int{b}', f'{ep}MatQuant', trained, spec(b))
+        measure(f'int{b}', f'{ep}MatQuant', trained, spec(b), name)
     elif name == 'baseline_int8':
-      measure('int8', 'Baseline', trained, spec(8))
+      measure('int8', 'Baseline', trained, spec(8), name)
       for b in (4, 2):
-        measure(f'int{b}', f'{ep}Sliced int8 Baseline', trained, spec(b))
+        measure(f'int{b}', f'{ep}Sliced int8 Baseline', trained, spec(b), name)
     elif parent_bits:
-      measure(f'int{parent_bits}', 'Baseline', trained, spec(parent_bits, parent_bits))
+      measure(f'int{parent_bits}', 'Baseline', trained, spec(parent_bits, parent_bits), name)
     else:
-      measure('float32', 'Float, same tokens', trained, None)
+      measure('float32', 'Float, same tokens', trained, None, name, 'float')
   if _REFERENCE_ROWS.value and not _INIT_PARENT.value:
     for b in (4, 2):
-      measure(f'int{b}', f'{ep}Sliced int8 (min-max, {gran})', start, spec(b))
+      measure(f'int{b}', f'{ep}Sliced int8 (min-max, {gran})', start, spec(b), 'float', 'ptq')
 
   origin = f', from {_INIT_PARENT.value}' if _INIT_PARENT.value else ''
-  lines = [f'{_MODEL.value}, FFN QAT, {_STEPS.value} steps x {_BATCH.value} x {_SEQ.value} tokens, '
-           f'lr {_LR.value:g}, {gran}, lambdas {",".join(_LAMBDAS.value)}{origin}', '',
-           '| data type | method | FFN bits | log pplx | next-line acc | acc_norm |', '|---|---|---|---|---|---|']
-  for r in results['rows']:
-    lines.append(f"| {r['data_type']} | {r['method']} | {r['bits_per_ffn_param']:.3f} | {r['log_pplx']:.3f} | "
-                 f"{100 * r['next_line_acc']:.0f} | {100 * r['next_line_acc_norm']:.0f} |")
-  table = '\n'.join(lines) + '\n'
-  report.write_outputs(workdir, table, results['rows'],
-                       f'{_MODEL.value}: FFN QAT, {gran}, {_STEPS.value * _BATCH.value * _SEQ.value:,} tokens per run')
-  print(table)
+  title = (f'{_MODEL.value}, FFN QAT, {_STEPS.value} steps x {_BATCH.value} x {_SEQ.value} tokens, '
+           f'lr {_LR.value:g}, {gran}, lambdas {",".join(_LAMBDAS.value)}{origin}')
+  report.write(workdir, results.pop('rows'), title, **results)
+  print(open(os.path.join(workdir, 'table.md')).read())
 
 
 if __name__ == '__main__':

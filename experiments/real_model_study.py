@@ -137,49 +137,47 @@ def main(argv):
   float_model = nn.Transformer(dataclasses.replace(cfg, dtype=_FLOAT.value))
   spec = lambda b, **kw: QuantSpec(b, group_size=group, **kw)
   short_dtype = {'bfloat16': 'bf16', 'float32': 'float32'}[_FLOAT.value]
-  rows = [(short_dtype, f'{short_dtype} activations, float weights', float_model, params, None)]
+  rows = [(short_dtype, f'{short_dtype} activations, float weights', float_model, params, None, 'float', 'float')]
   mat_label = f'E.P. MatQuant ({label}, {recipe})' if ep else f'MatQuant ({label}, {recipe})'
   for b in map(int, _BITS.value):
-    rows.append((f'int{b}', f'PTQ min-max ({gran})', model, params, QuantSpec(b, parent_bits=b, group_size=group)))
+    rows.append((f'int{b}', f'PTQ min-max ({gran})', model, params, QuantSpec(b, parent_bits=b, group_size=group),
+                 'float', 'ptq'))
     if b != 8:
-      rows.append((f'int{b}', f'Sliced int8 (min-max, {gran})', model, params, spec(b)))
+      rows.append((f'int{b}', f'Sliced int8 (min-max, {gran})', model, params, spec(b), 'float', 'ptq'))
     if _EP.value and b in (4, 3, 2):
       rows.append((f'int{b}', f'Sliced int8, E.P. slice (min-max, {gran})', model, params,
-                   spec(b, extra_precision=True)))
+                   spec(b, extra_precision=True), 'float', 'ptq'))
     if f'baseline_int{b}' in made:
       rows.append((f'int{b}', f'{label} baseline ({recipe})', model, made[f'baseline_int{b}'],
-                   QuantSpec(b, parent_bits=b, group_size=group)))
+                   QuantSpec(b, parent_bits=b, group_size=group), f'baseline_int{b}', algo))
     if b != 8 and 'baseline_int8' in made:
-      rows.append((f'int{b}', f'Sliced {label} int8 ({recipe})', model, made['baseline_int8'], spec(b)))
-    rows.append((f'int{b}', mat_label, model, made[mat], spec(b, extra_precision=ep)))
+      rows.append((f'int{b}', f'Sliced {label} int8 ({recipe})', model, made['baseline_int8'], spec(b),
+                   'baseline_int8', algo))
+    rows.append((f'int{b}', mat_label, model, made[mat], spec(b, extra_precision=ep), mat, algo))
     if _EP.value and not ep and b in (4, 3, 2):
       ep_label = 'MatQuant' if algo == 'omniquant' else f'MatQuant ({label})'
       rows.append((f'int{b}', f'{ep_label}, E.P. slice ({recipe})', model, made['matquant'],
-                   spec(b, extra_precision=True)))
+                   spec(b, extra_precision=True), 'matquant', algo))
   if _MIX.value:
-    rows.append(("Mix'n'Match pyramid", f'Sliced int8 (min-max, {gran})', model, params, spec(mix)))
-    rows.append(("Mix'n'Match pyramid", mat_label, model, made[mat], spec(mix, extra_precision=ep)))
+    rows.append(("Mix'n'Match pyramid", f'Sliced int8 (min-max, {gran})', model, params, spec(mix), 'float', 'ptq'))
+    rows.append(("Mix'n'Match pyramid", mat_label, model, made[mat], spec(mix, extra_precision=ep), mat, algo))
   done = {(r['data_type'], r['method']) for r in results['rows']}
-  for dtype, method, m, variables, s in rows:
+  float_bits = {'bfloat16': 16, 'float32': 32}[_FLOAT.value]
+  for dtype, method, m, variables, s, run, base in rows:
     if (dtype, method) in done or (_METHODS.value and not method.startswith(tuple(_METHODS.value))):
       continue
     t = time.perf_counter()
     row = evals.table_row(m, variables, tokenizer, s, {'next_line': items}, texts, 512, 8,
-                             _PPL_BATCHES.value)
-    bits = study.ffn_average_bits(variables, s, cfg) if s else {"bfloat16": 16, "float32": 32}[_FLOAT.value]
-    results['rows'].append(dict(data_type=dtype, method=method, ffn_bits=bits, group_size=group,
-                                log_pplx=row['log_pplx'], next_line_acc=row['next_line'],
-                                next_line_acc_norm=row['next_line_norm']))
+                          _PPL_BATCHES.value)
+    results['rows'].append(dataclasses.asdict(report.Row(
+        dtype, method, row['log_pplx'], nn.bits_per_weight(variables, s, cfg, float_bits), run=run,
+        base=base, model=model_name, granularity=gran, seconds=time.perf_counter() - t,
+        tasks={'next_line': row['next_line'], 'next_line_norm': row['next_line_norm']})))
     logging.info('%-22s %-40s log pplx %.4f  next-line acc %.3f / %.3f  (%.0fs)', dtype, method,
                  row['log_pplx'], row['next_line'], row['next_line_norm'], time.perf_counter() - t)
     save()
-  lines = ['| data type | method | FFN bits | log pplx | next-line acc | acc_norm |', '|---|---|---|---|---|---|']
-  for r in results['rows']:
-    lines.append(f"| {r['data_type']} | {r['method']} | {r['ffn_bits']:.3f} | {r['log_pplx']:.3f} | "
-                 f"{100 * r['next_line_acc']:.1f} | {100 * r['next_line_acc_norm']:.1f} |")
-  table = '\n'.join(lines) + '\n'
-  report.write_outputs(workdir, table)
-  print(table)
+  report.write(workdir, results.pop('rows'), f'{model_name}, {label} ({recipe})', **results)
+  print(open(os.path.join(workdir, 'table.md')).read())
 
 
 if __name__ == '__main__':

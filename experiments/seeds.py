@@ -23,17 +23,17 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Where the seeds and the summary
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'QAT data seeds.')
 
 
-def summarize(tables: list[list[dict]]) -> dict:
+def summarize(tables: list[list[report.Row]]) -> dict:
   """Rows aggregated over seeds, per-seed gap closures and MatQuant - Baseline differences."""
-  get = lambda t, dtype, method: next((r['log_pplx'] for r in t if (r['data_type'], r['method']) ==
-                                       (dtype, method)), None)
+  get = lambda t, dtype, run: next((r.log_pplx for r in t if (r.data_type, r.run) == (dtype, run)), None)
   closures = [report.gap_closure(t) for t in tables]
   deltas = {}
   for bits in (8, 4, 2):
-    d = [get(t, f'int{bits}', 'MatQuant') - get(t, f'int{bits}', 'Baseline') for t in tables
-         if get(t, f'int{bits}', 'MatQuant') is not None and get(t, f'int{bits}', 'Baseline') is not None]
+    key = f'int{bits}'
+    d = [get(t, key, 'matquant') - get(t, key, f'baseline_{key}') for t in tables
+         if get(t, key, 'matquant') is not None and get(t, key, f'baseline_{key}') is not None]
     if d:
-      deltas[f'int{bits}'] = dict(mean=float(np.mean(d)), std=float(np.std(d, ddof=1)) if len(d) > 1 else 0.0)
+      deltas[key] = dict(mean=float(np.mean(d)), std=float(np.std(d, ddof=1)) if len(d) > 1 else 0.0)
   closure = {k: dict(mean=float(np.mean([c[k] for c in closures])),
                      std=float(np.std([c[k] for c in closures], ddof=1)) if len(closures) > 1 else 0.0)
              for k in (closures[0] if closures else {})}
@@ -41,13 +41,9 @@ def summarize(tables: list[list[dict]]) -> dict:
               int2_gap_closure=closure, per_seed_int2_gap_closure=closures)
 
 
-def markdown(summary: dict, seeds) -> str:
-  lines = [f'Mean +- sample std over QAT data seeds {", ".join(map(str, seeds))}.', '',
-           '| data type | method | log pplx | bits / FFN param |', '|---|---|---|---|']
-  for r in summary['rows']:
-    lines.append(f"| {r['data_type']} | {r['method']} | {r['log_pplx']:.3f} +- {r['std']:.3f} | "
-                 f"{r['bits_per_ffn_param']:.3f} |")
-  lines += ['', '| MatQuant - Baseline | mean | std |', '|---|---|---|']
+def notes(summary: dict) -> str:
+  """The differences and gap closures under the aggregated table."""
+  lines = ['| MatQuant - Baseline | mean | std |', '|---|---|---|']
   lines += [f"| {k} | {v['mean']:+.3f} | {v['std']:.3f} |" for k, v in summary['matquant_minus_baseline'].items()]
   lines += ['', '| int2 gap closed, reference | mean | std |', '|---|---|---|']
   lines += [f"| {k} | {100 * v['mean']:.0f}% | {100 * v['std']:.0f}% |"
@@ -66,13 +62,11 @@ def main(argv):
     cfg.qat.data_seed = seed
     cfg.pretrain.checkpoint_dir = cfg.pretrain.checkpoint_dir or os.path.join(workdir, 'float')
     logging.info('seed %d of %s', seed, seeds)
-    tables.append(study.run_study(cfg, os.path.join(workdir, f'seed_{seed}'))['table'])
+    tables.append(report.as_rows(study.run_study(cfg, os.path.join(workdir, f'seed_{seed}'))['rows']))
   summary = summarize(tables)
-  summary['seeds'] = seeds
-  report.write_json(os.path.join(workdir, 'summary.json'), summary)
-  table = markdown(summary, seeds)
-  report.write_outputs(workdir, table, summary['rows'], f'QAT, mean +- std over {len(seeds)} seeds')
-  print(table)
+  title = f'QAT, mean +- sample std over data seeds {", ".join(map(str, seeds))}'
+  report.write(workdir, summary.pop('rows'), title, notes(summary), seeds=seeds, **summary)
+  print(open(os.path.join(workdir, 'table.md')).read())
 
 
 if __name__ == '__main__':

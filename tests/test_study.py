@@ -33,14 +33,16 @@ def test_quick_main_job_end_to_end_and_resume(tmp_path):
   assert set(ll['float_qat']) == {'float'}  # the float model trained on the QAT tokens
   assert set(ll['matquant']) == {'int8', 'int6', 'int4', 'int3', 'int2', 'mix:pyramid'}
   assert 0 < ll['float']['float'] < math.log(512) - 0.5  # it learned more than a uniform guess
-  assert out['bits_per_ffn_param']['matquant']['mix:pyramid'] == pytest.approx(5.0)
-  assert out['table'][0] == dict(data_type='float32', method='Pretrained (no quantization)',
-                                 log_pplx=ll['float']['float'], bits_per_ffn_param=32.0)
-  assert {'data_type': 'int2', 'method': 'MatQuant', 'log_pplx': ll['matquant']['int2'],
-          'bits_per_ffn_param': 2.0} in out['table']
+  rows = {(r.data_type, r.run): r for r in report.read_rows(str(tmp_path / 'results.json'))}
+  assert rows["Mix'n'Match pyramid", 'matquant'].bits_per_weight == pytest.approx(5.0)  # (2+8+8+2)/4
+  assert rows['float32', 'float'] == report.Row('float32', 'Pretrained (no quantization)', ll['float']['float'],
+                                                32.0, run='float', base='float')
+  assert rows['int2', 'matquant'] == report.Row('int2', 'MatQuant', ll['matquant']['int2'], 2.0,
+                                                run='matquant', base='qat')
+  assert rows['int2', 'float'].base == 'ptq' and rows['int4', 'baseline_int8'].method == 'Sliced int8'
   table = open(tmp_path / 'table.md').read()
   assert '| int2 | Sliced int8 |' in table and '| int2 | MatQuant |' in table
-  assert os.path.getsize(tmp_path / 'log_pplx_vs_bits.png') > 10_000
+  assert os.path.getsize(tmp_path / 'plot.png') > 10_000
   assert os.listdir(tmp_path / 'tensorboard')
   # each run's stored parent reloads as a model that evaluates and samples as the study measured
   check_stored_parent(tmp_path / 'parents' / 'matquant', ll['matquant'])
@@ -94,7 +96,7 @@ def test_workdir_config_mismatch_is_named(tmp_path):
     study.check_workdir(str(tmp_path), c)
 
 
-def test_ffn_average_bits_counts_the_extra_bucket():
+def test_bits_per_weight_counts_the_extra_bucket():
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -109,24 +111,25 @@ def test_ffn_average_bits_counts_the_extra_bucket():
       alpha = (mx - mn) / np.float32(255)
       q = np.clip(np.round(w / alpha + np.round(-mn / alpha)), 0, 255)
       extra, total = extra + np.sum(q >= 224), total + w.size
-  got = study.ffn_average_bits(p, QuantSpec(2, extra_precision=True), cfg)
+  got = nn.bits_per_weight(p, QuantSpec(2, extra_precision=True), cfg)
   assert got == pytest.approx(2 + extra / total, abs=1e-6)
-  assert study.ffn_average_bits(p, QuantSpec((2, None)), cfg) == pytest.approx(17.0)
+  assert nn.bits_per_weight(p, QuantSpec((2, None)), cfg) == pytest.approx(17.0)
+  assert nn.bits_per_weight(p, None, cfg, float_bits=16) == 16.0
 
 
 def test_gap_closure_and_seed_aggregation_by_hand():
-  def table(b2, m2, ref):
-    return [dict(data_type='float32', method='Float, same tokens', log_pplx=ref, bits_per_ffn_param=32.0),
-            dict(data_type='int8', method='Baseline', log_pplx=ref + 0.1, bits_per_ffn_param=8.0),
-            dict(data_type='int2', method='Baseline', log_pplx=b2, bits_per_ffn_param=2.0),
-            dict(data_type='int2', method='MatQuant', log_pplx=m2, bits_per_ffn_param=2.0)]
+  def table(b2, m2, ref):  # labels are display text only: the logic reads `run`
+    return [report.Row('float32', 'a float label', ref, 32.0, run='float_qat', base='float'),
+            report.Row('int8', 'an int8 label', ref + 0.1, 8.0, run='baseline_int8'),
+            report.Row('int2', 'an int2 label', b2, 2.0, run='baseline_int2'),
+            report.Row('int2', 'MatQuant', m2, 2.0, run='matquant')]
   # (5.0 - 4.6) / (5.0 - 4.0) = 0.4 against the float row; (5.0 - 4.6) / (5.0 - 4.1) = 0.444 against int8
   got = report.gap_closure(table(5.0, 4.6, 4.0))
   assert got == pytest.approx({'float_same_tokens': 0.4, 'int8_baseline': 0.4 / 0.9})
-  rows = {(r['data_type'], r['method']): r for r in report.aggregate([table(5.0, 4.6, 4.0), table(5.2, 4.6, 4.0)])}
-  assert rows[('int2', 'Baseline')]['log_pplx'] == pytest.approx(5.1)
-  assert rows[('int2', 'Baseline')]['std'] == pytest.approx(0.1 * 2 ** 0.5)  # sample std of 5.0, 5.2
-  assert rows[('int2', 'MatQuant')]['std'] == 0.0 and rows[('int2', 'MatQuant')]['n'] == 2
+  rows = {(r.data_type, r.run): r for r in report.aggregate([table(5.0, 4.6, 4.0), table(5.2, 4.6, 4.0)])}
+  assert rows[('int2', 'baseline_int2')].log_pplx == pytest.approx(5.1)
+  assert rows[('int2', 'baseline_int2')].std == pytest.approx(0.1 * 2 ** 0.5)  # sample std of 5.0, 5.2
+  assert rows[('int2', 'matquant')].std == 0.0 and rows[('int2', 'matquant')].n == 2
 
 
 def test_results_files_are_replaced_whole(tmp_path):
@@ -136,10 +139,17 @@ def test_results_files_are_replaced_whole(tmp_path):
   report.write_json(path, {'rows': [1, 2]})
   assert report.read_json(path, None) == {'rows': [1, 2]}
   assert os.listdir(tmp_path) == ['results.json']  # no temporary file left behind
-  table = [dict(data_type='float32', method='Pretrained float', log_pplx=4.0, bits_per_ffn_param=32.0),
-           dict(data_type='int2', method='Baseline', log_pplx=5.0, bits_per_ffn_param=2.0)]
-  report.write_outputs(str(tmp_path), '| table |\n', table, 'title')
+  rows = [report.Row('float32', 'Pretrained float', 4.0, 32.0, run='float', base='float'),
+          report.Row('int2', 'Baseline', 5.0, 2.0, run='baseline_int2', tasks={'next_line': 0.5})]
+  report.write(str(tmp_path), rows, 'title', 'a note', settings={'steps': 1})
   assert sorted(os.listdir(tmp_path)) == ['plot.png', 'results.json', 'table.md']
+  assert report.read_rows(str(tmp_path / 'results.json')) == rows
+  assert report.read_json(str(tmp_path / 'results.json'), None)['settings'] == {'steps': 1}
+  assert open(tmp_path / 'table.md').read() == (
+      'title\n\n| data type | method | bits / weight | log pplx | next_line |\n|---|---|---|---|---|\n'
+      '| float32 | Pretrained float | 32.000 | 4.000 | - |\n| int2 | Baseline | 2.000 | 5.000 | 50.0 |\n\na note')
+  with pytest.raises(ValueError, match="unknown row fields \\['ffn_bits'\\]"):
+    report.Row.from_dict({'data_type': 'int2', 'method': 'm', 'log_pplx': 1.0, 'ffn_bits': 2.0})
 
 
 def check_stored_parent(directory, measured):
@@ -165,3 +175,15 @@ def test_resumed_results_must_be_of_the_same_setup(tmp_path):
   assert again == {'rows': [{'log_pplx': 3.7}], 'model': 'smollm2-135m', 'settings': {'steps': 64}}
   with pytest.raises(ValueError, match=r"settings=\{'steps': 64\}, not \{'steps': 128\}"):
     report.open_results(workdir, model='smollm2-135m', settings={'steps': 128})
+
+
+def test_stored_results_files_hold_rows_of_the_one_schema():
+  """Every results file under docs/results (the default study's oldest one aside, which has no
+  rows) reads as report.Row, so `experiments/replot.py` remakes its table and plot."""
+  import glob
+  paths = [p for p in glob.glob(os.path.join(ROOT, 'docs', 'results', '*.json'))
+           if not p.endswith('default_results.json')]
+  assert len(paths) >= 12
+  for path in paths:
+    rows = report.read_rows(path)
+    assert rows and all(r.run and r.base in ('float', 'ptq', 'qat', 'omniquant', 'gptq') for r in rows), path

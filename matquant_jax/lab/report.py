@@ -1,7 +1,9 @@
-"""The study's outputs: a table laid out like the paper's Table 2, and a plot."""
+"""One measurement pipeline: the `Row` every experiment writes, results files written whole, one
+table and one plot (log pplx against bits per quantized weight)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -42,87 +44,110 @@ def open_results(workdir: str, **identity):
   return results, lambda: write_json(path, results)
 
 
-def write_outputs(workdir: str, table: str, rows: list[dict] | None = None, title: str | None = None) -> None:
-  """WORKDIR/table.md and, given rows with bits_per_ffn_param, WORKDIR/plot.png."""
-  with open(os.path.join(workdir, 'table.md'), 'w') as f:
-    f.write(table)
-  if rows is not None:
-    plot_rows(rows, os.path.join(workdir, 'plot.png'), title)
+@dataclasses.dataclass
+class Row:
+  """One measurement, the same schema in every experiment driver and results file.
+
+  run: the identifier of the run that made the weights ('float', 'float_qat', 'baseline_int4',
+    'matquant', ...); logic keys on it, never on the display label `method`.
+  base: 'float', 'ptq' (min-max of float weights), 'qat', 'omniquant' or 'gptq'.
+  bits_per_weight: bits per quantized weight, `nn.bits_per_weight` (r, plus the extra bucket
+    with extra precision; a float row counts its float width).
+  tasks: accuracy per task ('next_line', 'next_line_norm', ...). std, n: over seeds.
+  """
+  data_type: str
+  method: str
+  log_pplx: float
+  bits_per_weight: float
+  run: str = ''
+  base: str = ''
+  model: str = ''
+  granularity: str = 'channel'
+  tasks: dict = dataclasses.field(default_factory=dict)
+  std: float = 0.0
+  n: int = 1
+  seconds: float | None = None
+
+  @classmethod
+  def from_dict(cls, d: dict) -> 'Row':
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f'unknown row fields {sorted(unknown)} (rows are report.Row; files under '
+                       'docs/results show the schema)')
+    return cls(**d)
+
+def as_rows(rows) -> list[Row]:
+  return [r if isinstance(r, Row) else Row.from_dict(r) for r in rows]
 
 
-def rows(out: dict):
-  """(dtype, method, log pplx, bits per FFN parameter) in the paper's order."""
-  ll, bits = out['log_pplx'], out['bits_per_ffn_param']
-  runs = out['runs']
-  yield 'float32', 'Pretrained (no quantization)', ll['float']['float'], 32.0
-  for r in runs:
-    if r['objective'] == 'float':  # float, trained on the same tokens as the QAT runs
-      yield 'float32', r['label'], ll[r['name']]['float'], 32.0
-  evaluated = sorted({int(k[3:]) for k in ll['float'] if k.startswith('int')}, reverse=True)
-  order = [b for b in PAPER_ORDER if b in evaluated] + [b for b in evaluated if b not in PAPER_ORDER]
-  others = [r for r in runs if r['label'] != 'Baseline' and r['objective'] != 'float']
-  for b in order:
-    key = f'int{b}'
-    yield key, 'PTQ of float (min-max)', ll['float'][key], bits['float'][key]
-    if b != 8 and key in ll.get('baseline_int8', {}):
-      yield key, 'Sliced int8', ll['baseline_int8'][key], bits['baseline_int8'][key]
-    if key in ll.get(f'baseline_{key}', {}):
-      yield key, 'Baseline', ll[f'baseline_{key}'][key], bits[f'baseline_{key}'][key]
-    for r in others:
-      yield key, r['label'], ll[r['name']][key], bits[r['name']][key]
-  mixes = [k for k in ll.get('baseline_int8', ll[others[0]['name']] if others else {}) if k.startswith('mix:')]
-  for mix in mixes:
-    for name, label in [('baseline_int8', 'Sliced int8')] + [(r['name'], r['label']) for r in others]:
-      if mix in ll.get(name, {}):
-        yield f"Mix'n'Match {mix[4:]}", label, ll[name][mix], bits[name][mix]
-
-
-def table(out: dict) -> str:
-  """Markdown table: data type, method, log pplx (nats/token), bits per FFN parameter."""
-  lines = ['| data type | method | log pplx | bits / FFN param |', '|---|---|---|---|']
-  for dtype, method, nll, b in rows(out):
-    lines.append(f'| {dtype} | {method} | {nll:.3f} | {b:.3f} |')
+def table(rows, title: str | None = None) -> str:
+  """The one markdown table: data type, method, bits, log pplx (+- std over seeds), task accuracies."""
+  rows = as_rows(rows)
+  tasks = list(dict.fromkeys(k for r in rows for k in r.tasks))
+  seeds = any(r.n > 1 for r in rows)
+  lines = [f'{title}\n'] if title else []
+  lines.append('| data type | method | bits / weight | log pplx |' + ''.join(f' {t} |' for t in tasks))
+  lines.append('|---|---|---|---|' + '---|' * len(tasks))
+  for r in rows:
+    nll = f'{r.log_pplx:.3f} +- {r.std:.3f}' if seeds else f'{r.log_pplx:.3f}'
+    accs = ''.join(f' {100 * r.tasks[t]:.1f} |' if t in r.tasks else ' - |' for t in tasks)
+    lines.append(f'| {r.data_type} | {r.method} | {r.bits_per_weight:.3f} | {nll} |{accs}')
   return '\n'.join(lines) + '\n'
 
 
-def aggregate(tables: list[list[dict]]) -> list[dict]:
-  """Mean and sample std (over seeds) of each (data type, method) row of several studies' tables."""
-  groups: dict[tuple, list] = {}
+def write(workdir: str, rows, title: str | None = None, notes: str = '', **extra) -> None:
+  """The one writer of an experiment's outputs: WORKDIR/results.json ({'rows': [...], **extra}),
+  table.md (the table, then `notes`) and plot.png, each written whole."""
+  rows = as_rows(rows)
+  os.makedirs(workdir, exist_ok=True)
+  write_json(os.path.join(workdir, 'results.json'), {**extra, 'rows': [dataclasses.asdict(r) for r in rows]})
+  write_text(os.path.join(workdir, 'table.md'), table(rows, title) + (f'\n{notes}' if notes else ''))
+  plot_rows(rows, os.path.join(workdir, 'plot.png'), title)
+
+
+def write_text(path: str, text: str) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def read_rows(path: str) -> list[Row]:
+  """The rows of a results file (`write`'s results.json, or one under docs/results)."""
+  return as_rows(read_json(path, {'rows': []})['rows'])
+
+
+def aggregate(tables: list[list[Row]]) -> list[Row]:
+  """Mean and sample std (over seeds) of each (data type, run, method) row of several studies."""
+  groups: dict[tuple, list[Row]] = {}
   for t in tables:
-    for row in t:
-      groups.setdefault((row['data_type'], row['method']), []).append(row)
+    for row in as_rows(t):
+      groups.setdefault((row.data_type, row.run, row.method), []).append(row)
   out = []
-  for (dtype, method), rs in groups.items():
-    v = np.array([r['log_pplx'] for r in rs])
-    out.append(dict(data_type=dtype, method=method, log_pplx=float(v.mean()),
-                    std=float(v.std(ddof=1)) if len(v) > 1 else 0.0, n=len(v),
-                    bits_per_ffn_param=rs[0]['bits_per_ffn_param']))
+  for rs in groups.values():
+    v = np.array([r.log_pplx for r in rs])
+    out.append(dataclasses.replace(rs[0], log_pplx=float(v.mean()), std=float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                                   n=len(v), seconds=None))
   return out
 
 
-def gap_closure(table: list[dict], bits: int = 2) -> dict[str, float]:
+def gap_closure(rows, bits: int = 2) -> dict[str, float]:
   """(Baseline_r - MatQuant_r) / (Baseline_r - reference) for each reference row present.
 
-  References: 'Float, same tokens' (the float model trained on the QAT tokens) and the
-  int8 Baseline. 1 means MatQuant's r-bit slice reaches the reference; 0, the baseline.
+  References: the float model trained on the QAT tokens (run 'float_qat') and the int8
+  baseline. 1 means MatQuant's r-bit slice reaches the reference; 0, the baseline.
   """
-  get = {(r['data_type'], r['method']): r['log_pplx'] for r in table}
-  base, mq = get.get((f'int{bits}', 'Baseline')), get.get((f'int{bits}', 'MatQuant'))
-  refs = {'float_same_tokens': get.get(('float32', 'Float, same tokens')),
-          'int8_baseline': get.get(('int8', 'Baseline'))}
+  get = {(r.data_type, r.run): r.log_pplx for r in as_rows(rows)}
+  base, mq = get.get((f'int{bits}', f'baseline_int{bits}')), get.get((f'int{bits}', 'matquant'))
+  refs = {'float_same_tokens': get.get(('float32', 'float_qat')),
+          'int8_baseline': get.get(('int8', 'baseline_int8'))}
   if base is None or mq is None:
     return {}
   return {k: (base - mq) / (base - ref) for k, ref in refs.items() if ref is not None and base != ref}
 
 
-def plot(out: dict, path: str) -> None:
-  """log pplx against bits per FFN parameter for one study's results."""
-  plot_rows([dict(zip(('data_type', 'method', 'log_pplx', 'bits_per_ffn_param'), r)) for r in rows(out)],
-            path)
-
-
-def plot_rows(table: list[dict], path: str, title: str | None = None) -> None:
-  """A line per method, markers for baselines and mixtures; error bars from a 'std' field."""
+def plot_rows(rows, path: str, title: str | None = None) -> None:
+  """A line per method, markers for baselines and mixtures; error bars from std over seeds."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   del matplotlib  # the object API needs no backend switch (a notebook's stays as it is)
@@ -130,28 +155,26 @@ def plot_rows(table: list[dict], path: str, title: str | None = None) -> None:
   fig = Figure(figsize=(7, 4.5))
   ax = fig.subplots()
   series: dict[str, list] = {}
-  for row in table:
-    dtype, method = row['data_type'], row['method']
-    kind = 'mix' if dtype.startswith('Mix') else ('float' if dtype == 'float32' else 'int')
-    series.setdefault((method, kind), []).append(
-        (row['bits_per_ffn_param'], row['log_pplx'], row.get('std', 0.0)))
+  for row in as_rows(rows):
+    kind = ('mix' if row.data_type.startswith('Mix') else 'float' if row.base == 'float'
+            else 'baseline' if row.run == f'baseline_{row.data_type}' else 'int')
+    series.setdefault((row.method, kind), []).append((row.bits_per_weight, row.log_pplx, row.std))
   colors = {}
   for (method, kind), pts in series.items():
     pts.sort()
     xs, ys, es = zip(*pts)
     if kind == 'float':
-      ax.axhline(ys[0], color='gray', ls='--' if method.startswith('Pretrained') else ':', label=method)
+      ax.axhline(ys[0], color=f'C{7 + len(colors) % 3}', ls='--', label=method)
       continue
     color = colors.setdefault(method, f'C{len(colors)}')
     if kind == 'mix':
       ax.errorbar(xs, ys, yerr=es, fmt='*', ms=12, color=color, mec='k', zorder=3,
                   label=f"{method} Mix'n'Match")
-    elif method == 'Baseline':
-      ax.errorbar(xs, ys, yerr=es, fmt='s', ms=7, color=color, zorder=3,
-                  label='Baseline (trained per precision)')
+    elif kind == 'baseline':
+      ax.errorbar(xs, ys, yerr=es, fmt='s', ms=7, color=color, zorder=3, label=f'{method} (one precision each)')
     else:
       ax.errorbar(xs, ys, yerr=es, fmt='-o', color=color, label=method)
-  ax.set_xlabel('bits per FFN parameter')
+  ax.set_xlabel('bits per quantized weight')
   ax.set_ylabel('log perplexity (nats/token), validation')
   ax.set_title(title or 'MatQuant: one int8 parent sliced to every precision')
   ax.grid(alpha=0.3)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import os
 import time
+from typing import Any
 
 from absl import logging
 from flax import traverse_util
@@ -17,7 +18,6 @@ from matquant_jax import evals, nn, parents
 from matquant_jax.algos import gptq, omniquant, qat
 from matquant_jax.core import losses
 from matquant_jax.core.qeinsum import QuantSpec
-from matquant_jax.core.quant import QuantizedArray
 from matquant_jax.data import pipeline
 from matquant_jax.lab import configs, report
 from matquant_jax.nn import sharding
@@ -26,30 +26,6 @@ from matquant_jax.nn import sharding
 def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> nn.TransformerConfig:
   """The Gemma-2 config of `cfg.model`, with the tokenizer's vocabulary size."""
   return nn.TransformerConfig(num_embed=vocab_size, **cfg.model.to_dict())
-
-
-def ffn_average_bits(params, spec: QuantSpec, mcfg: nn.TransformerConfig) -> float:
-  """Bits per FFN parameter: r per layer, plus the extra-bucket fraction with extra precision.
-
-  params: float params, or a stored parent whose FFN weights are QuantizedArrays.
-  """
-  params = nn.as_variables(params)['params']
-  axes = nn.ffn_reduce_axes(mcfg)
-  total, count = 0.0, 0
-  for i in range(mcfg.num_layers):
-    bits = spec.bits_for(i, mcfg.num_layers)
-    for name, w in params[f'layer_{i}']['mlp'].items():
-      size = math.prod(w.shape)
-      if bits is None:
-        b = 32.0
-      elif spec.extra_precision:
-        if not isinstance(w, QuantizedArray):
-          w = QuantizedArray.from_float(w, spec.parent_bits, axes[name], spec.group_size)
-        b = w.average_bits(bits, extra_precision=True)
-      else:
-        b = float(bits)
-      total, count = total + b * size, count + size
-  return total / count
 
 
 def _fingerprint(cfg: ml_collections.ConfigDict) -> dict:
@@ -116,20 +92,76 @@ def save_parent(directory: str, variables, mcfg: nn.TransformerConfig, tokenizer
     parents.save(directory, variables, mcfg, tokenizer, run=run)
 
 
+def is_baseline(run: dict) -> bool:
+  """A one-precision run (configs.baseline names them 'baseline_int<r>')."""
+  return run['name'].startswith('baseline_')
+
+
 def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) the whole study in `workdir`; returns the results dict also written there."""
+  """Runs (or resumes) the whole study in `workdir`; returns the results dict also written there.
+
+  Stages: set up (mesh, data, model), pretrain in float, make every run's parent (QAT,
+  OmniQuant or GPTQ), evaluate every slice, report (results.json, table.md, plot.png).
+  """
   configs.check_config(cfg)
   workdir = os.path.abspath(workdir)
   lead = jax.process_index() == 0  # only process 0 writes summaries and results
   os.makedirs(workdir, exist_ok=True)
   if lead:
     check_workdir(workdir, cfg)
+  t_start = time.perf_counter()
+  env = setup(cfg)
+  writer = SummaryWriter(os.path.join(workdir, 'tensorboard')) if lead else None
+  timings = {}
+  t = time.perf_counter()
+  float_params = pretrain(cfg, env, workdir, writer)
+  timings['float'] = time.perf_counter() - t
+  models = {'float': (float_params, None)}
+  for r in cfg.runs:
+    t = time.perf_counter()
+    models[r['name']] = (make_run(cfg, env, r, float_params, workdir, writer), r)
+    timings[r['name']] = time.perf_counter() - t
+  t = time.perf_counter()
+  rows = evaluate(cfg, env, models)
+  timings['eval'] = time.perf_counter() - t
+  timings['total'] = time.perf_counter() - t_start
+  if writer is not None:
+    writer.close()
+  d = cfg.data
+  out = {'log_pplx': {}, 'timings_s': timings, 'runs': [dict(r) for r in cfg.runs],
+         'model': env.mcfg.__dict__ | {'num_params': env.num_params},
+         'tokens': {'pretrain': cfg.pretrain.steps * d.batch_size * d.seq_len,
+                    'qat_per_run': cfg.qat.steps * d.batch_size * d.seq_len,
+                    'eval': int(sum(b[:, 1:].size for b in env.val))}}
+  for row, key in rows:
+    out['log_pplx'].setdefault(row.run, {})[key] = row.log_pplx
+  out['rows'] = [dataclasses.asdict(row) for row, _ in rows]
+  if lead:
+    report.write(workdir, [row for row, _ in rows], **{k: v for k, v in out.items() if k != 'rows'})
+    logging.info('wrote %s/{results.json,table.md,plot.png}; total %.1fs', workdir, timings['total'])
+  return out
+
+
+@dataclasses.dataclass
+class Env:
+  """What every stage shares: mesh, data, the model and its batches."""
+  mesh: Any
+  rules: tuple
+  data: pipeline.TokenData
+  mcfg: nn.TransformerConfig
+  model: nn.Transformer
+  batch_fn: Any
+  qat_batch_fn: Any
+  val: list
+  init: Any
+  num_params: int
+
+
+def setup(cfg: ml_collections.ConfigDict) -> Env:
   mesh = sharding.make_mesh(cfg.mesh)
   rules = tuple(tuple(r) for r in cfg.mesh.rules)
   sharding.check_rules(rules, mesh)
-  logging.info('mesh: %s over %d devices in %d processes', dict(mesh.shape), mesh.size,
-               jax.process_count())
-  t_start = time.perf_counter()
+  logging.info('mesh: %s over %d devices in %d processes', dict(mesh.shape), mesh.size, jax.process_count())
   data = pipeline.load_tokens(cfg.data.name, cfg.data.data_dir, cfg.data.vocab_size)
   mcfg = model_config(cfg, data.tokenizer.vocab_size())
   model = nn.Transformer(mcfg)
@@ -141,92 +173,83 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   val = pipeline.eval_batches(data.validation, d.eval_batch_size, d.seq_len, d.eval_batches)
   logging.info('data: %d train / %d validation tokens; eval on %d tokens', len(data.train),
                len(data.validation), sum(b[:, 1:].size for b in val))
-
-  writer = SummaryWriter(os.path.join(workdir, 'tensorboard')) if lead else None
   init = qat.init_params(model, d.seq_len, cfg.seed, mesh, rules)
-  logging.info('model: %s, %d parameters', mcfg, sum(x.size for x in jax.tree.leaves(init)))
+  num_params = int(sum(x.size for x in jax.tree.leaves(init)))
+  logging.info('model: %s, %d parameters', mcfg, num_params)
+  return Env(mesh, rules, data, mcfg, model, batch_fn, qat_batch_fn, val, init, num_params)
 
-  timings = {}
-  t = time.perf_counter()
+
+def pretrain(cfg: ml_collections.ConfigDict, env: Env, workdir: str, writer) -> dict:
+  """The float model (shared between studies with `pretrain.checkpoint_dir`)."""
   float_dir = os.path.abspath(cfg.pretrain.checkpoint_dir or os.path.join(workdir, 'checkpoints', 'float'))
-  float_params, _ = qat.train(model, init, losses.parse_objective('float'), batch_fn,
-                                qat.Options.from_config(cfg.pretrain),
-                                float_dir, writer, 'float', mesh, rules)
-  timings['float'] = time.perf_counter() - t
+  params, _ = qat.train(env.model, env.init, losses.parse_objective('float'), env.batch_fn,
+                        qat.Options.from_config(cfg.pretrain), float_dir, writer, 'float', env.mesh, env.rules)
+  return params
 
-  models = {'float': (float_params, None)}
-  for r in cfg.runs:
-    t = time.perf_counter()
-    objective = losses.parse_objective(r['objective'], r['lambdas'], r['parent_bits'])
-    ckpt_dir = os.path.join(workdir, 'checkpoints', r['name'])
-    spec = run_spec(cfg, r)
-    if r.get('algo', 'qat') == 'omniquant':
-      models[r['name']] = (run_omniquant(cfg, r, mcfg, float_params, data.train, objective, spec,
-                                         ckpt_dir, writer), r)
-      save_parent(os.path.join(workdir, 'parents', r['name']), models[r['name']][0], mcfg, data.tokenizer,
-                  dict(r))
-    elif r.get('algo') == 'gptq':
-      models[r['name']] = (run_gptq(cfg, mcfg, float_params, data.train, objective, spec, ckpt_dir,
-                                    r['name']), r)
-      save_parent(os.path.join(workdir, 'parents', r['name']), models[r['name']][0], mcfg, data.tokenizer,
-                  dict(r))
-    else:
-      opts = qat.Options.from_config(cfg.qat, spec, steps=round(cfg.qat.steps * r.get('budget', 1.0)))
-      params, _ = qat.train(model, float_params, objective, qat_batch_fn, opts, ckpt_dir, writer,
-                              r['name'], mesh, rules)
-      models[r['name']] = (params, r)
-      if r['objective'] != 'float':
-        save_parent(os.path.join(workdir, 'parents', r['name']),
-                    parents.make_parent(mcfg, params, spec), mcfg, data.tokenizer, dict(r))
-    timings[r['name']] = time.perf_counter() - t
 
-  t = time.perf_counter()
-  evaluate = evals.make_eval_fn(model)
+def make_run(cfg: ml_collections.ConfigDict, env: Env, r: dict, float_params, workdir: str, writer):
+  """One run's weights (QAT params, or an OmniQuant/GPTQ parent); its stored parent is written."""
+  objective = losses.parse_objective(r['objective'], r['lambdas'], r['parent_bits'])
+  ckpt_dir = os.path.join(workdir, 'checkpoints', r['name'])
+  spec = run_spec(cfg, r)
+  algo = r.get('algo', 'qat')
+  if algo == 'omniquant':
+    weights = run_omniquant(cfg, r, env.mcfg, float_params, env.data.train, objective, spec, ckpt_dir, writer)
+    stored = weights
+  elif algo == 'gptq':
+    weights = run_gptq(cfg, env.mcfg, float_params, env.data.train, objective, spec, ckpt_dir, r['name'])
+    stored = weights
+  else:
+    opts = qat.Options.from_config(cfg.qat, spec, steps=round(cfg.qat.steps * r.get('budget', 1.0)))
+    weights, _ = qat.train(env.model, float_params, objective, env.qat_batch_fn, opts, ckpt_dir, writer,
+                           r['name'], env.mesh, env.rules)
+    stored = parents.make_parent(env.mcfg, weights, spec) if r['objective'] != 'float' else None
+  if stored is not None:
+    save_parent(os.path.join(workdir, 'parents', r['name']), stored, env.mcfg, env.data.tokenizer, dict(r))
+  return weights
+
+
+def evaluate(cfg: ml_collections.ConfigDict, env: Env, models: dict) -> list[tuple[report.Row, str]]:
+  """(row, key) of every evaluated slice in the paper's Table 2 order; key is 'float', 'int<r>'
+  or 'mix:<name>' (results.json's log_pplx[run][key])."""
+  eval_fn = evals.make_eval_fn(env.model)
   q = cfg.qat.quant
-  results = {'float': {'float': evaluate(float_params, val, None)}}
-  bits_per_param = {}
-  def measure(name, params, key, spec):
-    results.setdefault(name, {})[key] = evaluate(params, val, spec)
-    bits_per_param.setdefault(name, {})[key] = ffn_average_bits(params, spec, mcfg) if spec else 32.0
-    logging.info('eval %-20s %-14s log pplx %.4f', name, key, results[name][key])
+  measured = {}
 
-  for bits in cfg.eval.bits:  # min-max PTQ of the float model, r-bit grid
-    measure('float', float_params, f'int{bits}', QuantSpec(bits, parent_bits=bits, targets=tuple(q.targets)))
-  for name, (params, r) in models.items():
-    if r is None:
-      continue
-    if r['objective'] == 'float':  # the float model trained on the QAT tokens: a reference row
-      measure(name, params, 'float', None)
-      continue
-    spec = lambda b, r=r: run_spec(cfg, r, b)
-    if r['label'] == 'Baseline' and r['parent_bits'] != 8:
-      # A one-precision model is evaluated at its own precision; the int8 one,
-      # sliced, at every precision below ("Sliced int8").
-      measure(name, params, f'int{r["parent_bits"]}', spec(r['parent_bits']))
-      continue
-    for bits in cfg.eval.bits:
-      measure(name, params, f'int{bits}', spec(bits))
-    for mix, layer_bits in cfg.eval.mixnmatch.items():
-      measure(name, params, f'mix:{mix}', spec(tuple(layer_bits)))
-  timings['eval'] = time.perf_counter() - t
-  timings['total'] = time.perf_counter() - t_start
-  if writer is not None:
-    writer.close()
+  def measure(name, params, key, spec, base):
+    if (name, key) not in measured:
+      nll = eval_fn(params, env.val, spec)
+      bits = nn.bits_per_weight(params, spec, env.mcfg)
+      measured[name, key] = (nll, bits, base)
+      logging.info('eval %-20s %-14s log pplx %.4f', name, key, nll)
+    return measured[name, key]
 
-  out = {'log_pplx': results, 'bits_per_ffn_param': bits_per_param, 'timings_s': timings,
-         'runs': [dict(r) for r in cfg.runs], 'model': mcfg.__dict__ | {'num_params': int(sum(
-             x.size for x in jax.tree.leaves(init)))},
-         'tokens': {'pretrain': cfg.pretrain.steps * d.batch_size * d.seq_len,
-                    'qat_per_run': cfg.qat.steps * d.batch_size * d.seq_len,
-                    'eval': int(sum(b[:, 1:].size for b in val))}}
-  out['table'] = [dict(zip(('data_type', 'method', 'log_pplx', 'bits_per_ffn_param'), row))
-                  for row in report.rows(out)]
-  if not lead:
-    return out
-  report.write_json(os.path.join(workdir, 'results.json'), out)
-  table = report.table(out)
-  report.write_outputs(workdir, table)
-  report.plot(out, os.path.join(workdir, 'log_pplx_vs_bits.png'))
-  print(table)
-  logging.info('wrote %s/{results.json,table.md,log_pplx_vs_bits.png}; total %.1fs', workdir, timings['total'])
-  return out
+  runs = {name: r for name, (_, r) in models.items() if r is not None}
+  others = [r for r in runs.values() if not is_baseline(r) and r['objective'] != 'float']
+  rows = []
+  def row(dtype, method, name, key, spec, base=None):
+    r = runs.get(name)
+    base = base or (r.get('algo', 'qat') if r else 'float')
+    nll, bits, _ = measure(name, models[name][0], key, spec, base)
+    rows.append((report.Row(dtype, method, nll, bits, run=name, base=base), key))
+
+  row('float32', 'Pretrained (no quantization)', 'float', 'float', None, 'float')
+  for r in runs.values():
+    if r['objective'] == 'float':  # the float model trained on the same tokens as the QAT runs
+      row('float32', r['label'], r['name'], 'float', None, 'float')
+  bits_order = [b for b in report.PAPER_ORDER if b in cfg.eval.bits] + [
+      b for b in cfg.eval.bits if b not in report.PAPER_ORDER]
+  for b in bits_order:
+    key = f'int{b}'
+    row(key, 'PTQ of float (min-max)', 'float', key, QuantSpec(b, parent_bits=b, targets=tuple(q.targets)), 'ptq')
+    if b != 8 and 'baseline_int8' in runs:
+      row(key, 'Sliced int8', 'baseline_int8', key, run_spec(cfg, runs['baseline_int8'], b))
+    if f'baseline_{key}' in runs:
+      row(key, 'Baseline', f'baseline_{key}', key, run_spec(cfg, runs[f'baseline_{key}'], b))
+    for r in others:
+      row(key, r['label'], r['name'], key, run_spec(cfg, r, b))
+  for mix, layer_bits in cfg.eval.mixnmatch.items():
+    for name, label in [('baseline_int8', 'Sliced int8')] * ('baseline_int8' in runs) + [
+        (r['name'], r['label']) for r in others]:
+      row(f"Mix'n'Match {mix}", label, name, f'mix:{mix}', run_spec(cfg, runs[name], tuple(layer_bits)))
+  return rows

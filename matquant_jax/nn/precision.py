@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -74,3 +75,33 @@ def resolve_spec(bits, variables, config: TransformerConfig, *,
     raise ValueError(f'bits={bits!r}: the resident model gives widths 1..{parent_bits}')
   targets = quantized_targets(variables, config) or ('ffn',)
   return QuantSpec(bits, parent_bits=parent_bits, extra_precision=extra_precision, targets=targets)
+
+
+def bits_per_weight(variables, spec: QuantSpec | None, config: TransformerConfig,
+                    float_bits: float = 32.0) -> float:
+  """Bits per weight of spec's targets, the one count every results row uses: r per layer at
+  width r, plus the extra bucket's share with extra precision (`QuantizedArray.average_bits`);
+  `float_bits` for weights left in float (no spec, or a layer at None).
+
+  variables: float params (or variables), or a stored parent whose weights are QuantizedArrays.
+  """
+  params = as_variables(variables)['params']
+  targets = spec.targets if spec is not None else ('ffn',)
+  infos = {p: i for p, i in quantizable_weights(config).items() if i.target in targets}
+  total, count = 0.0, 0
+  for layer in range(config.num_layers):
+    bits = spec.bits_for(layer, config.num_layers) if spec is not None else None
+    flat = _flat(params[f'layer_{layer}'])
+    for path, info in infos.items():
+      w = flat[path]
+      size = math.prod(w.shape)
+      if bits is None:
+        b = float_bits
+      elif spec.extra_precision:
+        if not is_quantized(w):
+          w = quant.QuantizedArray.from_float(w, spec.parent_bits, info.reduce_axes, spec.group_size)
+        b = w.average_bits(bits, extra_precision=True)
+      else:
+        b = float(bits)
+      total, count = total + b * size, count + size
+  return total / count
