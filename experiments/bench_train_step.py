@@ -58,7 +58,7 @@ def main(argv):
   axes = nn.ffn_reduce_axes(mcfg)
   ffn = [params[f'layer_{i}']['mlp'] for i in range(mcfg.num_layers)]
   fq = jax.jit(lambda ws: [{k: fake_quant(w, 2, reduce_axes=axes[k]) for k, w in m.items()} for m in ws])
-  fwd = jax.jit(lambda p, spec: model.apply({'params': p}, batch[:, :-1], quant=spec), static_argnums=1)
+  fwd = jax.jit(lambda p, spec: model.apply({'params': p}, batch[:, :-1], spec=spec).logits, static_argnums=1)
   def clock(f, *a):
     jax.block_until_ready(f(*a))
     t = time.perf_counter()

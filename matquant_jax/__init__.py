@@ -20,7 +20,7 @@ import importlib
 SUBPACKAGES = ('core', 'nn', 'text', 'data', 'parents', 'ckpts', 'algos', 'evals', 'lab', 'testing')
 _EXPORTS = {
     # models and checkpoints
-    'load': 'ckpts', 'Transformer': 'nn', 'TransformerConfig': 'nn',
+    'load': 'ckpts', 'Transformer': 'nn', 'TransformerConfig': 'nn', 'Output': 'nn',
     # precision and numerics
     'QuantSpec': 'core', 'fake_quant': 'core', 'slice_codes': 'core', 'QuantizedArray': 'core',
     'parse_objective': 'core', 'resolve_spec': 'nn',

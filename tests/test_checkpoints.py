@@ -35,7 +35,7 @@ def test_smollm2_matches_numpy_reference_on_held_out_shakespeare(smollm2_ids):
   assert model.config.norm_eps == pytest.approx(1e-5)  # stored as float32 in the file
   assert model.config == dataclasses.replace(llama.smollm2_135m(), norm_eps=model.config.norm_eps)
   assert tokenizer.decode(tokenizer.encode('To be, or not to be')) == 'To be, or not to be'
-  ours = _nll(model.apply({'params': params}, jnp.asarray(ids)[None])[0], ids)
+  ours = _nll(model.apply({'params': params}, jnp.asarray(ids)[None]).logits[0], ids)
   ref = reference.gguf_llama_nll(ckpts.smollm2_path(), ids)
   assert abs(ours - ref) < 0.01, (ours, ref)
   assert ours < 4.5  # nats/token on 128 tokens of Hamlet; a uniform guess is log(49152) = 10.8
@@ -54,8 +54,8 @@ def test_wrong_qk_order_costs_nats(smollm2_ids):
     a['q_einsum'] = {'w': repermute(a['q_einsum']['w'], c.num_heads)}
     kv = np.asarray(a['kv_einsum']['w'])
     a['kv_einsum'] = {'w': np.stack([repermute(kv[0], c.num_kv_heads), kv[1]])}
-  right = _nll(model.apply({'params': params}, jnp.asarray(ids)[None])[0], ids)
-  wrong = _nll(model.apply({'params': raw}, jnp.asarray(ids)[None])[0], ids)
+  right = _nll(model.apply({'params': params}, jnp.asarray(ids)[None]).logits[0], ids)
+  wrong = _nll(model.apply({'params': raw}, jnp.asarray(ids)[None]).logits[0], ids)
   assert wrong > right + 1.0, (right, wrong)
 
 
@@ -92,8 +92,8 @@ def test_hugging_face_round_trip(name, tmp_path):
   model, params = _random_params(c)
   ckpts.save_hf(str(tmp_path), params, c)
   loaded, v2, _ = ckpts.load(str(tmp_path))
-  np.testing.assert_array_equal(np.asarray(loaded.apply(v2, TOKENS)),
-                                np.asarray(model.apply({'params': params}, TOKENS)))
+  np.testing.assert_array_equal(np.asarray(loaded.apply(v2, TOKENS).logits),
+                                np.asarray(model.apply({'params': params}, TOKENS).logits))
 
 
 def test_hugging_face_bfloat16_safetensors(tmp_path):
@@ -122,8 +122,8 @@ def test_official_gemma_orbax_layouts(name, layout, tmp_path):
   config, p2, _ = ckpts.load_gemma_orbax(str(tmp_path / 'ckpt'), config=c)
   assert ckpts.load_gemma_orbax(str(tmp_path / 'ckpt'))[0].transpose_gating_einsum == (
       c.transpose_gating_einsum)  # read off the shapes when no config is given
-  np.testing.assert_array_equal(np.asarray(nn.Transformer(config).apply({'params': p2}, TOKENS)),
-                                np.asarray(model.apply({'params': params}, TOKENS)))
+  np.testing.assert_array_equal(np.asarray(nn.Transformer(config).apply({'params': p2}, TOKENS).logits),
+                                np.asarray(model.apply({'params': params}, TOKENS).logits))
 
 
 def test_official_preset_is_recognised_by_shapes():

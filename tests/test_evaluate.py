@@ -60,7 +60,7 @@ def test_loglikelihood_equals_a_direct_sum(token_data, data_dir):
   for (ctx, cont), value in zip(pairs, got):
     ids = [nn.BOS_ID] + sp.encode(ctx) + sp.encode(cont)
     n = len(sp.encode(cont))
-    logp = jax.nn.log_softmax(model.apply({'params': params}, jnp.asarray([ids[:-1]]))[0], axis=-1)
+    logp = jax.nn.log_softmax(model.apply({'params': params}, jnp.asarray([ids[:-1]])).logits[0], axis=-1)
     want = sum(float(logp[t, ids[t + 1]]) for t in range(len(ids) - 1 - n, len(ids) - 1))
     assert value == pytest.approx(want, abs=1e-4)
 
@@ -140,6 +140,6 @@ def test_gemma_windows_open_with_bos_and_count_each_token_once(token_data, data_
   total = 0.0
   for w in stream.reshape(2, 16):  # by hand: [BOS] + 16 tokens, 16 predictions per window
     ids = [sp.bos_id] + list(w)
-    logp = jax.nn.log_softmax(model.apply({'params': params}, jnp.asarray([ids[:-1]]))[0], axis=-1)
+    logp = jax.nn.log_softmax(model.apply({'params': params}, jnp.asarray([ids[:-1]])).logits[0], axis=-1)
     total -= sum(float(logp[t, ids[t + 1]]) for t in range(16))
   assert got == pytest.approx(total / 32, abs=1e-5)

@@ -110,17 +110,17 @@ def _tiny(**kw):
 
 def test_forward_matches_numpy_reference():
   cfg, params, tokens = _tiny()
-  got = nn.Transformer(cfg).apply({'params': params}, tokens)
+  got = nn.Transformer(cfg).apply({'params': params}, tokens).logits
   np.testing.assert_allclose(got, np_forward(params, np.asarray(tokens), cfg), rtol=2e-4, atol=2e-4)
 
 
 def test_quantization_off_is_bit_identical():
   cfg, params, tokens = _tiny()
   model = nn.Transformer(cfg)
-  ref = model.apply({'params': params}, tokens)
-  off = model.apply({'params': params}, tokens, quant=QuantSpec(bits=(None,) * cfg.num_layers))
+  ref = model.apply({'params': params}, tokens).logits
+  off = model.apply({'params': params}, tokens, spec=QuantSpec(bits=(None,) * cfg.num_layers)).logits
   np.testing.assert_array_equal(ref, off)
-  attn_only = model.apply({'params': params}, tokens, quant=QuantSpec(bits=2, targets=()))
+  attn_only = model.apply({'params': params}, tokens, spec=QuantSpec(bits=2, targets=())).logits
   np.testing.assert_array_equal(ref, attn_only)
 
 
@@ -129,7 +129,7 @@ def test_quantized_ffn_and_mixnmatch_match_manual_fake_quant(layer_bits):
   """Per-output-channel axes: gating reduces over D, linear over H; per-layer bits."""
   cfg, params, tokens = _tiny()
   spec = QuantSpec(bits=layer_bits if layer_bits[1] is None else 2)
-  got = nn.Transformer(cfg).apply({'params': params}, tokens, quant=spec)
+  got = nn.Transformer(cfg).apply({'params': params}, tokens, spec=spec).logits
   ffn = {}
   for i in range(cfg.num_layers):
     bits = spec.bits_for(i, cfg.num_layers)
@@ -138,7 +138,7 @@ def test_quantized_ffn_and_mixnmatch_match_manual_fake_quant(layer_bits):
       ffn[i] = (quant.fake_quant(mlp['gating_einsum'], bits, reduce_axes=(1,)),
                 quant.fake_quant(mlp['linear'], bits, reduce_axes=(0,)))
   np.testing.assert_allclose(got, np_forward(params, np.asarray(tokens), cfg, ffn), rtol=2e-4, atol=2e-4)
-  assert not np.allclose(got, nn.Transformer(cfg).apply({'params': params}, tokens), atol=1e-3)
+  assert not np.allclose(got, nn.Transformer(cfg).apply({'params': params}, tokens).logits, atol=1e-3)
 
 
 def test_transposed_gating_quantizes_over_embed_axis():
@@ -148,16 +148,16 @@ def test_transposed_gating_quantizes_over_embed_axis():
   for i in range(3):
     tparams[f'layer_{i}']['mlp']['gating_einsum'] = jnp.swapaxes(params[f'layer_{i}']['mlp']['gating_einsum'], 1, 2)
   for spec in (None, QuantSpec(2)):
-    a = nn.Transformer(cfg).apply({'params': params}, tokens, quant=spec)
-    b = nn.Transformer(tcfg).apply({'params': tparams}, tokens, quant=spec)
+    a = nn.Transformer(cfg).apply({'params': params}, tokens, spec=spec).logits
+    b = nn.Transformer(tcfg).apply({'params': tparams}, tokens, spec=spec).logits
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_activations_run_close_to_float():
   cfg, params, tokens = _tiny()
-  ref = nn.Transformer(cfg).apply({'params': params}, tokens)
+  ref = nn.Transformer(cfg).apply({'params': params}, tokens).logits
   bf = nn.Transformer(nn.TransformerConfig.tiny(num_layers=3, dtype='bfloat16')).apply(
-      {'params': params}, tokens)
+      {'params': params}, tokens).logits
   assert bf.dtype == jnp.float32
   np.testing.assert_allclose(bf, ref, atol=0.15)
 
@@ -169,4 +169,4 @@ def test_bad_quant_specs():
     QuantSpec(bits=4, targets=('mlp',))
   cfg, params, tokens = _tiny()
   with pytest.raises(ValueError, match='per-layer bits has 2 entries for a 3-layer model'):
-    nn.Transformer(cfg).apply({'params': params}, tokens, quant=QuantSpec(bits=(2, 4)))
+    nn.Transformer(cfg).apply({'params': params}, tokens, spec=QuantSpec(bits=(2, 4))).logits

@@ -72,16 +72,16 @@ def _random_params(c):
 
 def test_hugging_face_and_orbax_round_trips(tmp_path):
   model, params = _random_params(TINY)
-  want = np.asarray(model.apply({'params': params}, TOKENS))
+  want = np.asarray(model.apply({'params': params}, TOKENS).logits)
   ckpts.save_hf(str(tmp_path / 'hf'), params, TINY)
   loaded, v, _ = ckpts.load(str(tmp_path / 'hf'))
   assert loaded.config == TINY
-  np.testing.assert_array_equal(np.asarray(loaded.apply(v, TOKENS)), want)
+  np.testing.assert_array_equal(np.asarray(loaded.apply(v, TOKENS).logits), want)
   ckpts.save_gemma_orbax(str(tmp_path / 'ckpt'), params)
   with pytest.raises(ValueError, match='Gemma 3 checkpoint whose shapes match no preset'):
     ckpts.load_gemma_orbax(str(tmp_path / 'ckpt'))
   config, p2, _ = ckpts.load_gemma_orbax(str(tmp_path / 'ckpt'), config=TINY)
-  np.testing.assert_array_equal(np.asarray(nn.Transformer(config).apply({'params': p2}, TOKENS)), want)
+  np.testing.assert_array_equal(np.asarray(nn.Transformer(config).apply({'params': p2}, TOKENS).logits), want)
 
 
 def test_official_gemma3_preset_is_recognised_without_vision_params():
@@ -128,14 +128,14 @@ def test_gemma3_270m_matches_numpy_reference_beyond_the_window(real):
   text = evals.read_texts('tfds:shakespeare_plays:validation')[0]
   ids = np.asarray([tokenizer.bos_id] + tokenizer.encode(text[:6000]))[:600]  # window 512: exercised
   assert len(ids) == 600
-  logits = np.asarray(jax.jit(model.apply)(variables, jnp.asarray(ids)[None])[0])
+  logits = np.asarray(jax.jit(model.apply)(variables, jnp.asarray(ids)[None]).logits[0])
   rows = (0, 300, 511, 512, 599)
   ref_nll, ref_logits = reference.gguf_gemma3_forward(ckpts.gemma3_270m_path(), ids, rows)
   assert np.abs(logits[list(rows)] - ref_logits).max() < 2e-3
   ours = _nll(logits, ids)
   assert abs(ours - ref_nll) < 1e-3, (ours, ref_nll)
   assert ours < 3.2  # nats/token on held-out Shakespeare; uniform would be log(262144) = 12.5
-  no_bos = _nll(np.asarray(jax.jit(model.apply)(variables, jnp.asarray(ids[1:])[None])[0]), ids[1:])
+  no_bos = _nll(np.asarray(jax.jit(model.apply)(variables, jnp.asarray(ids[1:])[None]).logits[0]), ids[1:])
   assert no_bos > ours + 0.3, (ours, no_bos)  # Gemma needs its BOS
 
 

@@ -82,7 +82,7 @@ def tiny():
 
 
 def _output_error(model, variables, params, tokens, spec):
-  return float(jnp.mean((model.apply(variables, tokens, quant=spec) - model.apply({'params': params}, tokens)) ** 2))
+  return float(jnp.mean((model.apply(variables, tokens, spec=spec).logits - model.apply({'params': params}, tokens).logits) ** 2))
 
 
 def test_tiny_model_gptq_beats_minmax_and_resumes(tiny, tmp_path, monkeypatch):

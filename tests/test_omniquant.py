@@ -63,8 +63,8 @@ def test_transform_is_exact_identity_without_quantization(setup):
       lambda p, v: jnp.asarray(rng.uniform(0.5, 2.0, v.shape) if p[-1].key == 'smooth' else
                                rng.normal(size=v.shape) if p[-1].key == 'shift' else v, jnp.float32),
       qtree)
-  plain = model.apply({'params': params}, tokens)
-  transformed = model.apply({'params': params, 'quant': qtree}, tokens)
+  plain = model.apply({'params': params}, tokens).logits
+  transformed = model.apply({'params': params, 'quant': qtree}, tokens).logits
   np.testing.assert_allclose(np.asarray(transformed), np.asarray(plain), atol=2e-5)
 
 
@@ -123,20 +123,20 @@ def test_exported_parent_matches_fake_quant_and_round_trips(setup, calibrated, t
   live = {'params': params, 'quant': qtree}
   for spec in (QuantSpec(8), QuantSpec(3), QuantSpec(2), QuantSpec((2, 8)),
                QuantSpec(2, extra_precision=True)):
-    a = model.apply(live, tokens, quant=spec)
-    b = model.apply(parent, tokens, quant=spec)
+    a = model.apply(live, tokens, spec=spec).logits
+    b = model.apply(parent, tokens, spec=spec).logits
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, err_msg=str(spec))
   mngr = blockwise.checkpoint_manager(tmp_path / 'parent')
   mngr.save(0, args=ocp.args.StandardSave(parent))
   mngr.wait_until_finished()
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, parent)
   restored = mngr.restore(0, args=ocp.args.StandardRestore(abstract))
-  np.testing.assert_array_equal(np.asarray(model.apply(restored, tokens, quant=QuantSpec(2))),
-                                np.asarray(model.apply(parent, tokens, quant=QuantSpec(2))))
+  np.testing.assert_array_equal(np.asarray(model.apply(restored, tokens, spec=QuantSpec(2)).logits),
+                                np.asarray(model.apply(parent, tokens, spec=QuantSpec(2)).logits))
   int4 = jax.tree.map(lambda x: x, parent)  # a stored int4 weight cannot give 8 bits
   int4['params']['layer_0']['mlp']['linear'] = dataclasses.replace(qa, parent_bits=4)
   with pytest.raises(ValueError, match='bits=8, but the stored weight has 4 bits'):
-    model.apply(int4, tokens, quant=QuantSpec(8))
+    model.apply(int4, tokens, spec=QuantSpec(8)).logits
 
 
 class _StopAfterFirstBlock:
@@ -208,8 +208,8 @@ def test_balanced_aug_loss_calibration_lowers_int2_error(setup):
   qtree = omniquant.calibrate(CFG, params, tokens, losses.parse_objective('8,4,2', (0.1, 0.1, 1.0)),
                               QuantSpec(8), opts)
   model = nn.Transformer(CFG)
-  plain = model.apply({'params': params}, tokens)
+  plain = model.apply({'params': params}, tokens).logits
   def err(variables):
-    return float(jnp.mean((model.apply(variables, tokens, quant=QuantSpec(2)) - plain) ** 2))
+    return float(jnp.mean((model.apply(variables, tokens, spec=QuantSpec(2)).logits - plain) ** 2))
   assert err({'params': params, 'quant': qtree}) < err(
       {'params': params, 'quant': omniquant.init_transforms(CFG, params, QuantSpec(8))})

@@ -69,8 +69,8 @@ def test_round_trip_is_bit_exact_with_tokenizer(stored, tmp_path, token_data):
   manifest = json.load(open(tmp_path / 'a' / 'manifest.json'))
   assert manifest['family'] == 'gemma2' and manifest['parent_bits'] == 8 and manifest['run'] == {'name': 'test'}
   assert 'layer_1/mlp/linear' in manifest['quantized'] and 'layer_0/attn/q_einsum/w' in manifest['quantized']
-  np.testing.assert_array_equal(np.asarray(m2.apply(v2, TOKENS, quant=QuantSpec(2, targets=('ffn', 'attn')))),
-                                np.asarray(model.apply(variables, TOKENS, quant=QuantSpec(2, targets=('ffn', 'attn')))))
+  np.testing.assert_array_equal(np.asarray(m2.apply(v2, TOKENS, spec=QuantSpec(2, targets=('ffn', 'attn'))).logits),
+                                np.asarray(model.apply(variables, TOKENS, spec=QuantSpec(2, targets=('ffn', 'attn'))).logits))
   # One entry point for every model source.
   m3, v3, _ = ckpts.load(str(tmp_path / 'a'))
   assert _equal(v3, variables)
@@ -90,8 +90,8 @@ def test_packed_export_sizes_and_logits(stored, tmp_path, bits):
   parents.export(str(tmp_path / 'e'), variables, CFG, None, bits)
   _, v, _ = parents.load(str(tmp_path / 'e'))
   targets = ('ffn', 'attn')
-  want = model.apply(variables, TOKENS, quant=QuantSpec(bits, targets=targets))
-  got = model.apply(v, TOKENS)
+  want = model.apply(variables, TOKENS, spec=QuantSpec(bits, targets=targets)).logits
+  got = model.apply(v, TOKENS).logits
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
   layer_bits = bits if isinstance(bits, tuple) else (bits,) * CFG.num_layers
   tensors = safetensors.numpy.load_file(str(tmp_path / 'e' / 'weights.safetensors'))

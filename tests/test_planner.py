@@ -45,8 +45,8 @@ def tiny():
 def test_sliced_variables_run_the_plan(tiny):
   model, _, stored, tokens = tiny
   plan = (2, 8, 4, 3)
-  want = model.apply(stored, tokens, quant=QuantSpec(plan, targets=('ffn', 'attn')))
-  np.testing.assert_array_equal(np.asarray(model.apply(planner.sliced_variables(stored, plan), tokens)),
+  want = model.apply(stored, tokens, spec=QuantSpec(plan, targets=('ffn', 'attn'))).logits
+  np.testing.assert_array_equal(np.asarray(model.apply(planner.sliced_variables(stored, plan), tokens).logits),
                                 np.asarray(want))
 
 
@@ -54,7 +54,7 @@ def test_planner_respects_budget_and_beats_a_random_plan(tiny, tmp_path):
   model, params, stored, tokens = tiny
   counts = planner.layer_params(stored)
   kl_fn = planner._kl_fn(model)
-  ref = jax.nn.log_softmax(model.apply({'params': params}, tokens), axis=-1)
+  ref = jax.nn.log_softmax(model.apply({'params': params}, tokens).logits, axis=-1)
   kl = lambda p: float(kl_fn(planner.sliced_variables(stored, p), tokens, ref))
   rng = np.random.default_rng(1)
   for budget in (2.5, 3.0, 4.5):

@@ -39,7 +39,7 @@ def tiny():
 
 def _greedy_reference(model, variables, prompt_ids, n, spec=None, eos=EOS):
   """Greedy tokens by full forward passes without a cache (stops at EOS)."""
-  forward = jax.jit(lambda v, t: model.apply(v, t, quant=spec))
+  forward = jax.jit(lambda v, t: model.apply(v, t, spec=spec).logits)
   seq, out = list(prompt_ids), []
   width = len(seq) + n  # one shape: causal attention ignores the zeros after the sequence
   for _ in range(n):
@@ -60,14 +60,16 @@ def test_cached_logits_match_full_forward_past_the_window(tiny):
   mask = np.arange(pad + prompt)[None] >= pad
   positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
   cache = nn.init_cache(CFG, 1, 24)
-  logits, cache = model.apply({'params': params}, jnp.asarray(tokens), jnp.asarray(positions), cache=cache,
+  output = model.apply({'params': params}, jnp.asarray(tokens), jnp.asarray(positions), cache=cache,
                               input_mask=jnp.asarray(mask))
+  logits, cache = output.logits, output.cache
   got = [logits[0, -1]]
   for i in range(prompt, len(seq) - 1):
-    step, cache = model.apply({'params': params}, jnp.asarray([[seq[i]]]), jnp.asarray([[i]]), cache=cache,
+    output = model.apply({'params': params}, jnp.asarray([[seq[i]]]), jnp.asarray([[i]]), cache=cache,
                               input_mask=jnp.ones((1, 1), bool))
+    step, cache = output.logits, output.cache
     got.append(step[0, -1])
-  full = model.apply({'params': params}, jnp.asarray(seq[None, :-1]))[0, prompt - 1:]
+  full = model.apply({'params': params}, jnp.asarray(seq[None, :-1])).logits[0, prompt - 1:]
   np.testing.assert_allclose(np.stack(got), np.asarray(full), atol=1e-5)
 
 

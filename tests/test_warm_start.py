@@ -40,8 +40,8 @@ def test_float_weights_reproduce_the_parent(cfg):
   assert warm_start.code_agreement(cfg, parent, warm) == 1.0
   assert set(warm['quant']['layer_0']['mlp']['linear']) == {'shift', 'bias'}
   for bits, ep in ((8, False), (4, False), (2, False), (2, True)):
-    a = model.apply(parent, tokens, quant=QuantSpec(bits, extra_precision=ep))
-    b = model.apply(warm, tokens, quant=QuantSpec(bits, group_size=GROUP, extra_precision=ep))
+    a = model.apply(parent, tokens, spec=QuantSpec(bits, extra_precision=ep)).logits
+    b = model.apply(warm, tokens, spec=QuantSpec(bits, group_size=GROUP, extra_precision=ep)).logits
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-4, rtol=1e-4, err_msg=f'int{bits} ep={ep}')
 
 

@@ -4,7 +4,7 @@ The model's weights stay frozen. Learned, per quantized weight: the clipping
 factors gamma, beta = sigmoid(logit) per output channel (LWC), and the input
 transform XW -> ((X - delta) / s) Q(W s) + delta W (shift delta, scale s over
 the contraction axes). They live in a 'quant' variable collection that mirrors
-the params tree, so `model.apply({'params': p, 'quant': t}, ...)` runs the
+the params tree, so `model.apply({'params': p, 'quant': t}, ...).logits` runs the
 transformed model through the ordinary quantized-einsum path.
 
 Calibration goes one block at a time: the target is the float block's output

@@ -138,7 +138,7 @@ def make_train_step(model: nn.Transformer, objective: losses.Objective, spec: Qu
     def loss_fn(trainable):
       variables = {**frozen, 'params': merge_params(trainable, frozen['params'])}
       def logits_fn(bits):
-        return model.apply(variables, inputs, quant=width_spec(spec, bits))
+        return model.apply(variables, inputs, spec=width_spec(spec, bits)).logits
       return losses.matquant_loss(logits_fn, targets, mask, objective)
 
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state['params'])

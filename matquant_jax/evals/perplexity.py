@@ -27,7 +27,7 @@ def token_logprobs(model: nn.Transformer, variables, inputs: jax.Array, targets:
   rows = max(1, LOGITS_BYTES // (t * model.config.num_embed * 4))
 
   def logprobs(x, y):
-    logits = model.apply(as_variables(variables), x, quant=spec)
+    logits = model.apply(as_variables(variables), x, spec=spec).logits
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
 

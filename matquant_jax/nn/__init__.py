@@ -10,7 +10,7 @@ from matquant_jax.nn.config import (
 from matquant_jax.nn.weights import (
     WeightInfo, quantizable_weights, logical_axes, ffn_reduce_axes, targeted_weights)
 from matquant_jax.nn.transformer import (
-    K_MASK, fan_in_init, apply_rope, RMSNorm, Embedder, quantized_einsum, Einsum, Attention,
+    K_MASK, fan_in_init, apply_rope, RMSNorm, Embedder, quantized_einsum, Einsum, Attention, Output,
     FeedForward, Block, token_mask, attention_inputs, embed, blocks, param_shapes, Transformer)
 from matquant_jax.nn.cache import (
     init_cache, cache_inputs)

@@ -8,6 +8,7 @@ projections) go through `qeinsum.einsum`, so the precision is chosen per call.
 from __future__ import annotations
 
 from flax import traverse_util
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -242,18 +243,27 @@ def param_shapes(config: TransformerConfig) -> dict[str, jax.ShapeDtypeStruct]:
   return traverse_util.flatten_dict(tree['params'], sep='/')
 
 
-class Transformer(nn.Module):
-  """Gemma decoder (and Llama/Mistral by config). `apply({'params': p}, tokens, quant=QuantSpec(...))` gives logits.
+@flax.struct.dataclass
+class Output:
+  """What the model returns: logits [B, T, vocab] (float32), and the updated KV cache when it was
+  called with one (None otherwise)."""
+  logits: jax.Array
+  cache: dict | None = None
 
-  Decoding: `apply(variables, tokens, positions, quant=..., cache=cache, input_mask=m)`
-  with a cache from `init_cache` gives (logits, new cache); `input_mask` [B, T] marks
+
+class Transformer(nn.Module):
+  """Gemma decoder (and Llama/Mistral by config): `apply({'params': p}, tokens, spec=QuantSpec(...))`
+  gives an `Output` (`.logits`).
+
+  Decoding: `apply(variables, tokens, positions, spec=..., cache=cache, input_mask=m)`
+  with a cache from `init_cache` gives the logits and the new cache; `input_mask` [B, T] marks
   real tokens (default: not the padding id).
   """
   config: TransformerConfig
 
   @nn.compact
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-               quant: QuantSpec | None = None, cache: dict | None = None,
+               spec: QuantSpec | None = None, cache: dict | None = None,
                input_mask: jax.Array | None = None):
     c = self.config
     dtype = jnp.dtype(c.dtype)
@@ -268,16 +278,16 @@ class Transformer(nn.Module):
     embedder = _embedder(c, name='embedder')
     x = embedder.encode(tokens, dtype)
     for i, attn_type in enumerate(c.attention_types):
-      bits = quant.bits_for(i, c.num_layers) if quant is not None else None
+      bits = spec.bits_for(i, c.num_layers) if spec is not None else None
       layer_cache = None
       if cache is not None:
         layer_cache = {**cache[f'layer_{i}'], 'end_index': cache['end_index'],
                        'positions': new_cache['positions']}
-      x, layer_cache = Block(c, attn_type, name=f'layer_{i}')(x, positions, mask, bits, quant, layer_cache)
+      x, layer_cache = Block(c, attn_type, name=f'layer_{i}')(x, positions, mask, bits, spec, layer_cache)
       if cache is not None:
         new_cache[f'layer_{i}'] = layer_cache
     x = _norm(c, 'final_norm')(x)
     logits = embedder.decode(x).astype(jnp.float32)
     if c.final_logit_softcap is not None:
       logits = jnp.tanh(logits / c.final_logit_softcap) * c.final_logit_softcap
-    return logits if cache is None else (logits, new_cache)
+    return Output(logits, None if cache is None else new_cache)

@@ -33,7 +33,7 @@ def make_parent(config: nn.TransformerConfig, params: Tree, spec: QuantSpec,
   otherwise); the 'quant' collection
   keeps what cannot be folded into W: shift delta, scale s (for the input)
   and the bias delta W. Evaluation, slicing and Mix'n'Match use the result
-  through `model.apply(variables, tokens, spec=...)`.
+  through `model.apply(variables, tokens, spec=...).logits`.
   """
   flat_p = traverse_util.flatten_dict(params, sep='/')
   by_name = by_weight(transforms or {})

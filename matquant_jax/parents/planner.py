@@ -85,7 +85,7 @@ def sliced_variables(variables, layer_bits: Sequence[int], memo: dict | None = N
 def _kl_fn(model: nn.Transformer):
   @jax.jit
   def kl(variables, tokens, ref_logp):
-    logp = jax.nn.log_softmax(model.apply(variables, tokens), axis=-1)
+    logp = jax.nn.log_softmax(model.apply(variables, tokens).logits, axis=-1)
     return jnp.mean(jnp.sum(jnp.exp(ref_logp) * (ref_logp - logp), axis=-1))
   return kl
 
@@ -155,9 +155,9 @@ def search_budgets(model: nn.Transformer, variables, tokens: np.ndarray, budgets
   if reference == 'float':
     if float_params is None:
       raise ValueError("reference='float' needs float_params")
-    ref_logits = model.apply({'params': float_params}, tokens)
+    ref_logits = model.apply({'params': float_params}, tokens).logits
   elif reference == 'widest':
-    ref_logits = model.apply(sliced_variables(variables, (max(widths),) * layers), tokens)
+    ref_logits = model.apply(sliced_variables(variables, (max(widths),) * layers), tokens).logits
   else:
     raise ValueError(f"reference must be 'float' or 'widest', got {reference!r}")
   ref_logp = jax.nn.log_softmax(ref_logits, axis=-1)

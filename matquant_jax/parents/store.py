@@ -258,7 +258,7 @@ def load(directory: str):
   """(model, variables, tokenizer) of a stored parent or packed export.
 
   The stored weights stay quantized in `variables` (`QuantizedArray` leaves on
-  the default device); the model slices them per call (`quant=QuantSpec(...)`).
+  the default device); the model slices them per call (`spec=QuantSpec(...)`).
   """
   directory = os.path.abspath(directory)
   manifest = read_manifest(directory)

@@ -77,7 +77,8 @@ def _generate(model: nn.Transformer, variables, tokens, input_mask, max_new_toke
   b, p = tokens.shape
   positions = jnp.maximum(jnp.cumsum(input_mask, axis=1) - 1, 0).astype(jnp.int32)
   cache = nn.init_cache(model.config, b, cache_size)
-  logits, cache = model.apply(variables, tokens, positions, quant=spec, cache=cache, input_mask=input_mask)
+  output = model.apply(variables, tokens, positions, spec=spec, cache=cache, input_mask=input_mask)
+  logits, cache = output.logits, output.cache
   out = jnp.full((b, cache_size - p), eos_id, jnp.int32)
   state = (jnp.zeros((), jnp.int32), logits[:, -1], cache, positions[:, -1] + 1,
            out, jnp.zeros((b,), bool), rng)
@@ -92,8 +93,9 @@ def _generate(model: nn.Transformer, variables, tokens, input_mask, max_new_toke
     token = jnp.where(done, eos_id, sample_logits(last, key, sampling))
     out = jax.lax.dynamic_update_slice(out, token[:, None], (0, step))
     done = done | (token == eos_id)
-    logits, cache = model.apply(variables, token[:, None], pos[:, None], quant=spec, cache=cache,
+    output = model.apply(variables, token[:, None], pos[:, None], spec=spec, cache=cache,
                                 input_mask=jnp.ones((b, 1), bool))
+    logits, cache = output.logits, output.cache
     return step + 1, logits[:, -1], cache, pos + 1, out, done, rng
 
   step, *_, out, _, _ = jax.lax.while_loop(cond, body, state)
