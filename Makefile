@@ -8,7 +8,7 @@ CONFIG ?= experiments/configs/default.py
 # pytest-xdist workers for `make test` (most of the suite's time is single-threaded XLA compiles)
 TEST_WORKERS ?= 2
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-unit bench clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
+
+# The unit tier only: the suite less the integration tests marked slow (real models end to end,
+# notebooks, the main job as a process). `make test` runs both tiers.
+test-unit: setup
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m 'not slow' --durations=15 tests
 
 bench: setup
 	$(PY) experiments/bench_train_step.py

@@ -11,7 +11,9 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
+pytestmark = pytest.mark.slow  # real processes of the main job
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CMD = [sys.executable, 'experiments/main.py', '--config=tests/configs/resume.py']
 
@@ -30,9 +32,6 @@ def _final_params(workdir):
 def _saved_steps(workdir):
   d = os.path.join(workdir, 'checkpoints', 'float')
   return [int(n) for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
-
-
-import pytest  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 
 @pytest.fixture(scope='module')

@@ -24,6 +24,7 @@ def _run(workdir):
        f'--workdir={workdir}'], cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_quick_main_job_end_to_end_and_resume(tmp_path):
   proc = _run(tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
