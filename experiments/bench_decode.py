@@ -21,8 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from matquant_jax import ckpts, parents
-from matquant_jax.core import plans
-from matquant_jax.core.qeinsum import QuantSpec
+from matquant_jax.core import QuantSpec, plans
 from matquant_jax.data import shakespeare
 from matquant_jax.lab import logs, timing
 from matquant_jax.text import sampler

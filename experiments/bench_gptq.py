@@ -20,8 +20,7 @@ import numpy as np
 
 from matquant_jax import nn
 from matquant_jax.algos import gptq
-from matquant_jax.core import losses
-from matquant_jax.core.qeinsum import QuantSpec
+from matquant_jax.core import QuantSpec, losses
 from matquant_jax.lab import study, timing
 from matquant_jax.parents import planner
 

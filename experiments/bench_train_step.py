@@ -17,8 +17,7 @@ import numpy as np
 
 from matquant_jax import ckpts, nn
 from matquant_jax.algos import qat
-from matquant_jax.core import losses
-from matquant_jax.core.quant import fake_quant
+from matquant_jax.core import fake_quant, losses
 from matquant_jax.lab import configs, study, timing
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/default.py', 'Experiment config.')

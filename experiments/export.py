@@ -18,8 +18,7 @@ import os
 from absl import app, flags
 
 from matquant_jax import ckpts, nn, parents
-from matquant_jax.core import plans
-from matquant_jax.core.qeinsum import QuantSpec
+from matquant_jax.core import QuantSpec, plans
 from matquant_jax.lab import logs
 
 _MODEL = flags.DEFINE_string('model', 'smollm2-135m', 'Stored parent, checkpoint, .gguf or model name.')

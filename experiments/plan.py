@@ -17,8 +17,7 @@ import time
 from absl import app, flags, logging
 
 from matquant_jax import ckpts, evals, nn, parents
-from matquant_jax.core import plans
-from matquant_jax.core.qeinsum import QuantSpec
+from matquant_jax.core import QuantSpec, plans
 from matquant_jax.data import pipeline
 from matquant_jax.lab import logs, report
 from matquant_jax.parents import planner

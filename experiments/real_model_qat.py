@@ -26,8 +26,7 @@ from absl import app, flags, logging
 
 from matquant_jax import ckpts, evals, nn, parents
 from matquant_jax.algos import qat, warm_start
-from matquant_jax.core import losses
-from matquant_jax.core.qeinsum import QuantSpec
+from matquant_jax.core import QuantSpec, losses
 from matquant_jax.data import pipeline
 from matquant_jax.lab import logs, report
 

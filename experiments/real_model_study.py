@@ -32,8 +32,7 @@ import numpy as np
 
 from matquant_jax import ckpts, evals, nn, parents
 from matquant_jax.algos import gptq, omniquant
-from matquant_jax.core import losses, plans
-from matquant_jax.core.qeinsum import QuantSpec
+from matquant_jax.core import QuantSpec, losses, plans
 from matquant_jax.data import pipeline
 from matquant_jax.lab import configs, logs, report, study
 from matquant_jax.testing import reference

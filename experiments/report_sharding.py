@@ -22,8 +22,7 @@ import numpy as np
 
 from matquant_jax import nn
 from matquant_jax.algos import omniquant, qat
-from matquant_jax.core import losses
-from matquant_jax.core.qeinsum import QuantSpec
+from matquant_jax.core import QuantSpec, losses
 from matquant_jax.lab import configs, study, timing
 from matquant_jax.nn import sharding
 

@@ -16,8 +16,7 @@ import time
 from absl import app, flags
 
 from matquant_jax import ckpts, nn, parents
-from matquant_jax.core import plans
-from matquant_jax.core.qeinsum import QuantSpec
+from matquant_jax.core import QuantSpec, plans
 from matquant_jax.lab import logs
 from matquant_jax.text import sampler
 

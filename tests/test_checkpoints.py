@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from matquant_jax import ckpts, nn
+from matquant_jax import ckpts, nn, testing
 from matquant_jax.data import shakespeare
 from matquant_jax.nn import llama
 from matquant_jax.testing import reference
@@ -79,7 +79,7 @@ CONFIGS = {
 
 def _random_params(c):
   m = nn.Transformer(c)
-  p = m.init(jax.random.PRNGKey(1), TOKENS)['params']
+  p = testing.init_params(m, 1)
   noise = lambda a, k: a + 0.02 * jax.random.normal(k, a.shape)
   leaves, tree = jax.tree.flatten(p)
   keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))

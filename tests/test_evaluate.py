@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from matquant_jax import ckpts, evals, nn
+from matquant_jax import ckpts, evals, nn, testing
 from matquant_jax.evals import tasks
 from matquant_jax.nn import llama
 from matquant_jax.text import tokenization
@@ -50,7 +50,7 @@ def test_accuracy_and_length_normalisation(monkeypatch):
 def test_loglikelihood_equals_a_direct_sum(token_data, data_dir):
   cfg = nn.TransformerConfig.tiny(num_embed=512)
   model = nn.Transformer(cfg)
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))['params']
+  params = testing.init_params(model)
   del token_data  # builds the tokenizer file
   sp = tokenization.from_sentencepiece(
       os.path.join(os.path.expanduser(data_dir), 'tokens', 'shakespeare_plays_spm512.model'))
@@ -104,7 +104,7 @@ def test_evaluate_model_command_prints_the_paper_table(tmp_path):
   import sys
   cfg = llama.llama_config(num_layers=2, num_embed=256, embed_dim=32, hidden_dim=64, num_heads=4,
                            num_kv_heads=2)
-  params = nn.Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))['params']
+  params = testing.init_params(nn.Transformer(cfg))
   ckpts.save_hf(str(tmp_path / 'hf'), params, cfg)
   import tokenizers
   from tokenizers import models, pre_tokenizers
@@ -133,7 +133,7 @@ def test_gemma_windows_open_with_bos_and_count_each_token_once(token_data, data_
       os.path.join(os.path.expanduser(data_dir), 'tokens', 'shakespeare_plays_spm512.model'))
   cfg = nn.TransformerConfig.tiny(num_embed=512, bos_per_sequence=True)
   model = nn.Transformer(cfg)
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))['params']
+  params = testing.init_params(model)
   texts = ['To be, or not to be, that is the question. ' * 6]
   got = evals.log_perplexity(model, params, sp, texts, seq_len=16, batch_size=2, max_batches=1)
   stream = evals.token_stream(sp, texts)[:32]

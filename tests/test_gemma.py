@@ -5,9 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from matquant_jax import nn
-from matquant_jax.core import quant
-from matquant_jax.core.qeinsum import QuantSpec
+from matquant_jax import nn, testing
+from matquant_jax.core import QuantSpec, quant
 
 # spec section 10 (2B, 9B); 27B from the official config (D 4608, H 36864, 32/16 heads, head dim 128)
 SHAPES = {
@@ -100,7 +99,7 @@ def np_forward(p, tokens, c: nn.TransformerConfig, ffn_weights=None):
 def _tiny(**kw):
   cfg = nn.TransformerConfig.tiny(num_layers=3, **kw)
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 11), 1, cfg.num_embed)
-  params = nn.Transformer(cfg).init(jax.random.PRNGKey(0), tokens)['params']
+  params = testing.init_params(nn.Transformer(cfg))
   # non-zero norm scales so (1 + scale) is exercised
   params = jax.tree_util.tree_map_with_path(
       lambda path, x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(len(str(path))), x.shape)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from matquant_jax import ckpts, evals, nn
+from matquant_jax import ckpts, evals, nn, testing
 from matquant_jax.nn import gemma3
 from matquant_jax.testing import reference
 
@@ -64,7 +64,7 @@ TOKENS = jnp.asarray(np.random.default_rng(0).integers(4, 256, (2, 9)))
 
 def _random_params(c):
   model = nn.Transformer(c)
-  p = model.init(jax.random.PRNGKey(1), TOKENS)['params']
+  p = testing.init_params(model, 1)
   leaves, tree = jax.tree.flatten(p)
   keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
   return model, jax.tree.unflatten(tree, [a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])

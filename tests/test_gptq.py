@@ -7,10 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from matquant_jax import nn, parents
+from matquant_jax import nn, parents, testing
 from matquant_jax.algos import gptq
-from matquant_jax.core import losses, quant
-from matquant_jax.core.qeinsum import QuantSpec
+from matquant_jax.core import QuantSpec, losses, quant
 
 LINEAR = nn.WeightInfo('BTH,HD->BTD', (0,), 'ffn', ('mlp', 'embed'))
 
@@ -77,7 +76,7 @@ CFG = nn.TransformerConfig.tiny(num_embed=64)
 def tiny():
   model = nn.Transformer(CFG)
   tokens = np.random.default_rng(0).integers(4, 64, (16, 12)).astype(np.int32)
-  params = model.init(jax.random.PRNGKey(0), jnp.asarray(tokens))['params']
+  params = testing.init_params(model)
   return model, params, tokens
 
 

@@ -8,10 +8,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from matquant_jax import nn, parents
+from matquant_jax import nn, parents, testing
 from matquant_jax.algos import blockwise, omniquant
-from matquant_jax.core import losses, qeinsum, quant
-from matquant_jax.core.qeinsum import QuantSpec
+from matquant_jax.core import QuantSpec, losses, qeinsum, quant
 from matquant_jax.lab import configs
 
 CFG = nn.TransformerConfig.tiny()
@@ -26,7 +25,7 @@ def _logit(p):
 def setup():
   tokens = np.random.default_rng(0).integers(4, CFG.num_embed, (16, 16)).astype(np.int32)
   model = nn.Transformer(CFG)
-  params = model.init(jax.random.PRNGKey(0), jnp.asarray(tokens))['params']
+  params = testing.init_params(model)
   return model, params, tokens
 
 

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from matquant_jax import ckpts, nn, parents
+from matquant_jax import ckpts, nn, parents, testing
 from matquant_jax.algos import omniquant
-from matquant_jax.core import plans
-from matquant_jax.core.qeinsum import QuantSpec
+from matquant_jax.core import QuantSpec, plans
 from matquant_jax.text import tokenization
 
 CFG = nn.TransformerConfig.tiny(num_embed=64)
@@ -33,7 +32,7 @@ def _hf_tokenizer():
 def stored():
   """An OmniQuant-transformed parent (codes, scales, shift/smooth/bias) and its float params."""
   model = nn.Transformer(CFG)
-  params = model.init(jax.random.PRNGKey(0), TOKENS)['params']
+  params = testing.init_params(model)
   spec = QuantSpec(8, targets=('ffn', 'attn'))
   qtree = omniquant.init_transforms(CFG, params, spec, lwc=True, let=True)
   rng = np.random.default_rng(1)

@@ -4,13 +4,11 @@ import itertools
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from matquant_jax import nn, parents
-from matquant_jax.core import plans
-from matquant_jax.core.qeinsum import QuantSpec
+from matquant_jax import nn, parents, testing
+from matquant_jax.core import QuantSpec, plans
 from matquant_jax.parents import planner
 
 
@@ -36,7 +34,7 @@ CFG = nn.TransformerConfig.tiny(num_embed=64, num_layers=4, tie_embeddings=False
 def tiny():
   model = nn.Transformer(CFG)
   tokens = np.random.default_rng(0).integers(4, 64, (8, 16)).astype(np.int32)
-  params = model.init(jax.random.PRNGKey(0), jnp.asarray(tokens))['params']
+  params = testing.init_params(model)
   params = jax.tree.map(lambda w: 3 * w, params)
   stored = parents.make_parent(CFG, params, QuantSpec(8, targets=('ffn', 'attn')))
   return model, params, stored, tokens

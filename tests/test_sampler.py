@@ -7,9 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from matquant_jax import nn, parents
-from matquant_jax.core import plans
-from matquant_jax.core.qeinsum import QuantSpec
+from matquant_jax import nn, parents, testing
+from matquant_jax.core import QuantSpec, plans
 from matquant_jax.nn import llama, sharding
 from matquant_jax.text import sampler
 
@@ -33,7 +32,7 @@ class CharTokenizer:
 @pytest.fixture(scope='module')
 def tiny():
   model = nn.Transformer(CFG)
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))['params']
+  params = testing.init_params(model)
   return model, params
 
 
@@ -88,7 +87,7 @@ def test_greedy_sampling_equals_argmax_of_full_forward(tiny, family):
   model, params = tiny
   if family is not None:
     model = nn.Transformer(OTHER_FAMILIES[family])
-    params = model.init(jax.random.PRNGKey(2), jnp.zeros((1, 4), jnp.int32))['params']
+    params = testing.init_params(model, 2)
     params = jax.tree.map(lambda w: 4 * w, params)  # sharper logits: varied greedy continuations
   s = sampler.Sampler(model, params, CharTokenizer(), cache_size=48)
   for bits in (None, 4):
@@ -113,11 +112,13 @@ def test_resident_parent_equals_fake_quant_and_switches_per_call(tiny):
            (2, sampler.GREEDY)]
   switched = [resident.sample(prompts, 10, bits=b, sampling=m, rng=7) for b, m in calls]
   for (b, m), got in zip(calls, switched):
-    fresh = sampler.Sampler(model, stored, CharTokenizer(), cache_size=48).sample(
-        prompts, 10, bits=b, sampling=m, rng=7)
-    assert [o.tokens for o in got] == [o.tokens for o in fresh], b
     fake = live.sample(prompts, 10, bits=spec(b), sampling=m, rng=7)
     assert [o.tokens for o in got] == [o.tokens for o in fake], b
+  # switching leaves nothing behind: int2 after three other precisions, and a fresh sampler's
+  # first call at the mixture, give what the same call gave before
+  assert [o.tokens for o in switched[4]] == [o.tokens for o in switched[1]]
+  fresh = sampler.Sampler(model, stored, CharTokenizer(), cache_size=48).sample(prompts, 10, bits=(2, 8), rng=7)
+  assert [o.tokens for o in fresh] == [o.tokens for o in switched[2]]
   assert [o.tokens for o in switched[0]] != [o.tokens for o in switched[1]]  # int8 and int2 differ
   assert resident._generate._cache_size() == 4  # one compilation per distinct precision
 

@@ -6,10 +6,9 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
-from matquant_jax import nn
+from matquant_jax import nn, testing
 from matquant_jax.algos import omniquant, qat
-from matquant_jax.core import losses
-from matquant_jax.core.qeinsum import QuantSpec
+from matquant_jax.core import QuantSpec, losses
 from matquant_jax.data import pipeline
 from matquant_jax.nn import sharding
 
@@ -31,7 +30,7 @@ def problem():
   rng = np.random.default_rng(0)
   batches = [rng.integers(4, CFG.num_embed, (8, 17)).astype(np.int32) for _ in range(4)]
   model = nn.Transformer(CFG)
-  params = model.init(jax.random.PRNGKey(0), jnp.asarray(batches[0][:, :-1]))['params']
+  params = testing.init_params(model)
   return model, params, batches
 
 

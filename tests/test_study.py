@@ -9,8 +9,8 @@ import sys
 import ml_collections
 import pytest
 
-from matquant_jax import evals, nn, parents
-from matquant_jax.core.qeinsum import QuantSpec
+from matquant_jax import evals, nn, parents, testing
+from matquant_jax.core import QuantSpec
 from matquant_jax.data import pipeline
 from matquant_jax.lab import configs, report, study
 from matquant_jax.text import sampler
@@ -98,11 +98,9 @@ def test_workdir_config_mismatch_is_named(tmp_path):
 
 
 def test_bits_per_weight_counts_the_extra_bucket():
-  import jax
-  import jax.numpy as jnp
   import numpy as np
   cfg = nn.TransformerConfig.tiny()
-  p = nn.Transformer(cfg).init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))['params']
+  p = testing.init_params(nn.Transformer(cfg))
   # numpy reference: codes of an 8-bit min-max parent per output channel; int2 extra bucket is q >= 224
   extra, total = 0, 0
   for i in range(cfg.num_layers):

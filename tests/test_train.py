@@ -5,11 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from matquant_jax import evals, nn
+from matquant_jax import evals, nn, testing
 from matquant_jax.algos import qat
 from matquant_jax.evals import perplexity
-from matquant_jax.core import losses
-from matquant_jax.core.qeinsum import QuantSpec
+from matquant_jax.core import QuantSpec, losses
 
 CFG = nn.TransformerConfig.tiny(num_embed=64)
 
@@ -17,7 +16,7 @@ CFG = nn.TransformerConfig.tiny(num_embed=64)
 def _setup():
   model = nn.Transformer(CFG)
   batch = np.asarray(jax.random.randint(jax.random.PRNGKey(3), (4, 17), 1, 64))
-  params = model.init(jax.random.PRNGKey(0), jnp.asarray(batch[:, :-1]))['params']
+  params = testing.init_params(model)
   return model, params, batch
 
 

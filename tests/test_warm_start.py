@@ -6,10 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from matquant_jax import nn, parents
+from matquant_jax import nn, parents, testing
 from matquant_jax.algos import omniquant, qat, warm_start
-from matquant_jax.core import losses
-from matquant_jax.core.qeinsum import QuantSpec
+from matquant_jax.core import QuantSpec, losses
 
 GROUP = 16
 
@@ -18,7 +17,7 @@ def _parent(cfg, seed=0):
   """A tiny model's parent with random OmniQuant transforms (clipping, shift, scale) on the FFN."""
   tokens = np.random.default_rng(seed).integers(4, cfg.num_embed, (2, 12)).astype(np.int32)
   model = nn.Transformer(cfg)
-  params = model.init(jax.random.PRNGKey(seed), jnp.asarray(tokens))['params']
+  params = testing.init_params(model, seed)
   spec = QuantSpec(8, group_size=GROUP)
   flat = traverse_util.flatten_dict(omniquant.init_transforms(cfg, params, spec))
   rng = np.random.default_rng(seed + 1)

@@ -4,7 +4,7 @@ text sources.
 
 # pylint: disable=g-importing-member
 from matquant_jax.evals.sources import (
-    read_texts, token_stream)
+    as_str, tfds_examples, read_texts, token_stream)
 from matquant_jax.evals.perplexity import (
     LOGITS_BYTES, token_logprobs, make_eval_fn, log_perplexity)
 from matquant_jax.evals.tasks import (

@@ -10,11 +10,13 @@ import numpy as np
 from matquant_jax.data import pipeline
 
 
-def _s(x) -> str:
+def as_str(x) -> str:
+  """A TFDS text feature (bytes) or any value as str."""
   return x.decode('utf-8') if isinstance(x, bytes) else str(x)
 
 
-def _tfds_examples(name: str, split: str, data_dir: str | None, limit: int | None):
+def tfds_examples(name: str, split: str, data_dir: str | None, limit: int | None):
+  """Examples of a prepared TFDS dataset, or an error that says how to prepare it."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
@@ -34,7 +36,7 @@ def read_texts(source: str, data_dir: str | None = None, limit: int | None = Non
     _, name, split = source.split(':', 2)
     if name in pipeline.LOCAL_BUILDERS:  # built here from installed data
       return pipeline.load_split_texts(name, data_dir or pipeline.default_data_dir(), split)[:limit]
-    return [_s(ex[feature]) for ex in _tfds_examples(name, split, data_dir, limit)]
+    return [as_str(ex[feature]) for ex in tfds_examples(name, split, data_dir, limit)]
   if not os.path.exists(source):
     raise FileNotFoundError(f'text source {source!r} is neither tfds:NAME:SPLIT nor an existing file')
   with open(source, encoding='utf-8') as f:

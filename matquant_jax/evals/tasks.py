@@ -1,9 +1,7 @@
-"""The paper's evaluation: log perplexity and zero-shot multiple-choice accuracy (spec section 7).
+"""The paper's zero-shot multiple-choice tasks (spec section 7) and its table row.
 
-Text for perplexity comes from a TFDS dataset ('tfds:c4/en:validation', any
-name:split with a 'text' feature) or a local text file. The six downstream
-tasks read their TFDS datasets (ARC-Easy/Challenge, BoolQ, HellaSwag, PIQA,
-Winogrande) with the usual zero-shot prompts (lm-evaluation-harness style) and
+The six downstream tasks read their TFDS datasets (ARC-Easy/Challenge, BoolQ,
+HellaSwag, PIQA, Winogrande) with the usual zero-shot prompts (lm-evaluation-harness style) and
 are scored by log-likelihood: accuracy, and length-normalized accuracy
 (log-likelihood per byte of the answer). Every reader also accepts a local
 JSON-lines file of examples with the same features. `shakespeare_next_line`
@@ -27,8 +25,7 @@ from matquant_jax import nn
 from matquant_jax.core.qeinsum import QuantSpec
 from matquant_jax.data import pipeline
 from matquant_jax.evals import perplexity
-from matquant_jax.evals.perplexity import log_perplexity
-from matquant_jax.evals.sources import _s, _tfds_examples
+from matquant_jax.evals.sources import as_str, tfds_examples
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,15 +37,15 @@ class Item:
 
 def arc(ex: Mapping[str, Any]) -> Item:
   """ai2_arc: 'Question: q\\nAnswer:' + ' choice'."""
-  texts = [_s(t) for t in ex['choices']['text']]
-  labels = [_s(t) for t in ex['choices']['label']]
-  ctx = f"Question: {_s(ex['question'])}\nAnswer:"
-  return Item(tuple((ctx, ' ' + t) for t in texts), labels.index(_s(ex['answerKey'])))
+  texts = [as_str(t) for t in ex['choices']['text']]
+  labels = [as_str(t) for t in ex['choices']['label']]
+  ctx = f"Question: {as_str(ex['question'])}\nAnswer:"
+  return Item(tuple((ctx, ' ' + t) for t in texts), labels.index(as_str(ex['answerKey'])))
 
 
 def boolq(ex: Mapping[str, Any]) -> Item:
   """super_glue/boolq: 'passage\\nQuestion: q?\\nAnswer:' + ' no' / ' yes'."""
-  ctx = f"{_s(ex['passage'])}\nQuestion: {_s(ex['question'])}?\nAnswer:"
+  ctx = f"{as_str(ex['passage'])}\nQuestion: {as_str(ex['question'])}?\nAnswer:"
   return Item(((ctx, ' no'), (ctx, ' yes')), int(ex['label']))
 
 
@@ -61,27 +58,27 @@ def _hellaswag_clean(text: str) -> str:
 def hellaswag(ex: Mapping[str, Any]) -> Item:
   """hellaswag: 'activity: context' + ' ending' (HF-style ctx_a/ctx_b or TFDS 'context')."""
   if 'ctx_a' in ex:
-    ctx = _s(ex['ctx_a']) + ' ' + _s(ex['ctx_b']).capitalize()
+    ctx = as_str(ex['ctx_a']) + ' ' + as_str(ex['ctx_b']).capitalize()
   else:
-    ctx = _s(ex['context'])
-  query = _hellaswag_clean(_s(ex['activity_label']) + ': ' + ctx)
-  return Item(tuple((query, ' ' + _hellaswag_clean(_s(e))) for e in ex['endings']), int(_s(ex['label'])))
+    ctx = as_str(ex['context'])
+  query = _hellaswag_clean(as_str(ex['activity_label']) + ': ' + ctx)
+  return Item(tuple((query, ' ' + _hellaswag_clean(as_str(e))) for e in ex['endings']), int(as_str(ex['label'])))
 
 
 def piqa(ex: Mapping[str, Any]) -> Item:
   """piqa: 'Question: goal\\nAnswer:' + ' solution'."""
-  ctx = f"Question: {_s(ex['goal'])}\nAnswer:"
-  return Item(((ctx, ' ' + _s(ex['sol1'])), (ctx, ' ' + _s(ex['sol2']))), int(ex['label']))
+  ctx = f"Question: {as_str(ex['goal'])}\nAnswer:"
+  return Item(((ctx, ' ' + as_str(ex['sol1'])), (ctx, ' ' + as_str(ex['sol2']))), int(ex['label']))
 
 
 def winogrande(ex: Mapping[str, Any]) -> Item:
   """winogrande: the blank filled with each option is the context; the rest is scored."""
-  sentence = _s(ex['sentence'])
+  sentence = as_str(ex['sentence'])
   cut = sentence.index('_')
   rest = ' ' + sentence[cut + 1:].strip()
-  label = int(_s(ex['label']))
+  label = int(as_str(ex['label']))
   label = label - 1 if label in (1, 2) else label  # '1'/'2' in the raw data
-  return Item(tuple((sentence[:cut] + _s(ex[o]), rest) for o in ('option1', 'option2')), label)
+  return Item(tuple((sentence[:cut] + as_str(ex[o]), rest) for o in ('option1', 'option2')), label)
 
 
 TASKS: dict[str, tuple[str, str, Callable[[Mapping[str, Any]], Item]]] = {
@@ -116,7 +113,7 @@ def task_items(task: str, source: str | None = None, data_dir: str | None = None
   if task not in TASKS:
     raise ValueError(f'unknown task {task!r}; known: {sorted(TASKS) + [OFFLINE_TASK]}')
   name, split, reader = TASKS[task]
-  rows = _jsonl(source, limit) if source else _tfds_examples(name, split, data_dir, limit)
+  rows = _jsonl(source, limit) if source else tfds_examples(name, split, data_dir, limit)
   return [reader(r) for r in rows]
 
 
@@ -206,6 +203,6 @@ def table_row(model, variables, tokenizer, spec: QuantSpec | None, items: Mappin
     result = accuracy(model, variables, tokenizer, its, spec)
     row[name], row[f'{name}_norm'] = result['acc'], result['acc_norm']
   row['task_avg'] = float(np.mean([row[name] for name in items])) if items else float('nan')
-  row['log_pplx'] = log_perplexity(model, variables, tokenizer, texts, spec, seq_len, batch_size,
+  row['log_pplx'] = perplexity.log_perplexity(model, variables, tokenizer, texts, spec, seq_len, batch_size,
                                    max_batches)
   return row

@@ -15,5 +15,6 @@ from matquant_jax.nn.transformer import (
 from matquant_jax.nn.cache import (
     init_cache, cache_inputs)
 from matquant_jax.nn.precision import (
-    is_quantized, quantized_targets, stored_bits, as_variables, resolve_spec, bits_per_weight)
+    is_quantized, flat_leaves, weight_info, quantized_targets, stored_bits, as_variables, resolve_spec,
+    bits_per_weight)
 from matquant_jax.nn import gemma3, llama, sharding

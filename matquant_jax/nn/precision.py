@@ -19,12 +19,13 @@ def is_quantized(x) -> bool:
   return isinstance(x, quant.QuantizedArray)
 
 
-def _flat(tree) -> dict[str, Any]:
+def flat_leaves(tree) -> dict[str, Any]:
+  """{'a/b/c': leaf} of a variables tree, stored parents (`QuantizedArray`) kept whole."""
   leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]
   return {'/'.join(str(getattr(k, 'key', k)) for k in path): v for path, v in leaves}
 
 
-def _weight_info(config: TransformerConfig, path: str) -> WeightInfo:
+def weight_info(config: TransformerConfig, path: str) -> WeightInfo:
   """The quantizable-weight table's entry for params path `path` ('layer_i/...')."""
   suffix = re.sub(r'^layer_\d+/', '', path)
   infos = quantizable_weights(config)
@@ -35,14 +36,14 @@ def _weight_info(config: TransformerConfig, path: str) -> WeightInfo:
 
 def quantized_targets(variables, config: TransformerConfig) -> tuple[str, ...]:
   """The QuantSpec targets ('ffn', 'attn') whose weights are stored parents in `variables`."""
-  found = {_weight_info(config, path).target for path, leaf in _flat(variables['params']).items()
+  found = {weight_info(config, path).target for path, leaf in flat_leaves(variables['params']).items()
            if is_quantized(leaf)}
   return tuple(t for t in ('ffn', 'attn') if t in found)
 
 
 def stored_bits(variables) -> int | None:
   """The widest width every stored weight can give (None without stored parents)."""
-  widths = [leaf.parent_bits for leaf in _flat(variables).values() if is_quantized(leaf)]
+  widths = [leaf.parent_bits for leaf in flat_leaves(variables).values() if is_quantized(leaf)]
   return min(widths) if widths else None
 
 
@@ -91,7 +92,7 @@ def bits_per_weight(variables, spec: QuantSpec | None, config: TransformerConfig
   total, count = 0.0, 0
   for layer in range(config.num_layers):
     bits = spec.bits_for(layer, config.num_layers) if spec is not None else None
-    flat = _flat(params[f'layer_{layer}'])
+    flat = flat_leaves(params[f'layer_{layer}'])
     for path, info in infos.items():
       w = flat[path]
       size = math.prod(w.shape)

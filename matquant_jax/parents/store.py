@@ -37,7 +37,7 @@ import safetensors.numpy
 
 from matquant_jax import nn
 from matquant_jax.core import plans, quant
-from matquant_jax.nn.precision import _flat, _weight_info, is_quantized
+from matquant_jax.nn.precision import flat_leaves, weight_info, is_quantized
 from matquant_jax.text import tokenization
 
 
@@ -99,7 +99,7 @@ def _tensors(variables, layer_bits: Sequence[int] | None, float_dtype):
   """Named numpy arrays and the manifest's per-weight entries."""
   tensors, quantized = {}, {}
   for collection, tree in variables.items():
-    for path, leaf in _flat(tree).items():
+    for path, leaf in flat_leaves(tree).items():
       name = f'{collection}/{path}'
       if not is_quantized(leaf):
         a = np.asarray(leaf)
@@ -290,7 +290,7 @@ def load(directory: str):
     elif tuple(codes.shape) != tuple(e['codes_shape']):
       raise ValueError(f'{weights}: codes of {path!r} have shape {codes.shape}, '
                        f'the manifest says {tuple(e["codes_shape"])}')
-    stats = quant.stats_shape(e['shape'], _weight_info(config, path).reduce_axes, e['group_size'])
+    stats = quant.stats_shape(e['shape'], weight_info(config, path).reduce_axes, e['group_size'])
     params[path] = quant.QuantizedArray(
         jnp.asarray(codes, jnp.uint8), jnp.asarray(take(f'params/{path}/scale', stats)),
         jnp.asarray(take(f'params/{path}/zero_point', stats)), e['bits'], tuple(e['shape']))
@@ -310,7 +310,7 @@ def load(directory: str):
 def weight_bytes(variables) -> dict[str, int]:
   """Resident bytes of `variables`: 'quantized' (codes, scales, zero points), 'other', 'total'."""
   q = o = 0
-  for leaf in _flat(variables).values():
+  for leaf in flat_leaves(variables).values():
     if is_quantized(leaf):
       q += sum(np.asarray(x).nbytes for x in (leaf.codes, leaf.scale, leaf.zero_point))
     else:

@@ -1,4 +1,5 @@
-"""For tests and checks: independent float64 numpy reference forwards (`reference`).
-"""
+"""For tests and checks: tiny models (`tiny`) and independent float64 numpy reference forwards
+straight from GGUF files (`reference`)."""
 
-from matquant_jax.testing import reference
+from matquant_jax.testing import reference, tiny
+from matquant_jax.testing.tiny import init_params

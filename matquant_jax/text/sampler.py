@@ -114,7 +114,7 @@ class Sampler:
   def __init__(self, model: nn.Transformer, variables, tokenizer, cache_size: int = 1024,
                extra_precision: bool = False):
     self.model = model
-    self.variables = variables if 'params' in variables else {'params': variables}
+    self.variables = nn.as_variables(variables)
     self.tokenizer = tokenization.wrap(tokenizer)
     self.cache_size = cache_size
     self.extra_precision = extra_precision
