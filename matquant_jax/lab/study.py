@@ -241,7 +241,8 @@ def evaluate(cfg: ml_collections.ConfigDict, env: Env, models: dict) -> list[tup
       b for b in cfg.eval.bits if b not in report.PAPER_ORDER]
   for b in bits_order:
     key = f'int{b}'
-    row(key, 'PTQ of float (min-max)', 'float', key, QuantSpec(b, parent_bits=b, targets=tuple(q.targets)), 'ptq')
+    ptq = configs.quant_spec(b, dict(q, parent_bits=b, extra_precision=False))  # the runs' grid, at b bits
+    row(key, 'PTQ of float (min-max)', 'float', key, ptq, 'ptq')
     if b != 8 and 'baseline_int8' in runs:
       row(key, 'Sliced int8', 'baseline_int8', key, run_spec(cfg, runs['baseline_int8'], b))
     if f'baseline_{key}' in runs:
