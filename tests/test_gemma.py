@@ -169,3 +169,16 @@ def test_bad_quant_specs():
   cfg, params, tokens = _tiny()
   with pytest.raises(ValueError, match='per-layer bits has 2 entries for a 3-layer model'):
     nn.Transformer(cfg).apply({'params': params}, tokens, spec=QuantSpec(bits=(2, 4))).logits
+
+
+def test_one_preset_registry_covers_every_family():
+  """Every released architecture by name, its size (the counts test_gemma.py, test_gemma3.py and the
+  SmolLM2 GGUF give), and an error that lists the names."""
+  want = {'gemma2_2b': 2_614_636_800, 'gemma3_270m': 268_098_176, 'smollm2_135m': 134_515_008}
+  for name, n in want.items():
+    shapes = nn.param_shapes(nn.preset(name))
+    assert sum(int(np.prod(s.shape)) for s in shapes.values()) == n, name
+  assert nn.preset('gemma3_1b', dtype='bfloat16').dtype == 'bfloat16'
+  assert set(nn.presets.GEMMA) < set(nn.PRESETS) and 'smollm2_135m' not in nn.presets.GEMMA
+  with pytest.raises(ValueError, match=r"unknown preset 'gemma4'; choose from \['gemma2_27b'"):
+    nn.preset('gemma4')

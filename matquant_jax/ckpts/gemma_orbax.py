@@ -12,7 +12,6 @@ import numpy as np
 
 from matquant_jax import nn
 from matquant_jax.ckpts.layouts import check_params
-from matquant_jax.nn import gemma3
 from matquant_jax.text import tokenization
 
 Params = Any
@@ -22,9 +21,8 @@ def infer_gemma_config(params: Params, dtype: str) -> nn.TransformerConfig:
   """The official Gemma-2 or Gemma 3 preset whose shapes match; else, for Gemma-2, a config
   read off the shapes (a Gemma 3 tree that matches no preset needs an explicit config)."""
   got = {k: tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(params, sep='/').items()}
-  presets = [getattr(nn.TransformerConfig, n) for n in ('gemma2_2b', 'gemma2_9b', 'gemma2_27b')]
-  for preset in presets + list(gemma3.PRESETS.values()):
-    config = preset(dtype=dtype)
+  for name in nn.presets.GEMMA:
+    config = nn.preset(name, dtype=dtype)
     if got.get('embedder/input_embedding') != (config.num_embed, config.embed_dim):
       continue  # (tracing a 27B preset's init for its shapes takes seconds)
     if {k: v.shape for k, v in nn.param_shapes(config).items()} == got:
@@ -32,7 +30,7 @@ def infer_gemma_config(params: Params, dtype: str) -> nn.TransformerConfig:
   flat = traverse_util.flatten_dict(params, sep='/')
   if 'layer_0/attn/_query_norm/scale' in flat:
     raise ValueError('a Gemma 3 checkpoint whose shapes match no preset '
-                     f'({sorted(gemma3.PRESETS)}); pass config=')
+                     f'({[n for n in nn.presets.GEMMA if n.startswith("gemma3")]}); pass config=')
   vocab, d = np.shape(flat['embedder/input_embedding'])
   layers = len({k.split('/')[0] for k in flat if k.startswith('layer_')})
   f = np.shape(flat['layer_0/mlp/linear'])[0]

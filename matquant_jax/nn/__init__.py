@@ -17,4 +17,6 @@ from matquant_jax.nn.cache import (
 from matquant_jax.nn.precision import (
     is_quantized, flat_leaves, weight_info, quantized_targets, stored_bits, as_variables, resolve_spec,
     bits_per_weight)
-from matquant_jax.nn import gemma3, llama, sharding
+from matquant_jax.nn.presets import (
+    PRESETS, preset)
+from matquant_jax.nn import gemma3, llama, presets, sharding

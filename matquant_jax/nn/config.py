@@ -1,4 +1,5 @@
-"""The model configuration: `TransformerConfig` (Gemma-2 presets as classmethods), attention types, special token ids."""
+"""The model configuration: `TransformerConfig` (the Gemma-2 presets and test sizes as classmethods;
+every released model by name in `nn.presets`), attention types, special token ids."""
 
 from __future__ import annotations
 
