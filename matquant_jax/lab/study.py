@@ -214,24 +214,17 @@ def evaluate(cfg: ml_collections.ConfigDict, env: Env, models: dict) -> list[tup
   or 'mix:<name>' (results.json's log_pplx[run][key])."""
   eval_fn = evals.make_eval_fn(env.model)
   q = cfg.qat.quant
-  measured = {}
-
-  def measure(name, params, key, spec, base):
-    if (name, key) not in measured:
-      nll = eval_fn(params, env.val, spec)
-      bits = nn.bits_per_weight(params, spec, env.mcfg)
-      measured[name, key] = (nll, bits, base)
-      logging.info('eval %-20s %-14s log pplx %.4f', name, key, nll)
-    return measured[name, key]
-
   runs = {name: r for name, (_, r) in models.items() if r is not None}
   others = [r for r in runs.values() if not is_baseline(r) and r['objective'] != 'float']
   rows = []
   def row(dtype, method, name, key, spec, base=None):
     r = runs.get(name)
     base = base or (r.get('algo', 'qat') if r else 'float')
-    nll, bits, _ = measure(name, models[name][0], key, spec, base)
-    rows.append((report.Row(dtype, method, nll, bits, run=name, base=base), key))
+    params = models[name][0]
+    nll = eval_fn(params, env.val, spec)
+    logging.info('eval %-20s %-14s log pplx %.4f', name, key, nll)
+    rows.append((report.Row(dtype, method, nll, nn.bits_per_weight(params, spec, env.mcfg), run=name, base=base),
+                 key))
 
   row('float32', 'Pretrained (no quantization)', 'float', 'float', None, 'float')
   for r in runs.values():
