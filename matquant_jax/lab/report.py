@@ -23,10 +23,7 @@ def read_json(path: str, default):
 
 def write_json(path: str, obj) -> None:
   """Writes to a temporary file and renames it: a stopped run never leaves half a file."""
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
+  write_text(path, json.dumps(obj, indent=1))
 
 
 def open_results(workdir: str, **identity):
@@ -76,6 +73,7 @@ class Row:
                        'docs/results show the schema)')
     return cls(**d)
 
+
 def as_rows(rows) -> list[Row]:
   return [r if isinstance(r, Row) else Row.from_dict(r) for r in rows]
 
@@ -106,6 +104,7 @@ def write(workdir: str, rows, title: str | None = None, notes: str = '', **extra
 
 
 def write_text(path: str, text: str) -> None:
+  """`text` to `path` through a temporary file and a rename (never half a file)."""
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
     f.write(text)
