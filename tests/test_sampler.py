@@ -180,7 +180,7 @@ def test_bad_input_is_a_clear_error(tiny, tmp_path):
     s.sample('a string', 4)
   with pytest.raises(ValueError, match='max_new_tokens must be a non-negative'):
     s.sample(['ok'], -1)
-  with pytest.raises(ValueError, match=r'bits=9: the resident model gives widths 1..8'):
+  with pytest.raises(ValueError, match=r'bits=9: the stored parent .* give widths 1..8'):
     s.sample(['ok'], 4, bits=9)
   with pytest.raises(ValueError, match='3 layer widths for a 2-layer model'):
     s.sample(['ok'], 4, bits=(2, 4, 8))
@@ -191,7 +191,7 @@ def test_bad_input_is_a_clear_error(tiny, tmp_path):
     s.sample(['ok'], 33)
   parents.export(str(tmp_path / 'int4'), stored, CFG, None, 4)
   m4, v4, _ = parents.load(str(tmp_path / 'int4'))
-  with pytest.raises(ValueError, match='bits=8: the resident model gives widths 1..4'):
+  with pytest.raises(ValueError, match=r'bits=8: the stored parent \(its narrowest weight has 4 bits\) give widths 1..4'):
     sampler.Sampler(m4, v4, CharTokenizer()).sample(['ok'], 2, bits=8)
   with pytest.raises(ValueError, match='temperature must be >= 0'):
     sampler.Sampling(temperature=-1)

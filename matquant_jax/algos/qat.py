@@ -1,4 +1,4 @@
-"""QAT training with the MatQuant objective, and log-perplexity evaluation.
+"""QAT with the MatQuant objective (and float pretraining, objective 'float').
 
 One jitted train step (state donated) computes every slice's loss from the
 same parameters; the frozen part of the model is a separate, undonated input.
@@ -28,13 +28,9 @@ from matquant_jax.algos import blockwise
 from matquant_jax.core import losses
 from matquant_jax.core.qeinsum import QuantSpec, width_spec
 from matquant_jax.nn import sharding
-from matquant_jax.nn.precision import as_variables
-from matquant_jax.nn.sharding import model_shardings
 
 
 Params = Any
-
-
 TRAINABLE = {'ffn': r'(^|/)mlp/', 'ffn+attn': r'(^|/)(mlp|attn)/', 'all': r'.*'}
 
 
@@ -117,7 +113,7 @@ def init_params(model: nn.Transformer, seq_len: int, seed: int, mesh, rules) -> 
   """Parameters created already sharded: eval_shape of init, then jit with out_shardings."""
   tokens = jnp.zeros((1, seq_len), jnp.int32)
   abstract = jax.eval_shape(model.init, jax.random.PRNGKey(seed), tokens)['params']
-  out = model_shardings(model.config, abstract, mesh, rules)
+  out = sharding.model_shardings(model.config, abstract, mesh, rules)
   init = lambda key: model.init(key, tokens)['params']
   return jax.jit(init, out_shardings=out)(jax.random.PRNGKey(seed))
 
@@ -172,12 +168,12 @@ def prepare(model: nn.Transformer, init_params: Params, objective: losses.Object
   whose collections other than 'params' (an OmniQuant 'quant') stay fixed."""
   if mesh is None:
     mesh = sharding.make_mesh(sharding.mesh_config(), jax.devices()[:1])
-  variables = as_variables(init_params)
+  variables = nn.as_variables(init_params)
   trainable, frozen_params = split_params(variables['params'], opts.trainable)
   frozen = {**variables, 'params': frozen_params}
   tx = make_optimizer(opts)
-  t_sh = model_shardings(model.config, trainable, mesh, rules)
-  f_sh = {c: model_shardings(model.config, tree, mesh, rules) for c, tree in frozen.items()}
+  t_sh = sharding.model_shardings(model.config, trainable, mesh, rules)
+  f_sh = {c: sharding.model_shardings(model.config, tree, mesh, rules) for c, tree in frozen.items()}
   trainable, frozen = jax.device_put(trainable, t_sh), jax.device_put(frozen, f_sh)
   make_state = functools.partial(init_state, tx=tx)
   s_sh = sharding.state_shardings(jax.eval_shape(make_state, trainable), tx, t_sh, mesh)

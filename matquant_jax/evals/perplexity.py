@@ -13,7 +13,6 @@ from matquant_jax import nn
 from matquant_jax.core.qeinsum import QuantSpec
 from matquant_jax.data import pipeline
 from matquant_jax.evals.sources import token_stream
-from matquant_jax.nn.precision import as_variables
 
 
 LOGITS_BYTES = 2**29  # float32 logits made at once by evaluation (a 262k vocabulary needs bounding)
@@ -27,7 +26,7 @@ def token_logprobs(model: nn.Transformer, variables, inputs: jax.Array, targets:
   rows = max(1, LOGITS_BYTES // (t * model.config.num_embed * 4))
 
   def logprobs(x, y):
-    logits = model.apply(as_variables(variables), x, spec=spec).logits
+    logits = model.apply(nn.as_variables(variables), x, spec=spec).logits
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
 

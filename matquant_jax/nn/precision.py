@@ -11,7 +11,7 @@ import jax
 from matquant_jax.core import plans, quant
 from matquant_jax.core.qeinsum import QuantSpec
 from matquant_jax.nn.config import TransformerConfig
-from matquant_jax.nn.weights import WeightInfo, quantizable_weights
+from matquant_jax.nn.weights import WeightInfo, quantizable_weights, targeted_weights
 
 
 def is_quantized(x) -> bool:
@@ -66,14 +66,17 @@ def resolve_spec(bits, variables, config: TransformerConfig, *,
   if bits is None or isinstance(bits, QuantSpec):
     return bits
   variables = as_variables(variables)
-  parent_bits = stored_bits(variables) or quant.MAX_PARENT_BITS
+  stored = stored_bits(variables)
+  parent_bits = stored or quant.MAX_PARENT_BITS
   layers = config.num_layers
   if isinstance(bits, str):
     bits = plans.load(bits, layers, parent_bits)
   elif isinstance(bits, (tuple, list)):
     bits = plans.check(bits, layers, parent_bits, 'per-layer bits')
   elif not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= parent_bits:
-    raise ValueError(f'bits={bits!r}: the resident model gives widths 1..{parent_bits}')
+    source = (f'the stored parent (its narrowest weight has {stored} bits)' if stored
+              else f'float weights (sliced from a {parent_bits}-bit parent)')
+    raise ValueError(f'bits={bits!r}: {source} give widths 1..{parent_bits}')
   targets = quantized_targets(variables, config) or ('ffn',)
   return QuantSpec(bits, parent_bits=parent_bits, extra_precision=extra_precision, targets=targets)
 
@@ -88,7 +91,7 @@ def bits_per_weight(variables, spec: QuantSpec | None, config: TransformerConfig
   """
   params = as_variables(variables)['params']
   targets = spec.targets if spec is not None else ('ffn',)
-  infos = {p: i for p, i in quantizable_weights(config).items() if i.target in targets}
+  infos = targeted_weights(config, targets)
   total, count = 0.0, 0
   for layer in range(config.num_layers):
     bits = spec.bits_for(layer, config.num_layers) if spec is not None else None

@@ -36,8 +36,7 @@ import safetensors
 import safetensors.numpy
 
 from matquant_jax import nn
-from matquant_jax.core import plans, quant
-from matquant_jax.nn.precision import flat_leaves, weight_info, is_quantized
+from matquant_jax.core import quant
 from matquant_jax.text import tokenization
 
 
@@ -99,9 +98,9 @@ def _tensors(variables, layer_bits: Sequence[int] | None, float_dtype):
   """Named numpy arrays and the manifest's per-weight entries."""
   tensors, quantized = {}, {}
   for collection, tree in variables.items():
-    for path, leaf in flat_leaves(tree).items():
+    for path, leaf in nn.flat_leaves(tree).items():
       name = f'{collection}/{path}'
-      if not is_quantized(leaf):
+      if not nn.is_quantized(leaf):
         a = np.asarray(leaf)
         tensors[name] = a.astype(float_dtype) if float_dtype and collection == 'params' else a
         continue
@@ -185,15 +184,13 @@ def save(directory: str, variables, config: nn.TransformerConfig, tokenizer=None
 
 def export(directory: str, variables, config: nn.TransformerConfig, tokenizer, bits, *,
            run: Mapping[str, Any] | None = None, float_dtype=None) -> None:
-  """Writes the parent sliced to `bits` (a width, a per-layer tuple, or a plan file),
-  codes packed densely. Extra-precision slices are not exported: their 2^r + 1
-  levels need r + 1 bits, so export width r + 1 instead."""
-  if isinstance(bits, str):
-    layer_bits = plans.load(bits, config.num_layers)
-  elif isinstance(bits, (tuple, list)):
-    layer_bits = plans.check(bits, config.num_layers, source='per-layer bits')
-  else:
-    layer_bits = plans.check((bits,) * config.num_layers, config.num_layers, source=f'bits={bits!r}')
+  """Writes the parent sliced to `bits` (anything `nn.resolve_spec` takes: a width, a per-layer
+  tuple, a plan file), codes packed densely. Extra-precision slices are not exported: their
+  2^r + 1 levels need r + 1 bits, so export width r + 1 instead."""
+  if bits is None:
+    raise ValueError('export needs bits: a width, a per-layer tuple or a plan file')
+  spec = nn.resolve_spec(bits, variables, config)
+  layer_bits = tuple(spec.bits_for(i, config.num_layers) for i in range(config.num_layers))
   if None in layer_bits:
     raise ValueError('a packed export needs a width for every layer (None would mean float weights)')
   _write(directory, variables, config, tokenizer,
@@ -290,7 +287,7 @@ def load(directory: str):
     elif tuple(codes.shape) != tuple(e['codes_shape']):
       raise ValueError(f'{weights}: codes of {path!r} have shape {codes.shape}, '
                        f'the manifest says {tuple(e["codes_shape"])}')
-    stats = quant.stats_shape(e['shape'], weight_info(config, path).reduce_axes, e['group_size'])
+    stats = quant.stats_shape(e['shape'], nn.weight_info(config, path).reduce_axes, e['group_size'])
     params[path] = quant.QuantizedArray(
         jnp.asarray(codes, jnp.uint8), jnp.asarray(take(f'params/{path}/scale', stats)),
         jnp.asarray(take(f'params/{path}/zero_point', stats)), e['bits'], tuple(e['shape']))
@@ -310,8 +307,8 @@ def load(directory: str):
 def weight_bytes(variables) -> dict[str, int]:
   """Resident bytes of `variables`: 'quantized' (codes, scales, zero points), 'other', 'total'."""
   q = o = 0
-  for leaf in flat_leaves(variables).values():
-    if is_quantized(leaf):
+  for leaf in nn.flat_leaves(variables).values():
+    if nn.is_quantized(leaf):
       q += sum(np.asarray(x).nbytes for x in (leaf.codes, leaf.scale, leaf.zero_point))
     else:
       o += np.asarray(leaf).nbytes
