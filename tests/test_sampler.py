@@ -72,6 +72,30 @@ def test_cached_logits_match_full_forward_past_the_window(tiny):
   np.testing.assert_allclose(np.stack(got), np.asarray(full), atol=1e-5)
 
 
+
+@pytest.mark.parametrize('chunk', [1, 2, 5])  # one slot in place; a wrapping scatter; more than the window
+def test_ring_cache_of_the_window_matches_full_forward(tiny, chunk):
+  """Sliding-window layers keep a ring of `window` slots (the global ones all 24); feeding the
+  sequence `chunk` tokens at a time gives the full forward's logits."""
+  model, params = tiny
+  cache = nn.init_cache(CFG, 1, 24)
+  kinds = CFG.attention_types
+  assert nn.cache.ring_size(CFG, 24) == CFG.sliding_window_size == 3
+  for i, kind in enumerate(kinds):
+    slots = 3 if kind == nn.AttentionType.LOCAL_SLIDING else 24
+    assert cache[f'layer_{i}']['k'].shape == (CFG.num_kv_heads, slots, CFG.head_dim)
+  seq = np.random.default_rng(3).integers(4, 64, 13)
+  got, apply = [], jax.jit(model.apply)
+  for start in range(0, len(seq), chunk):
+    ids = seq[start:start + chunk]
+    out = apply({'params': params}, jnp.asarray(ids[None]), jnp.arange(start, start + len(ids))[None],
+                cache=cache, input_mask=jnp.ones((1, len(ids)), bool))
+    got.append(out.logits[0])
+    cache = out.cache
+  full = model.apply({'params': params}, jnp.asarray(seq[None])).logits[0]
+  np.testing.assert_allclose(np.concatenate(got), np.asarray(full), atol=1e-5)
+
+
 OTHER_FAMILIES = {
     'llama (global, no soft caps)': llama.llama_config(num_layers=2, num_embed=64, embed_dim=32,
                                                        hidden_dim=64, num_heads=4, num_kv_heads=2),

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from matquant_jax.core import quant
+from matquant_jax.core.contract import contract
 
 
 TARGETS = ('ffn', 'attn')
@@ -75,7 +76,7 @@ def _along(v: jax.Array, ndim: int, axes: Sequence[int]) -> jax.Array:
 
 def shift_bias(eqn: str, shift: jax.Array, w: jax.Array) -> jax.Array:
   """delta W, shaped like the einsum output with size-1 batch and time axes."""
-  return jnp.einsum(eqn, shift[None, None].astype(jnp.float32), w.astype(jnp.float32))
+  return contract(eqn, shift[None, None].astype(jnp.float32), w.astype(jnp.float32))
 
 
 def quantized_weight(w, reduce_axes: Sequence[int], bits: int | None,
@@ -106,19 +107,24 @@ def quantized_weight(w, reduce_axes: Sequence[int], bits: int | None,
 
 def einsum(eqn: str, x: jax.Array, w, *, reduce_axes: Sequence[int],
            bits: int | None = None, spec: QuantSpec | None = None, aux: dict | None = None) -> jax.Array:
-  """jnp.einsum(eqn, x, w) with w quantized per output channel over `reduce_axes`.
+  """jnp.einsum(eqn, x, w) with w quantized per output channel over `reduce_axes`, computed by
+  `contract` (a dot that reads w in its stored layout).
 
   With OmniQuant's transform in `aux` (shift delta and scale s over the
   contraction axes, which are x's trailing axes): ((x - delta) / s) Q(W s) + delta W,
   where delta W is `aux['bias']` for a stored parent and computed from the float W otherwise.
   """
   aux = aux or {}
+  if isinstance(w, quant.QuantizedArray) or (spec is not None and bits is not None):
+    # Made from the stored codes only once x exists: otherwise XLA computes every layer's
+    # weight at the start of a step and holds them all (a whole float model of temporaries).
+    x, w = jax.lax.optimization_barrier((x, w))
   w_hat = quantized_weight(w, reduce_axes, bits, spec, aux)
   if 'shift' in aux:
     x = x - aux['shift'].astype(x.dtype)
   if 'smooth' in aux:
     x = x / aux['smooth'].astype(x.dtype)
-  out = jnp.einsum(eqn, x, w_hat.astype(x.dtype))
+  out = contract(eqn, x, w_hat.astype(x.dtype))
   if 'shift' in aux:
     bias = aux['bias'] if 'bias' in aux else shift_bias(eqn, aux['shift'], w)
     out = out + bias.astype(out.dtype)

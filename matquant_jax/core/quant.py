@@ -128,6 +128,19 @@ def slice_codes(q, bits: int, parent_bits: int = 8, extra_precision: bool = Fals
   return s << shift
 
 
+def _sliced_float(codes: jax.Array, bits: int, parent_bits: int, extra_precision: bool) -> jax.Array:
+  """`slice_codes` as float32, computed in the codes' own (uint8) integer type: the
+  decode step runs this over every weight, so it is kept to a few byte-wide ops."""
+  check_bits(bits, parent_bits)
+  shift = parent_bits - bits
+  if shift == 0:
+    return codes.astype(jnp.float32)
+  s = (codes >> shift) + ((codes >> (shift - 1)) & 1)  # <= 2^bits, fits the code type
+  if not extra_precision:
+    s = jnp.minimum(s, 2**bits - 1)
+  return s.astype(jnp.float32) * float(2**shift)
+
+
 def _norm_axes(reduce_axes: Sequence[int], ndim: int) -> tuple[int, ...]:
   axes = tuple(sorted(a % ndim for a in reduce_axes))
   if len(set(axes)) != len(axes) or not axes:
@@ -246,8 +259,8 @@ class QuantizedArray:
   def dequantize(self, bits: int | None = None, extra_precision: bool = False,
                  dtype=jnp.float32) -> jax.Array:
     """The float weight at `bits` (default: the parent), in the original shape."""
-    q = self.sliced_codes(bits or self.parent_bits, extra_precision)
-    w = dequantize(q.astype(jnp.float32), self.scale, self.zero_point)
+    q = _sliced_float(self.codes, bits or self.parent_bits, self.parent_bits, extra_precision)
+    w = dequantize(q, self.scale, self.zero_point)
     return w.reshape(self.shape).astype(dtype)
 
   @property

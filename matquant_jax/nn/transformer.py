@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 
 from matquant_jax.core import qeinsum, quant
+from matquant_jax.core.contract import contract
 from matquant_jax.core.qeinsum import QuantSpec
-from matquant_jax.nn.cache import cache_inputs
+from matquant_jax.nn.cache import cache_inputs, ring_write
 from matquant_jax.nn.config import AttentionType, TransformerConfig
 from matquant_jax.nn.weights import WeightInfo, quantizable_weights
 
@@ -79,7 +80,7 @@ class Embedder(nn.Module):
     return x * jnp.sqrt(self.embed_dim).astype(dtype) if self.scale else x
 
   def decode(self, x):
-    return jnp.dot(x, self.output_embedding.T.astype(x.dtype))
+    return contract('BTD,VD->BTV', x, self.output_embedding.astype(x.dtype))  # no transpose of the table
 
 
 def _embedder(config, name=None):
@@ -118,17 +119,19 @@ class Einsum(nn.Module):
 class Attention(nn.Module):
   """Grouped-query attention with optional QK-norm, logit soft cap and sliding window.
 
-  Without a cache, keys are the T inputs. With one (decoding), this step's
-  keys and values are written at slot cache['end_index'] of the [B, S, K, H]
-  cache and the queries attend over all S slots; cache['positions'] holds
-  every slot's position (for the sliding window) and `mask` [B, T, S] which
-  slots are written, real and causal. Returns (output, new {'k', 'v'} or None).
+  Without a cache, keys are the T inputs. With one (decoding), this step's keys and values
+  are written at slots end_index.. of the [B * K, S, H] cache and the queries attend over its
+  S slots; a sliding-window layer with a ring cache attends over the ring as it was plus this
+  step's keys, then writes them into the ring. `key_positions` [B, S] hold each key's
+  position (for the window) and `mask` [B, T, S] which keys are written, real and causal.
+  Scores are computed kv-head-major ([B * K, T * G, S]) so the cache is read in place.
+  Returns (output, new {'k', 'v'} or None).
   """
   config: TransformerConfig
   attn_type: AttentionType
 
   @nn.compact
-  def __call__(self, x, positions, mask, bits=None, spec=None, cache=None):
+  def __call__(self, x, positions, mask, bits=None, spec=None, cache=None, key_positions=None):
     c = self.config
     w = quantizable_weights(c)
     n, k, d, h = c.num_heads, c.num_kv_heads, c.embed_dim, c.head_dim
@@ -144,28 +147,38 @@ class Attention(nn.Module):
     base, scale = c.rope(self.attn_type)
     q = apply_rope(q, positions, base, scale) * jnp.asarray(c.query_scale, x.dtype)
     key = apply_rope(key, positions, base, scale)
-    key_positions = positions
-    if cache is not None:
-      start = (0, cache['end_index'], 0, 0)
-      key = jax.lax.dynamic_update_slice(cache['k'], key.astype(cache['k'].dtype), start)
-      value = jax.lax.dynamic_update_slice(cache['v'], value.astype(cache['v'].dtype), start)
-      key_positions = cache['positions']
-      cache = {'k': key, 'v': value}
-      key, value = key.astype(x.dtype), value.astype(x.dtype)
-
     b, t = x.shape[:2]
-    s = key.shape[1]
-    qg = q.reshape(b, t, k, n // k, h)
-    logits = jnp.einsum('BTKGH,BSKH->BTKGS', qg, key).reshape(b, t, n, s).astype(jnp.float32)
+    heads_major = lambda a: a.transpose(0, 2, 1, 3).reshape(b * k, t, h)  # [B * K, T, H]
+    key, value = heads_major(key), heads_major(value)
+    if key_positions is None:
+      key_positions = positions
+    if cache is not None:
+      if cache['k'].shape[1] < key_positions.shape[1]:  # a ring: the old window, then this step
+        new_cache = {name: ring_write(cache[name], new, cache['end_index'], axis=1)
+                     for name, new in (('k', key), ('v', value))}
+        key = jnp.concatenate([cache['k'], key.astype(cache['k'].dtype)], axis=1)
+        value = jnp.concatenate([cache['v'], value.astype(cache['v'].dtype)], axis=1)
+      else:
+        start = (0, cache['end_index'], 0)
+        key = jax.lax.dynamic_update_slice(cache['k'], key.astype(cache['k'].dtype), start)
+        value = jax.lax.dynamic_update_slice(cache['v'], value.astype(cache['v'].dtype), start)
+        new_cache = {'k': key, 'v': value}
+      key, value = key.astype(x.dtype), value.astype(x.dtype)
+      cache = new_cache
+
+    s, g = key.shape[1], n // k
+    qg = q.reshape(b, t, k, g, h).transpose(0, 2, 1, 3, 4).reshape(b * k, t * g, h)
+    batch = ((0,), (0,))
+    logits = jax.lax.dot_general(qg, key, (((2,), (2,)), batch)).astype(jnp.float32)  # [B*K, T*G, S]
     if c.attn_logits_soft_cap is not None:
       logits = jnp.tanh(logits / c.attn_logits_soft_cap) * c.attn_logits_soft_cap
     if self.attn_type == AttentionType.LOCAL_SLIDING:
       dist = positions[:, :, None] - key_positions[:, None, :]
       mask = mask & (dist < c.sliding_window_size)
-    logits = jnp.where(mask[:, :, None, :], logits, K_MASK)
-    probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
-    probs = probs.reshape(b, t, k, n // k, s)
-    encoded = jnp.einsum('BTKGS,BSKH->BTKGH', probs, value).reshape(b, t, n, h)
+    logits = jnp.where(mask[:, None, :, None, :], logits.reshape(b, k, t, g, s), K_MASK)
+    probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype).reshape(b * k, t * g, s)
+    encoded = jax.lax.dot_general(probs, value, (((2,), (1,)), batch))  # [B*K, T*G, H]
+    encoded = encoded.reshape(b, k, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
     out = Einsum((n, h, d), w['attn/attn_vec_einsum/w'], name='attn_vec_einsum')(encoded, bits, spec)
     return out, cache
 
@@ -199,11 +212,11 @@ class Block(nn.Module):
   attn_type: AttentionType
 
   @nn.compact
-  def __call__(self, x, positions, mask, bits=None, spec=None, cache=None):
+  def __call__(self, x, positions, mask, bits=None, spec=None, cache=None, key_positions=None):
     c = self.config
     post = (lambda name: _norm(c, name)) if c.post_norms else (lambda name: lambda y: y)
     a = _norm(c, 'pre_attention_norm')(x)
-    a, cache = Attention(c, self.attn_type, name='attn')(a, positions, mask, bits, spec, cache)
+    a, cache = Attention(c, self.attn_type, name='attn')(a, positions, mask, bits, spec, cache, key_positions)
     x = x + post('post_attention_norm')(a)
     f = _norm(c, 'pre_ffw_norm')(x)
     f = FeedForward(c, name='mlp')(f, bits, spec)
@@ -274,16 +287,20 @@ class Transformer(nn.Module):
         raise ValueError('decoding with a cache needs the positions of the tokens')
       if input_mask is None:
         input_mask = token_mask(c, tokens) > 0
-      mask, new_cache = cache_inputs(tokens, positions, input_mask, cache)
+      masks, key_positions, new_cache = cache_inputs(tokens, positions, input_mask, cache)
     embedder = _embedder(c, name='embedder')
     x = embedder.encode(tokens, dtype)
     for i, attn_type in enumerate(c.attention_types):
       bits = spec.bits_for(i, c.num_layers) if spec is not None else None
-      layer_cache = None
+      layer_cache = kp = None
+      layer_mask = mask if cache is None else masks['full']
       if cache is not None:
-        layer_cache = {**cache[f'layer_{i}'], 'end_index': cache['end_index'],
-                       'positions': new_cache['positions']}
-      x, layer_cache = Block(c, attn_type, name=f'layer_{i}')(x, positions, mask, bits, spec, layer_cache)
+        layer_cache = {**cache[f'layer_{i}'], 'end_index': cache['end_index']}
+        kp = key_positions['full']
+        if layer_cache['k'].shape[1] < kp.shape[1]:  # this layer keeps a ring
+          layer_mask, kp = masks['ring'], key_positions['ring']
+      x, layer_cache = Block(c, attn_type, name=f'layer_{i}')(
+          x, positions, layer_mask, bits, spec, layer_cache, kp)
       if cache is not None:
         new_cache[f'layer_{i}'] = layer_cache
     x = _norm(c, 'final_norm')(x)

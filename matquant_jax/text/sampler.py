@@ -85,21 +85,25 @@ def _generate(model: nn.Transformer, variables, tokens, input_mask, max_new_toke
 
   def cond(state):
     step, _, _, _, _, done, _ = state
-    return (step < max_new_tokens) & ~jnp.all(done)
+    return (step < max_new_tokens - 1) & ~jnp.all(done)  # the last token needs no forward pass
 
-  def body(state):
+  def pick(state):
     step, last, cache, pos, out, done, rng = state
     rng, key = jax.random.split(rng)
     token = jnp.where(done, eos_id, sample_logits(last, key, sampling))
     out = jax.lax.dynamic_update_slice(out, token[:, None], (0, step))
-    done = done | (token == eos_id)
-    output = model.apply(variables, token[:, None], pos[:, None], spec=spec, cache=cache,
-                                input_mask=jnp.ones((b, 1), bool))
-    logits, cache = output.logits, output.cache
-    return step + 1, logits[:, -1], cache, pos + 1, out, done, rng
+    return token, (step, last, cache, pos, out, done | (token == eos_id), rng)
 
-  step, *_, out, _, _ = jax.lax.while_loop(cond, body, state)
-  return out, step
+  def body(state):
+    token, (step, _, cache, pos, out, done, rng) = pick(state)
+    output = model.apply(variables, token[:, None], pos[:, None], spec=spec, cache=cache,
+                         input_mask=jnp.ones((b, 1), bool))
+    return step + 1, output.logits[:, -1], output.cache, pos + 1, out, done, rng
+
+  state = jax.lax.while_loop(cond, body, state)
+  _, (step, _, _, _, out, _, _) = pick(state)
+  out = jnp.where(jnp.arange(out.shape[1]) < max_new_tokens, out, eos_id)  # max_new_tokens=0
+  return out, jnp.minimum(step + 1, max_new_tokens)
 
 
 class Sampler:
