@@ -38,10 +38,11 @@ test-unit: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m 'not slow' --durations=15 tests
 
 bench: setup
+	$(PY) experiments/bench_decode.py --batch=1,8
+	$(PY) experiments/bench_contraction.py
 	$(PY) experiments/bench_train_step.py
 	$(PY) experiments/bench_omniquant.py
 	$(PY) experiments/bench_gptq.py
-	$(PY) experiments/bench_decode.py
 
 clean:
 	rm -rf $(VENV) runs

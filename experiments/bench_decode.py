@@ -1,19 +1,30 @@
 r"""Prefill and decode speed of one resident parent at several precisions, side by side.
 
   python experiments/bench_decode.py [--model=smollm2-135m] [--batch=1,8] [--new_tokens=32]
+      [--llama_bench=PATH]
 
-Variants: the float weights, and one min-max uint8 parent (--targets) sliced
-at 8, 4 and 2 bits and at the pyramid plan; the parent's bytes are the same
-for every width, the weights at a width are made inside the jitted step.
-Prefill is timed as a call that generates nothing; decode as the rest of a
-call that generates --new_tokens (EOS ignored). Runs interleave (median of
---repeats). The batch-1 decode bound is the machine's memory bandwidth
-(measured here, a jitted sum over a large array) over the resident weight
-bytes every token must read; the table gives the fraction reached.
+Variants: the float weights; one min-max uint8 parent (--targets) sliced at
+8, 4 and 2 bits and at the pyramid plan; the same parent held resident at 4
+and at 2 bits (`parents.resident`: 5/8 and 3/8 byte per code, the same
+slices). The weights at a width are made inside the jitted step from the
+resident bytes. Prefill is timed as a call that generates nothing; decode as
+the rest of a call that generates --new_tokens (EOS ignored). Runs interleave
+(median of --repeats). The batch-1 decode bound is the machine's memory
+bandwidth (measured here, a jitted sum over a large array) over the resident
+weight bytes every token must read; the table gives the fraction reached and
+each variant's decode speed over the float weights'.
+
+With a llama.cpp build (--llama_bench, or `llama-bench` on PATH; never
+required), the same decode measurement (2 threads, batch 1) of the source
+GGUF and of the .gguf files in --gguf_dir is printed beside it.
 Runs unchanged on CPU, GPU or TPU.
 """
 
+import glob
+import json
 import os
+import shutil
+import subprocess
 import time
 
 from absl import app, flags
@@ -21,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from matquant_jax import ckpts, parents
-from matquant_jax.core import QuantSpec, plans
+from matquant_jax.core import QuantSpec, contract, plans
 from matquant_jax.data import shakespeare
 from matquant_jax.lab import logs, timing
 from matquant_jax.text import sampler
@@ -32,6 +43,8 @@ _PROMPT = flags.DEFINE_integer('prompt_tokens', 64, 'Prompt length in tokens.')
 _NEW = flags.DEFINE_integer('new_tokens', 32, 'Decoded tokens per row.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Interleaved repeats; the median is reported.')
 _TARGETS = flags.DEFINE_list('targets', ['ffn', 'attn'], 'Weights held as uint8 codes.')
+_LLAMA_BENCH = flags.DEFINE_string('llama_bench', None, 'llama.cpp\'s llama-bench binary (default: PATH).')
+_GGUF_DIR = flags.DEFINE_string('gguf_dir', None, 'More .gguf files for llama.cpp to decode.')
 _BANDWIDTH_MIB = flags.DEFINE_integer('bandwidth_mib', 1024, 'Array size for the bandwidth probe.')
 
 
@@ -58,19 +71,30 @@ def prompts(tokenizer, n: int, length: int) -> list[str]:
   return out
 
 
+def llama_bench(binary: str, path: str, new_tokens: int, threads: int = 2) -> float:
+  """llama.cpp's decode tok/s of one GGUF file (llama-bench's own JSON report)."""
+  out = subprocess.run([binary, '-m', path, '-p', '0', '-n', str(new_tokens), '-t', str(threads),
+                        '-o', 'json'], capture_output=True, text=True, check=True).stdout
+  return float(next(r['avg_ts'] for r in json.loads(out) if r.get('n_gen', 0) > 0))
+
+
 def main(argv):
   del argv
   logs.setup()
   model, variables, tokenizer = ckpts.load(_MODEL.value)
-  stored = parents.make_parent(model.config, variables['params'], QuantSpec(8, targets=tuple(_TARGETS.value)))
+  targets = tuple(_TARGETS.value)
+  stored = parents.make_parent(model.config, variables['params'], QuantSpec(8, targets=targets))
+  held = {r: parents.resident(stored, r) for r in (4, 2)}
   cache = -(-_PROMPT.value // sampler.BUCKET) * sampler.BUCKET + _NEW.value + sampler.BUCKET
-  float_sampler = sampler.Sampler(model, variables, tokenizer, cache)
-  parent_sampler = sampler.Sampler(model, stored, tokenizer, cache)
+  make = lambda v: sampler.Sampler(model, v, tokenizer, cache)
+  float_sampler, parent_sampler = make(variables), make(stored)
+  held_samplers = {r: make(v) for r, v in held.items()}
   variants = {'float weights': (float_sampler, None), 'parent int8': (parent_sampler, 8),
               'parent int4': (parent_sampler, 4), 'parent int2': (parent_sampler, 2),
-              'parent pyramid': (parent_sampler, plans.pyramid(model.config.num_layers))}
-  resident = {'float weights': parents.weight_bytes(variables)['total'],
-              **{k: parents.weight_bytes(stored)['total'] for k in variants if k != 'float weights'}}
+              'parent pyramid': (parent_sampler, plans.pyramid(model.config.num_layers)),
+              'resident 4 bits, int4': (held_samplers[4], 4), 'resident 4 bits, int2': (held_samplers[4], 2),
+              'resident 2 bits, int2': (held_samplers[2], 2)}
+  resident = {name: parents.weight_bytes(s.variables)['total'] for name, (s, _) in variants.items()}
   bandwidth = memory_bandwidth(_BANDWIDTH_MIB.value)
 
   rows = []
@@ -94,14 +118,30 @@ def main(argv):
                        bound_tok_s=bandwidth / resident[name]))
 
   print(f'\ndevice: {jax.devices()[0].device_kind} x{jax.device_count()}; model {_MODEL.value}; '
-        f'prompt {prompt_len} tokens (padded), {_NEW.value} new; targets {parent_sampler.targets}; '
-        f'memory bandwidth {bandwidth / 1e9:.1f} GB/s')
+        f'prompt {prompt_len} tokens (padded), {_NEW.value} new; parent targets {targets}; '
+        f'memory bandwidth {bandwidth / 1e9:.1f} GB/s; contraction {contract.mode()}')
   print('| variant | batch | prefill tok/s | decode tok/s | resident weights MiB | '
-        'batch-1 bound tok/s | of bound |\n|---|---|---|---|---|---|---|')
+        'batch-1 bound tok/s | of bound | vs float |\n|---|---|---|---|---|---|---|---|')
+  base = {r['batch']: r['decode_tok_s'] for r in rows if r['variant'] == 'float weights'}
   for r in rows:
     share = f'{r["decode_tok_s"] / r["bound_tok_s"]:.0%}' if r['batch'] == 1 else ''
     print(f'| {r["variant"]} | {r["batch"]} | {r["prefill_tok_s"]:,.0f} | {r["decode_tok_s"]:.1f} | '
-          f'{r["resident_mib"]:.1f} | {r["bound_tok_s"]:.1f} | {share} |')
+          f'{r["resident_mib"]:.1f} | {r["bound_tok_s"]:.1f} | {share} | '
+          f'{r["decode_tok_s"] / base[r["batch"]]:.2f} |')
+
+  binary = _LLAMA_BENCH.value or shutil.which('llama-bench')
+  if not binary:
+    print('\nllama.cpp: no llama-bench found (--llama_bench or PATH); not measured')
+    return
+  files = [ckpts.MODELS[_MODEL.value]() if _MODEL.value in ckpts.MODELS else _MODEL.value]
+  if _GGUF_DIR.value:
+    files += sorted(glob.glob(os.path.join(_GGUF_DIR.value, '*.gguf')))
+  print(f'\nllama.cpp ({binary}, 2 threads, batch 1, {_NEW.value} new tokens):')
+  print('| file | MiB | decode tok/s |\n|---|---|---|')
+  for f in files:
+    if f.endswith('.gguf'):
+      print(f'| {os.path.basename(f)} | {os.path.getsize(f) / 2**20:.1f} | '
+            f'{llama_bench(binary, f, _NEW.value):.1f} |', flush=True)
 
 
 if __name__ == '__main__':

@@ -69,7 +69,7 @@ def test_head_and_other_forms():
 
 
 @pytest.mark.parametrize('family', ['gemma2 (MHA, stacked qkv)', 'gemma3 (transposed gating, QK norm)'])
-def test_model_logits_and_gradients_match_the_einsum_path(family, monkeypatch):
+def test_model_logits_and_gradients_match_the_einsum_path(family):
   """The whole model (float, fake-quantized int4 training path, and a stored parent at int2)
   gives the same logits and gradients with `contract` as with plain einsums."""
   config = FAMILIES[family]
@@ -84,9 +84,10 @@ def test_model_logits_and_gradients_match_the_einsum_path(family, monkeypatch):
     return (model.apply({'params': params}, tokens).logits, jax.grad(loss)(params),
             model.apply(stored, tokens, spec=QuantSpec(2, targets=('ffn', 'attn'))).logits)
 
-  got = jax.jit(run)(params, stored)
-  monkeypatch.setattr(contract, 'MODE', 'einsum')
-  want = jax.jit(lambda p, s: run(p, s))(params, stored)  # a new function: traced again
+  fn = jax.jit(run)
+  got = fn(params, stored)
+  with contract.use('einsum'):  # the same jitted function, traced again for this path
+    want = fn(params, stored)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     _close(a, b)
 
@@ -127,8 +128,8 @@ def test_decode_loop_copies_no_weight_and_no_cache(config, stored, bits):
   assert _decode_loop_copies(config, stored, bits) == []
 
 
-def test_the_copy_check_sees_the_old_einsum_copies(monkeypatch):
+def test_the_copy_check_sees_the_old_einsum_copies():
   """The check can fail: with plain einsums XLA transposes the weights inside the decode loop."""
-  monkeypatch.setattr(contract, 'MODE', 'einsum')
-  copies = _decode_loop_copies(DECODE, False)
+  with contract.use('einsum'):
+    copies = _decode_loop_copies(DECODE, False)
   assert any(op == 'transpose' for op, _, _ in copies), copies

@@ -11,14 +11,18 @@ from matquant_jax.ckpts.hf import load_hf
 from matquant_jax.ckpts.zoo import MODELS
 
 
-def load(source: str, dtype: str = 'float32'):
+def load(source: str, dtype: str = 'float32', resident_bits: int | None = None):
   """(model, variables, tokenizer) from a stored parent directory (`parents.save`/`export`),
   a checkpoint directory, a .gguf file, or a model name ('smollm2-135m', 'gemma3-270m');
-  variables = {'params': ...}."""
+  variables = {'params': ...}. resident_bits (stored parents only): hold the parent for
+  widths up to this, in fewer bytes (`parents.resident`)."""
   if source in MODELS:
     source = MODELS[source]()
   if os.path.isdir(source) and os.path.exists(os.path.join(source, parents.MANIFEST)):
-    return parents.load(source)
+    return parents.load(source, resident_bits)
+  if resident_bits is not None:
+    raise ValueError(f'resident_bits applies to a stored parent; {source!r} is a float checkpoint '
+                     '(make a parent first: parents.make_parent, then parents.resident)')
   if source.endswith('.gguf'):
     config, params, tokenizer = load_gguf(source, dtype)
   elif os.path.isdir(source) and os.path.exists(os.path.join(source, 'config.json')):

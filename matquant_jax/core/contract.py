@@ -9,12 +9,13 @@ batch axes (the small activation is broadcast over them), the rest is one
 [K, R] or [R, K] matrix per batch entry; only the activation-sized result is
 transposed to the equation's output order.
 
-`MATQUANT_CONTRACTION=einsum` (read at import) restores plain `jnp.einsum`,
-kept so benchmarks can time the two side by side.
+`MATQUANT_CONTRACTION=einsum` (read at import) or `with contract.use('einsum'):`
+restores plain `jnp.einsum`, kept so benchmarks can time the two side by side.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -24,9 +25,31 @@ import jax.numpy as jnp
 
 
 MODES = ('dot', 'einsum')
-MODE = os.environ.get('MATQUANT_CONTRACTION', 'dot')
-if MODE not in MODES:
-  raise ValueError(f'MATQUANT_CONTRACTION must be one of {MODES}, got {MODE!r}')
+_DEFAULT = os.environ.get('MATQUANT_CONTRACTION', 'dot')
+if _DEFAULT not in MODES:
+  raise ValueError(f'MATQUANT_CONTRACTION must be one of {MODES}, got {_DEFAULT!r}')
+try:  # a jax config state is part of every jit cache key: switching it re-traces
+  from jax._src import config as _jax_config  # pylint: disable=g-import-not-at-top
+  _STATE = _jax_config.enum_state('matquant_contraction', MODES, _DEFAULT, 'core.contract path',
+                                  include_in_jit_key=True, include_in_trace_context=True)
+except (ImportError, AttributeError, TypeError):  # a jax without it: the import-time choice only
+  _STATE = None
+
+
+def mode() -> str:
+  """The contraction path in effect: 'dot' (`contract`) or 'einsum' (plain jnp.einsum)."""
+  return _STATE.value if _STATE is not None else _DEFAULT
+
+
+@contextlib.contextmanager
+def use(name: str):
+  """Traces inside use contraction path `name` (jitted functions are traced again for it)."""
+  if name not in MODES:
+    raise ValueError(f'contraction mode must be one of {MODES}, got {name!r}')
+  if _STATE is None:
+    raise RuntimeError('this jax cannot switch contraction paths at run time; set MATQUANT_CONTRACTION')
+  with _STATE(name):
+    yield
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,7 +92,7 @@ def contract(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
   otherwise (large training batches) the weight is transposed, the cheaper
   copy of the two.
   """
-  plan = _plan(eqn, x.ndim, w.ndim) if MODE == 'dot' else None
+  plan = _plan(eqn, x.ndim, w.ndim) if mode() == 'dot' else None
   if plan is None:
     return jnp.einsum(eqn, x, w)
   n_g, n_k, k_first, perm = plan

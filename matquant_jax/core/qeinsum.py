@@ -12,7 +12,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from matquant_jax.core import quant
+from matquant_jax.core import packing, quant
 from matquant_jax.core.contract import contract
 
 
@@ -86,9 +86,12 @@ def quantized_weight(w, reduce_axes: Sequence[int], bits: int | None,
   w is a float weight, fake-quantized here (with OmniQuant's clipping factors
   and input scale s from `aux` when given: Q(W * s)), or a stored
   `QuantizedArray` parent (s already folded in), which is sliced and dequantized
-  (its own parent_bits, not spec's, define the slice).
+  (its own parent_bits, not spec's, define the slice), or a parent held resident
+  at a maximum width (`packing.ResidentArray`: None means that width).
   """
   aux = aux or {}
+  if isinstance(w, packing.ResidentArray):  # unpacked inside the step; refused above max_bits
+    return w.dequantize(bits, spec is not None and spec.extra_precision)
   if isinstance(w, quant.QuantizedArray):
     if bits is not None and bits > w.parent_bits:
       raise ValueError(f'bits={bits}, but the stored weight has {w.parent_bits} bits')
@@ -115,10 +118,6 @@ def einsum(eqn: str, x: jax.Array, w, *, reduce_axes: Sequence[int],
   where delta W is `aux['bias']` for a stored parent and computed from the float W otherwise.
   """
   aux = aux or {}
-  if isinstance(w, quant.QuantizedArray) or (spec is not None and bits is not None):
-    # Made from the stored codes only once x exists: otherwise XLA computes every layer's
-    # weight at the start of a step and holds them all (a whole float model of temporaries).
-    x, w = jax.lax.optimization_barrier((x, w))
   w_hat = quantized_weight(w, reduce_axes, bits, spec, aux)
   if 'shift' in aux:
     x = x - aux['shift'].astype(x.dtype)

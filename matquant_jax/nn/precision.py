@@ -8,15 +8,16 @@ from typing import Any
 
 import jax
 
-from matquant_jax.core import plans, quant
+from matquant_jax.core import packing, plans, quant
 from matquant_jax.core.qeinsum import QuantSpec
 from matquant_jax.nn.config import TransformerConfig
 from matquant_jax.nn.weights import WeightInfo, quantizable_weights, targeted_weights
 
 
 def is_quantized(x) -> bool:
-  """Whether a variables leaf is a stored parent (`QuantizedArray`)."""
-  return isinstance(x, quant.QuantizedArray)
+  """Whether a variables leaf is a stored parent (`QuantizedArray`, or one held resident at a
+  maximum width, `packing.ResidentArray`)."""
+  return isinstance(x, (quant.QuantizedArray, packing.ResidentArray))
 
 
 def flat_leaves(tree) -> dict[str, Any]:
@@ -43,7 +44,8 @@ def quantized_targets(variables, config: TransformerConfig) -> tuple[str, ...]:
 
 def stored_bits(variables) -> int | None:
   """The widest width every stored weight can give (None without stored parents)."""
-  widths = [leaf.parent_bits for leaf in flat_leaves(variables).values() if is_quantized(leaf)]
+  widths = [getattr(leaf, 'max_bits', leaf.parent_bits) for leaf in flat_leaves(variables).values()
+            if is_quantized(leaf)]
   return min(widths) if widths else None
 
 
@@ -67,16 +69,18 @@ def resolve_spec(bits, variables, config: TransformerConfig, *,
     return bits
   variables = as_variables(variables)
   stored = stored_bits(variables)
-  parent_bits = stored or quant.MAX_PARENT_BITS
+  widest = stored or quant.MAX_PARENT_BITS
+  parents = [leaf.parent_bits for leaf in flat_leaves(variables).values() if is_quantized(leaf)]
+  parent_bits = min(parents) if parents else quant.MAX_PARENT_BITS
   layers = config.num_layers
   if isinstance(bits, str):
-    bits = plans.load(bits, layers, parent_bits)
+    bits = plans.load(bits, layers, widest)
   elif isinstance(bits, (tuple, list)):
-    bits = plans.check(bits, layers, parent_bits, 'per-layer bits')
-  elif not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= parent_bits:
-    source = (f'the stored parent (its narrowest weight has {stored} bits)' if stored
-              else f'float weights (sliced from a {parent_bits}-bit parent)')
-    raise ValueError(f'bits={bits!r}: {source} give widths 1..{parent_bits}')
+    bits = plans.check(bits, layers, widest, 'per-layer bits')
+  elif not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= widest:
+    source = (f'the stored parent (its narrowest weight gives {stored} bits)' if stored
+              else f'float weights (sliced from a {widest}-bit parent)')
+    raise ValueError(f'bits={bits!r}: {source} give widths 1..{widest}')
   targets = quantized_targets(variables, config) or ('ffn',)
   return QuantSpec(bits, parent_bits=parent_bits, extra_precision=extra_precision, targets=targets)
 

@@ -131,6 +131,8 @@ def leaf_logical_axes(path: str, ndim: int, names: Mapping[str, tuple],
         return sub
     elif len(w) == ndim:  # codes, scale, zero point, clipping logits (size-1 axes stay replicated)
       return w
+    elif leaf == 'packed' and len(w) + 1 == ndim:  # resident codes: [..., n / 8, bytes per 8]
+      return w + (None,)
   return (None,) * ndim
 
 

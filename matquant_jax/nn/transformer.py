@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from matquant_jax.core import qeinsum, quant
+from matquant_jax.core import packing, qeinsum, quant
 from matquant_jax.core.contract import contract
 from matquant_jax.core.qeinsum import QuantSpec
 from matquant_jax.nn.cache import cache_inputs, ring_write
@@ -100,7 +100,7 @@ def quantized_einsum(module: nn.Module, name: str, shape: tuple[int, ...], info:
   if spec is None or info.target not in spec.targets:
     bits = None
   w = module.get_variable('params', name) if module.has_variable('params', name) else None
-  if not isinstance(w, quant.QuantizedArray):
+  if not isinstance(w, (quant.QuantizedArray, packing.ResidentArray)):
     w = module.param(name, fan_in_init(shape, info.reduce_axes), shape)
   aux = module.get_variable('quant', name) if module.has_variable('quant', name) else None
   return qeinsum.einsum(info.eqn, x, w, reduce_axes=info.reduce_axes, bits=bits, spec=spec, aux=aux)

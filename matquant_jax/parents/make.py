@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from flax import traverse_util
+import jax
 
 from matquant_jax import nn
-from matquant_jax.core import qeinsum, quant
+from matquant_jax.core import packing, qeinsum, quant
 from matquant_jax.core.qeinsum import QuantSpec
 
 Tree = Any
@@ -54,3 +55,16 @@ def make_parent(config: nn.TransformerConfig, params: Tree, spec: QuantSpec,
   if flat_q:
     out['quant'] = traverse_util.unflatten_dict(flat_q, sep='/')
   return out
+
+
+def resident(variables, bits: int):
+  """`variables` with every stored parent held for widths up to `bits` only
+  (`packing.ResidentArray`: (w + 1) / 8 bytes per code instead of 1, the same slices at every
+  width <= bits); weights already at <= `bits` stay as they are."""
+  def hold(leaf):
+    if isinstance(leaf, quant.QuantizedArray) and bits < leaf.parent_bits:
+      return packing.ResidentArray.from_parent(leaf, bits)
+    if isinstance(leaf, packing.ResidentArray) and bits > leaf.max_bits:
+      raise ValueError(f'bits={bits}: a weight is already held for widths up to {leaf.max_bits}')
+    return leaf
+  return jax.tree.map(hold, variables, is_leaf=nn.is_quantized)

@@ -30,6 +30,7 @@ import tempfile
 from typing import Any, Mapping, Sequence
 
 from flax import traverse_util
+import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors
@@ -37,6 +38,7 @@ import safetensors.numpy
 
 from matquant_jax import nn
 from matquant_jax.core import quant
+from matquant_jax.parents.make import resident
 from matquant_jax.text import tokenization
 
 
@@ -104,6 +106,9 @@ def _tensors(variables, layer_bits: Sequence[int] | None, float_dtype):
         a = np.asarray(leaf)
         tensors[name] = a.astype(float_dtype) if float_dtype and collection == 'params' else a
         continue
+      if hasattr(leaf, 'max_bits'):
+        raise ValueError(f'{name} is held resident for widths up to {leaf.max_bits} (parents.resident); '
+                         'save or export the full parent, then hold it resident after loading')
       entry = {'shape': list(leaf.shape), 'codes_shape': list(leaf.codes.shape),
                'bits': leaf.parent_bits, 'group_size': leaf.group_size, 'packed': False}
       codes, scale, zero = np.asarray(leaf.codes), np.asarray(leaf.scale), np.asarray(leaf.zero_point)
@@ -251,11 +256,12 @@ def _read_tensors(path: str) -> dict[str, np.ndarray]:
     raise ValueError(f'{path} cannot be read ({e}); is it truncated?') from None
 
 
-def load(directory: str):
+def load(directory: str, resident_bits: int | None = None):
   """(model, variables, tokenizer) of a stored parent or packed export.
 
   The stored weights stay quantized in `variables` (`QuantizedArray` leaves on
   the default device); the model slices them per call (`spec=QuantSpec(...)`).
+  resident_bits: hold them for widths up to this only, in fewer bytes (`make.resident`).
   """
   directory = os.path.abspath(directory)
   manifest = read_manifest(directory)
@@ -299,6 +305,8 @@ def load(directory: str):
   if tensors:
     raise ValueError(f'{weights}: unexpected tensors {sorted(tensors)[:5]}')
   variables = {'params': traverse_util.unflatten_dict(params, sep='/')}
+  if resident_bits is not None:
+    variables = resident(variables, resident_bits)
   if aux:
     variables['quant'] = traverse_util.unflatten_dict(aux, sep='/')
   return nn.Transformer(config), variables, _load_tokenizer(directory, manifest.get('tokenizer'))
@@ -309,7 +317,7 @@ def weight_bytes(variables) -> dict[str, int]:
   q = o = 0
   for leaf in nn.flat_leaves(variables).values():
     if nn.is_quantized(leaf):
-      q += sum(np.asarray(x).nbytes for x in (leaf.codes, leaf.scale, leaf.zero_point))
+      q += sum(np.asarray(x).nbytes for x in jax.tree.leaves(leaf))  # codes (or packed), scales
     else:
       o += np.asarray(leaf).nbytes
   return {'quantized': q, 'other': o, 'total': q + o}
