@@ -7,7 +7,8 @@ r"""Generates text from one resident model at several precisions, side by side.
 --model: a stored parent (its uint8 codes are sliced per call), or float
 weights (a checkpoint directory, .gguf file or 'smollm2-135m'), which are
 first made into a min-max int8 parent in memory (--targets), plus a float row.
---bits: widths, 'pyramid', or precision plan files. The first call at each
+--bits: widths, 'pyramid', or precision plan files. --resident_bits=R holds the
+parent for widths up to R in fewer bytes (every --bits entry must be <= R). The first call at each
 precision compiles; tokens/s is from a second, timed call.
 """
 
@@ -31,6 +32,8 @@ _TOP_P = flags.DEFINE_float('top_p', None, 'Keep the smallest set with this prob
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _TARGETS = flags.DEFINE_list('targets', ['ffn', 'attn'], 'Weights quantized when --model is float.')
 _CACHE = flags.DEFINE_integer('cache_size', 512, 'KV-cache slots.')
+_RESIDENT = flags.DEFINE_integer('resident_bits', None, 'Hold the parent for widths up to this only '
+                                 '(parents.resident: fewer bytes, the same slices).')
 
 
 def precision(arg: str, num_layers: int):
@@ -51,13 +54,15 @@ def main(argv):
     rows.append(('float', sampler.Sampler(model, variables, tokenizer, _CACHE.value), None))
     spec = QuantSpec(8, targets=tuple(_TARGETS.value))
     variables = parents.make_parent(model.config, variables['params'], spec)
+  if _RESIDENT.value is not None:
+    variables = parents.resident(variables, _RESIDENT.value)
   resident = sampler.Sampler(model, variables, tokenizer, _CACHE.value)
   rows += [(label, resident, bits) for label, bits in
            (precision(b, model.config.num_layers) for b in _BITS.value)]
   mode = sampler.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
   bytes_ = parents.weight_bytes(variables)
   print(f'resident parent: {bytes_["total"] / 2**20:.1f} MiB ({bytes_["quantized"] / 2**20:.1f} MiB '
-        f'quantized weights, targets {resident.targets}); sampling {mode}')
+        f'quantized weights, targets {nn.quantized_targets(variables, model.config)}); sampling {mode}')
   results = []
   for label, s, bits in rows:
     run = lambda: s.sample(_PROMPTS.value, _MAX_NEW.value, bits=bits, sampling=mode, rng=_SEED.value)

@@ -217,8 +217,22 @@ def test_bad_input_is_a_clear_error(tiny, tmp_path):
   m4, v4, _ = parents.load(str(tmp_path / 'int4'))
   with pytest.raises(ValueError, match=r'bits=8: the stored parent \(its narrowest weight has 4 bits\) give widths 1..4'):
     sampler.Sampler(m4, v4, CharTokenizer()).sample(['ok'], 2, bits=8)
-  with pytest.raises(ValueError, match='temperature must be >= 0'):
-    sampler.Sampling(temperature=-1)
+  for bad in (-1, float('nan'), float('inf')):
+    with pytest.raises(ValueError, match='temperature must be a finite number >= 0'):
+      sampler.Sampling(temperature=bad)
+  for bad in (0, 2.5, True):
+    with pytest.raises(ValueError, match='top_k must be an integer >= 1'):
+      sampler.Sampling(temperature=1.0, top_k=bad)
+  with pytest.raises(ValueError, match=r'top_p must be in \(0, 1\]'):
+    sampler.Sampling(temperature=1.0, top_p=float('nan'))
+  assert sampler.Sampling(temperature=1.0, top_k=np.int64(3)).top_k == 3
+  assert s.sample(['ok'], 2, bits=np.int64(4)) == s.sample(['ok'], 2, bits=4)  # numpy ints accepted
+
+  class Silent(CharTokenizer):
+    bos_id = None
+    encode = staticmethod(lambda text: [])
+  with pytest.raises(ValueError, match=r"prompt 0 \('zzz'\) tokenizes to no tokens"):
+    sampler.Sampler(model, stored, Silent()).sample(['zzz'], 2)
 
 
 def test_sharded_parent_samples_like_one_device(tiny):

@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 import jax
+import numpy as np
 
 from matquant_jax.core import packing, plans, quant
 from matquant_jax.core.qeinsum import QuantSpec
@@ -67,6 +68,8 @@ def resolve_spec(bits, variables, config: TransformerConfig, *,
   """
   if bits is None or isinstance(bits, QuantSpec):
     return bits
+  if isinstance(bits, np.integer):  # np.int64(4) from a numpy loop or array
+    bits = int(bits)
   variables = as_variables(variables)
   stored = stored_bits(variables)
   widest = stored or quant.MAX_PARENT_BITS
@@ -78,7 +81,7 @@ def resolve_spec(bits, variables, config: TransformerConfig, *,
   elif isinstance(bits, (tuple, list)):
     bits = plans.check(bits, layers, widest, 'per-layer bits')
   elif not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= widest:
-    source = (f'the stored parent (its narrowest weight gives {stored} bits)' if stored
+    source = (f'the stored parent (its narrowest weight has {stored} bits)' if stored
               else f'float weights (sliced from a {widest}-bit parent)')
     raise ValueError(f'bits={bits!r}: {source} give widths 1..{widest}')
   targets = quantized_targets(variables, config) or ('ffn',)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Sequence
 
 import jax
@@ -36,11 +37,13 @@ class Sampling:
   top_p: float | None = None
 
   def __post_init__(self):
-    if self.temperature < 0:
-      raise ValueError(f'temperature must be >= 0, got {self.temperature}')
-    if self.top_k is not None and self.top_k < 1:
-      raise ValueError(f'top_k must be >= 1, got {self.top_k}')
-    if self.top_p is not None and not 0 < self.top_p <= 1:
+    if not math.isfinite(self.temperature) or self.temperature < 0:  # NaN would pick token 0 forever
+      raise ValueError(f'temperature must be a finite number >= 0, got {self.temperature}')
+    if self.top_k is not None:
+      if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 1:
+        raise ValueError(f'top_k must be an integer >= 1, got {self.top_k!r}')
+      object.__setattr__(self, 'top_k', int(self.top_k))
+    if self.top_p is not None and not 0 < self.top_p <= 1:  # also refuses NaN
       raise ValueError(f'top_p must be in (0, 1], got {self.top_p}')
 
 
@@ -139,7 +142,10 @@ class Sampler:
     for i, text in enumerate(prompts):
       if not text:
         raise ValueError(f'prompt {i} is empty')
-      ids.append(bos + list(self.tokenizer.encode(text)))
+      row = bos + list(self.tokenizer.encode(text))
+      if not row:
+        raise ValueError(f'prompt {i} ({text!r}) tokenizes to no tokens (and the tokenizer has no BOS)')
+      ids.append(row)
     p = -(-max(map(len, ids)) // BUCKET) * BUCKET
     tokens = np.zeros((len(ids), p), np.int32)
     mask = np.zeros((len(ids), p), bool)
