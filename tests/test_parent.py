@@ -166,3 +166,13 @@ def test_bad_directories_are_clear_errors(stored, tmp_path):
 def _save_and_path(variables, d):
   parents.save(str(d), variables, CFG)
   return str(d / 'weights.safetensors')
+
+
+def test_non_finite_weights_are_refused_by_name(stored):
+  _, params, _ = stored
+  bad = jax.tree.map(lambda x: x, params)
+  w = np.array(bad['layer_1']['mlp']['linear'])
+  w[0, :3] = [np.nan, np.inf, -np.inf]
+  bad['layer_1']['mlp']['linear'] = jnp.asarray(w)
+  with pytest.raises(ValueError, match=r'layer_1/mlp/linear: 3 of \d+ weights are NaN or infinite'):
+    parents.make_parent(CFG, bad, QuantSpec(8))

@@ -155,3 +155,16 @@ def test_group_size_is_read_off_the_codes_shape():
   w = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
   assert quant.QuantizedArray.from_float(w, 8, (0,), 16).group_size == 16  # codes [4, 16, 8]
   assert quant.QuantizedArray.from_float(w, 8, (0,)).group_size is None
+
+
+def test_low_precision_inputs_are_calibrated_in_float32():
+  """float16 channels spanning +-6e4 stay finite ((max - min) / 255 overflows in float16), and a
+  bfloat16 weight gets exactly the codes `QuantizedArray.from_float` (float32) gives it."""
+  rng = np.random.default_rng(0)
+  w16 = jnp.asarray(np.concatenate([rng.uniform(-6e4, 6e4, (64, 3)), [[-6e4] * 3, [6e4] * 3]]), jnp.float16)
+  assert bool(jnp.all(jnp.isfinite(quant.fake_quant(w16, 4, reduce_axes=(0,)))))
+  wb = jnp.asarray(rng.normal(size=(64, 8)), jnp.bfloat16)
+  for bits in (8, 4, 2):
+    want = quant.QuantizedArray.from_float(wb, 8, (0,)).dequantize(bits).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(quant.fake_quant(wb, bits, reduce_axes=(0,)), np.float32),
+                                  np.asarray(want, np.float32))

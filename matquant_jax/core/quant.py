@@ -221,11 +221,13 @@ def fake_quant(w, bits: int, *, parent_bits: int = 8, reduce_axes: Sequence[int]
   path through the min/max statistics. `slice_grad`: see `slice_ste`.
   """
   check_bits(bits, parent_bits)
-  shape = jnp.shape(w)
-  wg, axes = group(w, reduce_axes, group_size)
+  shape, dtype = jnp.shape(w), jnp.asarray(w).dtype
+  # statistics, scale and codes in float32 whatever the weight's dtype: a float16 range of
+  # +-6e4 overflows (max - min) / 255, and bfloat16 rounding moves codes by half a level
+  wg, axes = group(jnp.asarray(w).astype(jnp.float32), reduce_axes, group_size)
   scale, zero = calibrate(wg, parent_bits, axes, gamma, beta, stats_grad)
   q = slice_ste(quantize(wg, scale, zero, parent_bits), bits, parent_bits, extra_precision, slice_grad)
-  return dequantize(q, scale, zero).reshape(shape).astype(jnp.asarray(w).dtype)
+  return dequantize(q, scale, zero).reshape(shape).astype(dtype)
 
 
 @jax.tree_util.register_dataclass

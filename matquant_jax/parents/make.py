@@ -6,6 +6,7 @@ from typing import Any
 
 from flax import traverse_util
 import jax
+import numpy as np
 
 from matquant_jax import nn
 from matquant_jax.core import packing, qeinsum, quant
@@ -44,6 +45,10 @@ def make_parent(config: nn.TransformerConfig, params: Tree, spec: QuantSpec,
       name = f'{key}/{path}'
       aux = by_name.get(name, {})
       w = flat_p[name]
+      bad = int(np.size(w) - np.count_nonzero(np.isfinite(np.asarray(w))))
+      if bad:  # one NaN would silently poison its whole channel's scale
+        raise ValueError(f'{name}: {bad} of {np.size(w)} weights are NaN or infinite; '
+                         'a parent needs finite weights (check the checkpoint or the training run)')
       ws = qeinsum.quantized_weight(w, info.reduce_axes, None, None, aux)  # W * s
       gamma, beta = qeinsum.clipping_factors(aux)
       flat_p[name] = quant.QuantizedArray.from_float(
