@@ -16,16 +16,27 @@ which dequantizes bit-identically to the 8-bit parent sliced at r. (Slicing it
 further rounds twice, so it is not the 8-bit parent's narrower slice.) `load`
 returns (model, variables, tokenizer); a missing, truncated or foreign entry is
 an error naming it.
+
+Integrity (version 2): the manifest records every tensor's dtype, shape and
+SHA-256 and the tokenizer file's SHA-256; `load` verifies them (`verify=False`
+skips the digests, for speed) and always checks what must hold: finite,
+positive scales; finite zero points; codes that fit the weight's bits; finite
+float weights; a tokenizer file inside the directory whose vocabulary fits the
+embedding. Files are fsynced before the directory is renamed into place, and
+a save removes what a killed save on this host left behind.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 import math
 import os
 import re
 import shutil
+import socket
 import tempfile
 from typing import Any, Mapping, Sequence
 
@@ -42,7 +53,9 @@ from matquant_jax.parents.make import resident
 from matquant_jax.text import tokenization
 
 
-FORMAT, VERSION = 'matquant-parent', 1
+FORMAT, VERSION = 'matquant-parent', 2
+READS = (1, 2)  # version 1 parents (before per-tensor digests) still load
+_TMP = '.tmp_parent_'
 
 
 _ITEMSIZE = {'U8': 1, 'I8': 1, 'BF16': 2, 'F16': 2, 'F32': 4, 'I32': 4, 'F64': 8, 'I64': 8}
@@ -142,24 +155,69 @@ def _write(directory: str, variables, config: nn.TransformerConfig, tokenizer, m
     raise FileExistsError(f'{directory} exists; choose a new directory or remove it')
   parent_dir = os.path.dirname(directory)
   os.makedirs(parent_dir, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix='.tmp_parent_', dir=parent_dir)
+  _remove_stale_temporaries(parent_dir)
+  tmp = tempfile.mkdtemp(prefix=f'{_TMP}{os.getpid()}@{socket.gethostname()}@', dir=parent_dir)
   try:
     safetensors.numpy.save_file(tensors, os.path.join(tmp, WEIGHTS))
     tok_entry = _save_tokenizer(tmp, tokenizer)
+    if tok_entry is not None:
+      tok_entry['sha256'] = _file_digest(os.path.join(tmp, tok_entry['file']))
     widths = sorted({e['bits'] for e in quantized.values()})
     groups = sorted({e['group_size'] or 0 for e in quantized.values()})
     manifest = {'format': FORMAT, 'version': VERSION, 'family': family(config),
                 'parent_bits': max(widths), 'widths': widths,
                 'group_size': (groups[0] or None) if len(groups) == 1 else 'mixed',
-                'quantized': quantized, 'tokenizer': tok_entry, **manifest}
+                'quantized': quantized, 'tokenizer': tok_entry,
+                'tensors': {name: _tensor_entry(a) for name, a in sorted(tensors.items())}, **manifest}
     with open(os.path.join(tmp, MANIFEST), 'w') as f:
       json.dump(manifest, f, indent=1)
     with open(os.path.join(tmp, CONFIG), 'w') as f:
       json.dump(dataclasses.asdict(config), f, indent=1)
+    for name in os.listdir(tmp):  # on disk before the rename makes the directory visible
+      with open(os.path.join(tmp, name), 'rb') as f:
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
     os.replace(tmp, directory)
+    _fsync_dir(parent_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def _tensor_entry(a: np.ndarray) -> dict:
+  a = np.ascontiguousarray(a)
+  return {'dtype': a.dtype.name, 'shape': list(a.shape), 'sha256': hashlib.sha256(a.tobytes()).hexdigest()}
+
+
+def _file_digest(path: str) -> str:
+  with open(path, 'rb') as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def _fsync_dir(path: str) -> None:
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:  # platforms without directory handles
+    return
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def _remove_stale_temporaries(parent_dir: str) -> None:
+  """Removes `.tmp_parent_<pid>@<host>@*` siblings whose writer (a process of this host) is gone."""
+  host = socket.gethostname()
+  for name in os.listdir(parent_dir):
+    m = re.fullmatch(rf'{re.escape(_TMP)}(\d+)@(.+)@\w+', name)
+    if not m or m.group(2) != host:
+      continue
+    try:
+      os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+      shutil.rmtree(os.path.join(parent_dir, name), ignore_errors=True)
+    except PermissionError:  # alive, another user's
+      pass
 
 
 def _save_tokenizer(directory: str, tokenizer) -> dict | None:
@@ -218,8 +276,8 @@ def read_manifest(directory: str) -> dict:
   if manifest.get('format') != FORMAT:
     raise ValueError(f'{path}: format {manifest.get("format")!r}, expected {FORMAT!r} '
                      '(a foreign directory?)')
-  if manifest.get('version') != VERSION:
-    raise ValueError(f'{path}: version {manifest.get("version")!r}; this code reads version {VERSION}')
+  if manifest.get('version') not in READS:
+    raise ValueError(f'{path}: version {manifest.get("version")!r}; this code reads versions {READS}')
   return manifest
 
 
@@ -236,12 +294,17 @@ def read_config(directory: str) -> nn.TransformerConfig:
   return nn.TransformerConfig(**fields)
 
 
-def _load_tokenizer(directory: str, entry: dict | None):
+def _load_tokenizer(directory: str, entry: dict | None, verify: bool = True):
   if entry is None:
     return None
-  path = os.path.join(directory, entry['file'])
+  path = os.path.realpath(os.path.join(directory, entry['file']))
+  if os.path.dirname(path) != os.path.realpath(directory):
+    raise ValueError(f'{directory}: the manifest\'s tokenizer file {entry["file"]!r} is not a file of '
+                     'this directory')
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{directory}: tokenizer file {entry["file"]} is missing')
+  if verify and 'sha256' in entry and _file_digest(path) != entry['sha256']:
+    raise ValueError(f'{path}: SHA-256 differs from the manifest\'s (changed or replaced after saving)')
   if entry['file'].endswith('.model'):
     return tokenization.from_sentencepiece(path)
   return tokenization.from_tokenizer_json(path, entry.get('bos_id'), entry.get('eos_id'))
@@ -256,18 +319,20 @@ def _read_tensors(path: str) -> dict[str, np.ndarray]:
     raise ValueError(f'{path} cannot be read ({e}); is it truncated?') from None
 
 
-def load(directory: str, resident_bits: int | None = None):
+def load(directory: str, resident_bits: int | None = None, *, verify: bool = True):
   """(model, variables, tokenizer) of a stored parent or packed export.
 
   The stored weights stay quantized in `variables` (`QuantizedArray` leaves on
   the default device); the model slices them per call (`spec=QuantSpec(...)`).
   resident_bits: hold them for widths up to this only, in fewer bytes (`make.resident`).
+  verify: check every tensor's SHA-256 against the manifest (the value checks always run).
   """
   directory = os.path.abspath(directory)
   manifest = read_manifest(directory)
   config = read_config(directory)
   weights = os.path.join(directory, WEIGHTS)
   tensors = _read_tensors(weights)
+  _check_tensors(weights, tensors, manifest, verify)
 
   def take(name, shape=None):
     if name not in tensors:
@@ -281,7 +346,11 @@ def load(directory: str, resident_bits: int | None = None):
   params = {}
   for path, want in nn.param_shapes(config).items():
     if path not in quantized:
-      params[path] = jnp.asarray(take(f'params/{path}', want.shape))
+      a = take(f'params/{path}', want.shape)
+      bad = a.size - np.count_nonzero(np.isfinite(a))
+      if bad:
+        raise ValueError(f'{weights}: tensor params/{path} has {bad} NaN or infinite values')
+      params[path] = jnp.asarray(a)
       continue
     e = quantized[path]
     if tuple(e['shape']) != want.shape:
@@ -294,9 +363,10 @@ def load(directory: str, resident_bits: int | None = None):
       raise ValueError(f'{weights}: codes of {path!r} have shape {codes.shape}, '
                        f'the manifest says {tuple(e["codes_shape"])}')
     stats = quant.stats_shape(e['shape'], nn.weight_info(config, path).reduce_axes, e['group_size'])
-    params[path] = quant.QuantizedArray(
-        jnp.asarray(codes, jnp.uint8), jnp.asarray(take(f'params/{path}/scale', stats)),
-        jnp.asarray(take(f'params/{path}/zero_point', stats)), e['bits'], tuple(e['shape']))
+    scale, zero = take(f'params/{path}/scale', stats), take(f'params/{path}/zero_point', stats)
+    _check_values(weights, path, e['bits'], codes, scale, zero)
+    params[path] = quant.QuantizedArray(jnp.asarray(codes, jnp.uint8), jnp.asarray(scale),
+                                        jnp.asarray(zero), e['bits'], tuple(e['shape']))
   unknown = sorted(set(quantized) - set(params))
   if unknown:
     raise ValueError(f'{directory}: the manifest names quantized weights the model does not have: {unknown}')
@@ -309,7 +379,44 @@ def load(directory: str, resident_bits: int | None = None):
     variables = resident(variables, resident_bits)
   if aux:
     variables['quant'] = traverse_util.unflatten_dict(aux, sep='/')
-  return nn.Transformer(config), variables, _load_tokenizer(directory, manifest.get('tokenizer'))
+  tokenizer = _load_tokenizer(directory, manifest.get('tokenizer'), verify)
+  if tokenizer is not None and tokenizer.vocab_size() > config.num_embed:
+    raise ValueError(f'{directory}: the tokenizer has {tokenizer.vocab_size()} tokens, the model\'s '
+                     f'embedding {config.num_embed} rows (ids past it would read the wrong row)')
+  return nn.Transformer(config), variables, tokenizer
+
+
+def _check_tensors(path: str, tensors: Mapping[str, np.ndarray], manifest: dict, verify: bool) -> None:
+  """The file's tensors are exactly the manifest's, with its dtypes, shapes (and digests)."""
+  want = manifest.get('tensors')
+  if want is None:
+    logging.info('%s: a version %s parent carries no digests; not verified', path, manifest['version'])
+    return
+  missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
+  if missing or extra:
+    raise ValueError(f'{path}: tensors missing {missing[:5]} / not in the manifest {extra[:5]} '
+                     '(a weights file from another parent?)')
+  for name, e in want.items():
+    a = np.ascontiguousarray(tensors[name])
+    if a.dtype.name != e['dtype'] or list(a.shape) != e['shape']:
+      raise ValueError(f'{path}: tensor {name!r} is {a.dtype.name}{list(a.shape)}, the manifest says '
+                       f'{e["dtype"]}{e["shape"]}')
+    if verify and hashlib.sha256(a.tobytes()).hexdigest() != e['sha256']:
+      raise ValueError(f'{path}: tensor {name!r} differs from what was saved (SHA-256 mismatch: '
+                       'a changed byte, or another parent\'s file)')
+
+
+def _check_values(path: str, name: str, bits, codes, scale, zero) -> None:
+  """What a stored weight must satisfy whatever its digests say."""
+  if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= quant.MAX_PARENT_BITS:
+    raise ValueError(f'{path}: weight {name!r} has bits={bits!r} in the manifest; expected an integer 1..8')
+  if codes.size and int(np.max(codes)) >= 2**bits:
+    raise ValueError(f'{path}: weight {name!r} holds code {int(np.max(codes))}, which does not fit its '
+                     f'{bits} bits (the manifest\'s bits are wrong)')
+  if not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
+    raise ValueError(f'{path}: weight {name!r} has a scale that is not finite and positive')
+  if not np.all(np.isfinite(zero)):
+    raise ValueError(f'{path}: weight {name!r} has a zero point that is not finite')
 
 
 def weight_bytes(variables) -> dict[str, int]:

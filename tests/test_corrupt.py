@@ -1,0 +1,137 @@
+"""Corrupted stored parents, table-driven: each corruption of a valid tiny parent gives an error
+naming the file and what is wrong (or, where stated, a correct result). The start of issue 24's
+corrupt-input suite: stored parents only so far."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from matquant_jax import nn, parents, testing
+from matquant_jax.core import QuantSpec
+
+CFG = nn.TransformerConfig.tiny(num_embed=64)
+CODES = 'params/layer_0/mlp/linear/codes'
+SCALE = 'params/layer_0/mlp/linear/scale'
+
+
+@pytest.fixture(scope='module')
+def valid(tmp_path_factory):
+  model = nn.Transformer(CFG)
+  params = testing.init_params(model)
+  root = tmp_path_factory.mktemp('parents')
+  parent = parents.make_parent(CFG, params, QuantSpec(8, targets=('ffn', 'attn')))
+  parents.save(str(root / 'a'), parent, CFG)
+  other = parents.make_parent(CFG, testing.init_params(model, 7), QuantSpec(8, targets=('ffn', 'attn')))
+  parents.save(str(root / 'b'), other, CFG)
+  return root
+
+
+def _edit_tensors(d, fn, redigest=False):
+  path = os.path.join(d, parents.WEIGHTS)
+  tensors = dict(safetensors.numpy.load_file(path))
+  fn(tensors)
+  safetensors.numpy.save_file(tensors, path)
+  if redigest:  # as a buggy writer would have recorded it: the value checks must still catch it
+    m = json.load(open(os.path.join(d, parents.MANIFEST)))
+    from matquant_jax.parents import store  # pylint: disable=g-import-not-at-top
+    m['tensors'] = {k: store._tensor_entry(v) for k, v in tensors.items()}  # pylint: disable=protected-access
+    json.dump(m, open(os.path.join(d, parents.MANIFEST), 'w'))
+
+
+def _edit_manifest(d, fn):
+  path = os.path.join(d, parents.MANIFEST)
+  m = json.load(open(path))
+  fn(m)
+  json.dump(m, open(path, 'w'))
+
+
+def _flip(t):
+  t[CODES] = t[CODES].copy()
+  t[CODES].flat[0] ^= 1
+
+
+def _set(name, value):
+  def edit(t):
+    t[name] = t[name].copy()
+    t[name].flat[0] = value
+  return edit
+
+
+CASES = {
+    'a flipped code byte': (lambda d, v: _edit_tensors(d, _flip), 'SHA-256 mismatch'),
+    'another parent\'s weights file': (
+        lambda d, v: shutil.copy(os.path.join(v, 'b', parents.WEIGHTS), os.path.join(d, parents.WEIGHTS)),
+        'SHA-256 mismatch'),
+    'a float32 tensor edited to int32': (
+        lambda d, v: _edit_tensors(d, lambda t: t.update({SCALE: t[SCALE].view(np.int32)})),
+        r"'params/layer_0/mlp/linear/scale' is int32\[.*the manifest says float32"),
+    'a tensor removed': (lambda d, v: _edit_tensors(d, lambda t: t.pop(SCALE)), 'tensors missing'),
+    'a NaN scale (digests recomputed)': (
+        lambda d, v: _edit_tensors(d, _set(SCALE, np.nan), redigest=True), 'scale that is not finite'),
+    'a zero scale (digests recomputed)': (
+        lambda d, v: _edit_tensors(d, _set(SCALE, 0.0), redigest=True), 'scale that is not finite and positive'),
+    'a NaN embedding value (digests recomputed)': (
+        lambda d, v: _edit_tensors(d, _set('params/embedder/input_embedding', np.nan), redigest=True),
+        'params/embedder/input_embedding has 1 NaN or infinite'),
+    'bits=4 over 8-bit codes': (
+        lambda d, v: _edit_manifest(d, lambda m: m['quantized']['layer_0/mlp/linear'].update(bits=4)),
+        r"holds code \d+, which does not fit its 4 bits"),
+    'bits="8" in the manifest': (
+        lambda d, v: _edit_manifest(d, lambda m: m['quantized']['layer_0/mlp/linear'].update(bits='8')),
+        "bits='8' in the manifest"),
+    'a tokenizer path outside the directory': (
+        lambda d, v: _edit_manifest(d, lambda m: m.update(tokenizer={'file': '../../../etc/passwd'})),
+        'is not a file of this directory'),
+    'an unknown version': (lambda d, v: _edit_manifest(d, lambda m: m.update(version=7)), 'reads versions'),
+}
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_corruption_is_a_clear_error(valid, tmp_path, case):
+  corrupt, message = CASES[case]
+  d = str(tmp_path / 'p')
+  shutil.copytree(valid / 'a', d)
+  corrupt(d, str(valid))
+  with pytest.raises(ValueError, match=message) as e:
+    parents.load(d)
+  assert d in str(e.value) or 'manifest' in str(e.value), e.value  # names the file
+
+
+def test_verify_false_skips_only_the_digests(valid, tmp_path):
+  d = str(tmp_path / 'p')
+  shutil.copytree(valid / 'a', d)
+  _edit_tensors(d, _flip)
+  _, variables, _ = parents.load(d, verify=False)  # a flipped code is still a valid code
+  assert nn.is_quantized(variables['params']['layer_0']['mlp']['linear'])
+  _edit_tensors(d, _set(SCALE, np.nan))
+  with pytest.raises(ValueError, match='scale that is not finite'):
+    parents.load(d, verify=False)
+
+
+def test_version_1_parents_still_load(valid, tmp_path):
+  d = str(tmp_path / 'p')
+  shutil.copytree(valid / 'a', d)
+  _edit_manifest(d, lambda m: (m.pop('tensors'), m.update(version=1)))
+  _, v1, _ = parents.load(d)
+  _, v2, _ = parents.load(str(valid / 'a'))
+  np.testing.assert_array_equal(v1['params']['layer_0']['mlp']['linear'].codes,
+                                v2['params']['layer_0']['mlp']['linear'].codes)
+
+
+def test_a_killed_saves_leftovers_are_removed_by_the_next_save(valid, tmp_path):
+  """A `.tmp_parent_<pid>@<host>@*` directory of a process that no longer exists goes; one of a
+  live process (this one) stays."""
+  import socket  # pylint: disable=g-import-not-at-top
+  host = socket.gethostname()
+  dead = tmp_path / f'.tmp_parent_999999999@{host}@abc'
+  alive = tmp_path / f'.tmp_parent_{os.getpid()}@{host}@xyz'
+  dead.mkdir()
+  alive.mkdir()
+  _, variables, _ = parents.load(str(valid / 'a'))
+  parents.save(str(tmp_path / 'new'), variables, CFG)
+  assert not dead.exists() and alive.exists()
+  assert sorted(os.listdir(tmp_path)) == sorted(['new', alive.name])
