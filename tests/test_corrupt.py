@@ -135,3 +135,11 @@ def test_a_killed_saves_leftovers_are_removed_by_the_next_save(valid, tmp_path):
   parents.save(str(tmp_path / 'new'), variables, CFG)
   assert not dead.exists() and alive.exists()
   assert sorted(os.listdir(tmp_path)) == sorted(['new', alive.name])
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(valid, tmp_path, token_data):
+  """Ids past the embedding would silently read its last row."""
+  _, variables, _ = parents.load(str(valid / 'a'))
+  parents.save(str(tmp_path / 't'), variables, CFG, token_data.tokenizer)  # 512 tokens, 64 rows
+  with pytest.raises(ValueError, match='the tokenizer has 512 tokens, the model\'s embedding 64 rows'):
+    parents.load(str(tmp_path / 't'))
