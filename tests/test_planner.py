@@ -76,3 +76,9 @@ def test_plan_files_check_the_budget(tmp_path):
   json.dump({'format': 'other'}, open(path, 'w'))
   with pytest.raises(ValueError, match='is not a precision plan'):
     plans.load(path, 4)
+  plans.save(path, [4, 4, 4, 4], budget_bits=3.0, layer_params=[10, 10, 10])  # one entry short
+  with pytest.raises(ValueError, match='layer_params has 3 entries for 4 layers'):
+    plans.load(path, 4)
+  open(path, 'w').write('{"format": ')  # truncated
+  with pytest.raises(ValueError, match=r'p\.json is not valid JSON'):
+    plans.load(path, 4)

@@ -42,14 +42,19 @@ def load(path: str, num_layers: int, max_bits: int = 8) -> tuple[int | None, ...
   if not os.path.exists(path):
     raise FileNotFoundError(f'plan file {path} does not exist')
   with open(path) as f:
-    plan = json.load(f)
-  if plan.get('format') != FORMAT or 'layer_bits' not in plan:
+    try:
+      plan = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path} is not valid JSON ({e})') from None
+  if not isinstance(plan, dict) or plan.get('format') != FORMAT or 'layer_bits' not in plan:
     raise ValueError(f'{path} is not a precision plan (expected "format": "{FORMAT}" and "layer_bits")')
   if plan.get('version') != VERSION:
     raise ValueError(f'{path}: plan version {plan.get("version")!r}; this code reads version {VERSION}')
   layer_bits = check(plan['layer_bits'], num_layers, max_bits, path)
   if 'budget_bits' in plan and 'layer_params' in plan:
     counts = plan['layer_params']
+    if len(counts) != len(layer_bits):  # zip would skip the budget check's last layers
+      raise ValueError(f'{path}: layer_params has {len(counts)} entries for {len(layer_bits)} layers')
     avg = sum(b * n for b, n in zip(layer_bits, counts)) / sum(counts)
     if avg > plan['budget_bits'] + 1e-9:
       raise ValueError(f'{path}: the plan averages {avg:.3f} bits, over its budget of {plan["budget_bits"]}')
