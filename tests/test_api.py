@@ -24,17 +24,3 @@ def test_qat_options_are_checked_and_read_from_a_config():
     mq.QATOptions(steps=0, learning_rate=1e-3)
   opts = mq.QATOptions.from_config(configs.base_config().qat, mq.QuantSpec(8, group_size=32))
   assert (opts.steps, opts.learning_rate, opts.spec.group_size) == (250, 3e-5, 32)
-
-
-def test_group_size_can_be_set_from_the_command_line():
-  """A None-typed config field cannot be overridden by absl's config flags; group_size is an int
-  placeholder (None by default). Run as a script, as the experiments parse their flags."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  script = ('from absl import app\nfrom ml_collections import config_flags\n'
-            "C = config_flags.DEFINE_config_file('config', 'experiments/configs/default.py')\n"
-            "app.run(lambda _: print('group_size', C.value.qat.quant.group_size))\n")
-  out = subprocess.run([sys.executable, '-c', script, '--config.qat.quant.group_size=32'],
-                       capture_output=True, text=True, check=True).stdout
-  assert 'group_size 32' in out
-  assert mq.lab.configs.base_config().qat.quant.group_size is None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ml_collections
-from ml_collections import config_dict
 
 from matquant_jax.core.qeinsum import QuantSpec
 from matquant_jax.data import pipeline
@@ -93,8 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
   # ('clamp' or 'identity'), for QAT and OmniQuant.
   c.qat = dict(steps=250, trainable='ffn', checkpoint_every=250, log_every=10,
                optimizer=optimizer(3e-5, 25), data_seed=0,
-               # an int placeholder (None by default) so --config.qat.quant.group_size=32 works
-               quant=dict(group_size=config_dict.placeholder(int), targets=('ffn',), slice_grad='clamp'))
+               quant=dict(group_size=None, targets=('ffn',), slice_grad='clamp'))
   # OmniQuant calibration (the paper: 128 x 2048 C4 tokens, batch 4, 10M tokens seen, about 40
   # passes over the calibration set, so 40 epochs here). Learning rates per parameter group as in
   # OmniQuant's code; the rest of the fields: omniquant.Options.
