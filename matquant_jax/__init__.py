@@ -40,7 +40,7 @@ _EXPORTS = {
     'GPTQOptions': ('algos.gptq', 'Options'), 'calibrate_gptq': ('algos.gptq', 'calibrate'),
     # the parent: make, store, export, plan; serving
     'make_parent': 'parents', 'save_parent': ('parents', 'save'), 'load_parent': ('parents', 'load'),
-    'export': 'parents', 'search_plan': ('parents.planner', 'search'),
+    'export': 'parents', 'export_gguf': 'ckpts', 'search_plan': ('parents.planner', 'search'),
     'Sampler': 'text', 'Sampling': 'text',
     # evaluation
     'log_perplexity': 'evals', 'accuracy': 'evals', 'task_items': 'evals',

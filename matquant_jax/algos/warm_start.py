@@ -69,7 +69,8 @@ def code_agreement(config: nn.TransformerConfig, parent: dict, variables: dict) 
     if not isinstance(qa, quant.QuantizedArray):
       continue
     info = infos[k.partition('/')[2]]
-    again = quant.QuantizedArray.from_float(f[k], qa.parent_bits, info.reduce_axes, qa.group_size)
+    again = quant.QuantizedArray.from_float(f[k], qa.parent_bits, info.reduce_axes, qa.group_size,
+                                             symmetric=qa.symmetric)
     same += int(np.sum(np.asarray(again.codes) == np.asarray(qa.codes)))
     total += qa.codes.size
   return same / total

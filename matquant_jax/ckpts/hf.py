@@ -7,12 +7,11 @@ import json
 import os
 from typing import Any, Mapping
 
-from flax import traverse_util
 import numpy as np
 import safetensors.numpy
 
 from matquant_jax import nn
-from matquant_jax.ckpts.layouts import HF_GEMMA3_NORMS, HF_GEMMA_NORMS, HF_LLAMA, check_params, gemma_params, llama_params
+from matquant_jax.ckpts.layouts import HF_GEMMA3_NORMS, HF_GEMMA_NORMS, HF_LLAMA, check_params, checkpoint_tensors, gemma_params, llama_params
 from matquant_jax.nn import gemma3, llama
 from matquant_jax.text import tokenization
 
@@ -77,40 +76,11 @@ def load_hf(directory: str, dtype: str = 'float32'):
   return config, check_params(params, config, directory), tokenization.from_directory(directory)
 
 
-def _linear_from_params(layer: Params, c: nn.TransformerConfig) -> dict[str, np.ndarray]:
-  """Our block params -> [out, in] q, k, v, o, gate, up, down matrices."""
-  a, m = layer['attn'], layer['mlp']
-  rows = lambda w: np.asarray(w).transpose(0, 2, 1).reshape(-1, c.embed_dim)  # [m, d, h] -> [m*h, d]
-  if 'qkv_einsum' in a:
-    q, k, v = (rows(x) for x in np.asarray(a['qkv_einsum']['w']))
-  else:
-    q = rows(a['q_einsum']['w'])
-    k, v = (rows(x) for x in np.asarray(a['kv_einsum']['w']))
-  o = np.asarray(a['attn_vec_einsum']['w']).transpose(2, 0, 1).reshape(c.embed_dim, -1)
-  g = np.asarray(m['gating_einsum'])
-  g = g if c.transpose_gating_einsum else g.transpose(0, 2, 1)  # [2, F, D]
-  return dict(q=q, k=k, v=v, o=o, gate=g[0], up=g[1], down=np.asarray(m['linear']).T)
-
-
 def hf_tensors(params: Params, c: nn.TransformerConfig) -> dict[str, np.ndarray]:
   """Hugging Face tensor names and [out, in] arrays (Llama/Mistral, or Gemma-2/3 when
   config.norm_plus_one)."""
-  names = HF_LLAMA
-  out = {names['embed']: params['embedder']['input_embedding'], names['norm']: params['final_norm']['scale']}
-  if not c.tie_embeddings:
-    out[names['head']] = params['embedder']['output_embedding']
-  for i in range(c.num_layers):
-    layer = params[f'layer_{i}']
-    for role, w in _linear_from_params(layer, c).items():
-      out[names[role].format(i=i)] = w
-    if c.norm_plus_one:
-      flat = traverse_util.flatten_dict(layer, sep='/')
-      for ours, theirs in (HF_GEMMA3_NORMS if c.qk_norm else HF_GEMMA_NORMS).items():
-        out[theirs.format(i=i)] = flat[f'{ours}/scale']
-    else:
-      out[names['attn_norm'].format(i=i)] = layer['pre_attention_norm']['scale']
-      out[names['ffn_norm'].format(i=i)] = layer['pre_ffw_norm']['scale']
-  return {k: np.asarray(v) for k, v in out.items()}
+  norms = (HF_GEMMA3_NORMS if c.qk_norm else HF_GEMMA_NORMS) if c.norm_plus_one else None
+  return checkpoint_tensors(params, c, HF_LLAMA, norms)
 
 
 def hf_config(c: nn.TransformerConfig) -> dict:

@@ -137,3 +137,38 @@ def gemma_params(get, c: nn.TransformerConfig, names: Mapping[str, str], norms: 
       node[leaf] = norm(theirs.format(i=i))
     p[f'layer_{i}'] = layer
   return p
+
+
+def linear_from_params(layer: Params, c: nn.TransformerConfig) -> dict[str, np.ndarray]:
+  """Our block params -> [out, in] q, k, v, o, gate, up, down matrices (the inverse of
+  `_attn_from_linear` and `_mlp_from_linear`; any array leaves: floats, codes, scales)."""
+  a, m = layer['attn'], layer['mlp']
+  rows = lambda w: np.asarray(w).transpose(0, 2, 1).reshape(-1, c.embed_dim)  # [m, d, h] -> [m*h, d]
+  if 'qkv_einsum' in a:
+    q, k, v = (rows(x) for x in np.asarray(a['qkv_einsum']['w']))
+  else:
+    q = rows(a['q_einsum']['w'])
+    k, v = (rows(x) for x in np.asarray(a['kv_einsum']['w']))
+  o = np.asarray(a['attn_vec_einsum']['w']).transpose(2, 0, 1).reshape(c.embed_dim, -1)
+  g = np.asarray(m['gating_einsum'])
+  g = g if c.transpose_gating_einsum else g.transpose(0, 2, 1)  # [2, F, D]
+  return dict(q=q, k=k, v=v, o=o, gate=g[0], up=g[1], down=np.asarray(m['linear']).T)
+
+
+def checkpoint_tensors(params: Params, c: nn.TransformerConfig, names: Mapping[str, str],
+                       norms: Mapping[str, str] | None = None, norm_shift: float = 0.0) -> dict[str, np.ndarray]:
+  """Checkpoint names -> [out, in] arrays of our tree (the inverse of `llama_params`, or of
+  `gemma_params` when `norms` is given: norm weights written as scale + norm_shift)."""
+  out = {names['embed']: params['embedder']['input_embedding'],
+         names['norm']: np.asarray(params['final_norm']['scale']) + norm_shift}
+  if not c.tie_embeddings:
+    out[names['head']] = params['embedder']['output_embedding']
+  for i in range(c.num_layers):
+    layer = params[f'layer_{i}']
+    for role, w in linear_from_params(layer, c).items():
+      out[names[role].format(i=i)] = w
+    flat = traverse_util.flatten_dict(layer, sep='/')
+    block_norms = norms or {'pre_attention_norm': names['attn_norm'], 'pre_ffw_norm': names['ffn_norm']}
+    for ours, theirs in block_norms.items():
+      out[theirs.format(i=i)] = np.asarray(flat[f'{ours}/scale']) + norm_shift
+  return {k: np.asarray(v) for k, v in out.items()}

@@ -30,6 +30,8 @@ class QuantSpec:
     and/or 'attn'.
   slice_grad: the slice's straight-through gradient in training, 'clamp' or
     'identity' (`quant.slice_ste`); no effect on the forward pass.
+  symmetric: zero point fixed at 2^(c-1) (`quant.calibrate`), for formats without an
+    offset (GGUF Q8_0 / Q4_0); the paper's grids are asymmetric (the default).
   """
   bits: int | tuple[int | None, ...]
   _: dataclasses.KW_ONLY
@@ -38,6 +40,7 @@ class QuantSpec:
   group_size: int | None = None
   targets: tuple[str, ...] = ('ffn',)
   slice_grad: str = 'clamp'
+  symmetric: bool = False
 
   def __post_init__(self):
     if isinstance(self.bits, list):
@@ -105,7 +108,8 @@ def quantized_weight(w, reduce_axes: Sequence[int], bits: int | None,
   return quant.fake_quant(w.astype(jnp.float32), bits, parent_bits=spec.parent_bits,
                           reduce_axes=reduce_axes, extra_precision=spec.extra_precision,
                           group_size=spec.group_size, gamma=gamma, beta=beta,
-                          stats_grad='smooth' in aux, slice_grad=spec.slice_grad).astype(w.dtype)
+                          stats_grad='smooth' in aux, slice_grad=spec.slice_grad,
+                          symmetric=spec.symmetric).astype(w.dtype)
 
 
 def einsum(eqn: str, x: jax.Array, w, *, reduce_axes: Sequence[int],

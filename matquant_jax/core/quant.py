@@ -149,20 +149,27 @@ def _norm_axes(reduce_axes: Sequence[int], ndim: int) -> tuple[int, ...]:
 
 
 def group(w: jax.Array, reduce_axes: Sequence[int], group_size: int | None):
-  """Splits the (single) contraction axis into (n // group_size, group_size).
+  """Splits the contraction into groups of `group_size` consecutive weights.
 
-  Returns the grouped array and the reduce axes in it; a no-op when
-  group_size is None.
+  With one contraction axis, that axis becomes (n // group_size, group_size). With several
+  (the output projection's (heads, head_dim)) they must be adjacent, and the groups run over
+  their flattened order, as GGUF's row blocks do: group_size must divide the innermost axis,
+  so a group never spans two heads, and only the innermost axis is split. Returns the grouped
+  array and the reduce axes in it (the group axis); a no-op when group_size is None.
   """
   axes = _norm_axes(reduce_axes, w.ndim)
   if group_size is None:
     return w, axes
-  if len(axes) != 1:
-    raise ValueError(f'group_size needs exactly one contraction axis, got reduce_axes={reduce_axes!r}')
-  ax = axes[0]
+  if axes != tuple(range(axes[0], axes[0] + len(axes))):
+    raise ValueError(f'group_size needs adjacent contraction axes, got reduce_axes={reduce_axes!r}')
+  ax = axes[-1]
   n = w.shape[ax]
-  if group_size <= 0 or n % group_size:
-    raise ValueError(f'group_size={group_size} must divide the contraction axis of size {n}')
+  if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size <= 0 \
+      or n % group_size:
+    where = (f'the innermost contraction axis (size {n}; groups over a flattened '
+             f'{tuple(w.shape[a] for a in axes)} contraction stay inside one row of it)'
+             if len(axes) > 1 else f'the contraction axis of size {n}')
+    raise ValueError(f'group_size={group_size!r} must be a positive integer dividing {where}')
   shape = w.shape[:ax] + (n // group_size, group_size) + w.shape[ax + 1:]
   if isinstance(w, jax.ShapeDtypeStruct):
     return jax.ShapeDtypeStruct(shape, w.dtype), (ax + 1,)
@@ -176,7 +183,7 @@ def stats_shape(shape: Sequence[int], reduce_axes: Sequence[int], group_size: in
 
 
 def calibrate(w, bits: int, reduce_axes: Sequence[int], gamma=None, beta=None,
-              stats_grad: bool = False):
+              stats_grad: bool = False, symmetric: bool = False):
   """Asymmetric min-max scale and rounded zero point over `reduce_axes`.
 
   With OmniQuant clipping factors gamma, beta in (0, 1) (broadcastable to the
@@ -185,9 +192,20 @@ def calibrate(w, bits: int, reduce_axes: Sequence[int], gamma=None, beta=None,
   to the gradient (so fake_quant's gradient w.r.t. w is the identity); gamma
   and beta get gradients through alpha and z. `stats_grad=True` lets the
   gradient through min/max too (OmniQuant's scale s acts on w through them).
+
+  symmetric=True: z = 2^(c-1) and alpha = gamma max|w| / (2^(c-1) - 1) (beta unused), so
+  every slice is symmetric too: GGUF's Q8_0 / Q4_0 hold the int8 / int4 slices exactly.
   """
   axes = _norm_axes(reduce_axes, jnp.ndim(w))
   ws = w if stats_grad else jax.lax.stop_gradient(w)
+  if symmetric:
+    if bits < 2:
+      raise ValueError(f'a symmetric grid needs at least 2 bits, got {bits}')
+    amax = jnp.max(jnp.abs(ws), axis=axes, keepdims=True)
+    if gamma is not None:
+      amax = gamma * amax
+    scale = jnp.maximum(amax / (2**(bits - 1) - 1), SCALE_FLOOR)
+    return scale, jnp.full_like(scale, 2**(bits - 1))
   wmax = jnp.max(ws, axis=axes, keepdims=True)
   wmin = jnp.min(ws, axis=axes, keepdims=True)
   if gamma is not None:
@@ -211,7 +229,8 @@ def dequantize(q, scale, zero_point):
 
 def fake_quant(w, bits: int, *, parent_bits: int = 8, reduce_axes: Sequence[int] = (0,),
                extra_precision: bool = False, group_size: int | None = None,
-               gamma=None, beta=None, stats_grad: bool = False, slice_grad: str = 'clamp'):
+               gamma=None, beta=None, stats_grad: bool = False, slice_grad: str = 'clamp',
+               symmetric: bool = False):
   """Quantize w to a parent_bits parent, slice to `bits`, dequantize.
 
   Statistics are taken over `reduce_axes` (the contraction axes: one scale per
@@ -225,7 +244,7 @@ def fake_quant(w, bits: int, *, parent_bits: int = 8, reduce_axes: Sequence[int]
   # statistics, scale and codes in float32 whatever the weight's dtype: a float16 range of
   # +-6e4 overflows (max - min) / 255, and bfloat16 rounding moves codes by half a level
   wg, axes = group(jnp.asarray(w).astype(jnp.float32), reduce_axes, group_size)
-  scale, zero = calibrate(wg, parent_bits, axes, gamma, beta, stats_grad)
+  scale, zero = calibrate(wg, parent_bits, axes, gamma, beta, stats_grad, symmetric)
   q = slice_ste(quantize(wg, scale, zero, parent_bits), bits, parent_bits, extra_precision, slice_grad)
   return dequantize(q, scale, zero).reshape(shape).astype(dtype)
 
@@ -246,11 +265,12 @@ class QuantizedArray:
 
   @classmethod
   def from_float(cls, w, parent_bits: int = 8, reduce_axes: Sequence[int] = (0,),
-                 group_size: int | None = None, gamma=None, beta=None) -> 'QuantizedArray':
+                 group_size: int | None = None, gamma=None, beta=None,
+                 symmetric: bool = False) -> 'QuantizedArray':
     """Calibrates and quantizes a float weight into a stored parent."""
     check_bits(parent_bits, parent_bits)
     wg, axes = group(jnp.asarray(w, jnp.float32), reduce_axes, group_size)
-    scale, zero = calibrate(wg, parent_bits, axes, gamma, beta)
+    scale, zero = calibrate(wg, parent_bits, axes, gamma, beta, symmetric=symmetric)
     codes = quantize(wg, scale, zero, parent_bits).astype(jnp.uint8)
     return cls(codes, scale, zero, parent_bits, tuple(jnp.shape(w)))
 
@@ -272,6 +292,11 @@ class QuantizedArray:
       return None
     ax = next(i for i, (a, b) in enumerate(zip(self.codes.shape, self.shape)) if a != b)
     return int(self.codes.shape[ax + 1])
+
+  @property
+  def symmetric(self) -> bool:
+    """Whether every zero point is 2^(c-1) (a symmetric grid; reads the zero points on host)."""
+    return bool(np.all(np.asarray(self.zero_point) == 2**(self.parent_bits - 1)))
 
   def average_bits(self, bits: int, extra_precision: bool = False) -> float:
     """bits + the fraction of weights in the extra bucket (extra precision only)."""

@@ -11,14 +11,14 @@ from matquant_jax.nn import sharding
 
 def quant_spec(bits: int | None, quant: ml_collections.ConfigDict | None) -> QuantSpec | None:
   """The QuantSpec for `bits` (an int, a per-layer tuple, or None for float) from a config's
-  quantizer subtree (parent_bits, extra_precision, group_size, targets, slice_grad)."""
+  quantizer subtree (parent_bits, extra_precision, group_size, targets, slice_grad, symmetric)."""
   if bits is None:
     return None
   q = quant or {}
   return QuantSpec(bits=bits, parent_bits=q.get('parent_bits', 8),
                    extra_precision=q.get('extra_precision', False),
                    group_size=q.get('group_size', None), targets=tuple(q.get('targets', ('ffn',))),
-                   slice_grad=q.get('slice_grad', 'clamp'))
+                   slice_grad=q.get('slice_grad', 'clamp'), symmetric=q.get('symmetric', False))
 
 
 RUN_FIELDS = {'name', 'label', 'objective', 'lambdas', 'parent_bits', 'extra_precision', 'algo', 'budget'}
@@ -89,10 +89,11 @@ def base_config() -> ml_collections.ConfigDict:
   # QAT batches are their own stream (seed, 1, data_seed), not a replay of pretraining's. lr 3e-5:
   # at 3e-4 the int8 baseline gains from the extra training itself and MatQuant's int8/int4 lag it
   # by ~0.035 nats (docs/results.md). quant.slice_grad: the slice's straight-through gradient
-  # ('clamp' or 'identity'), for QAT and OmniQuant.
+  # ('clamp' or 'identity'), for QAT and OmniQuant; quant.symmetric: zero point fixed at 2^(c-1)
+  # (every base; exports to GGUF Q8_0/Q4_0 exactly), off for the paper's results.
   c.qat = dict(steps=250, trainable='ffn', checkpoint_every=250, log_every=10,
                optimizer=optimizer(3e-5, 25), data_seed=0,
-               quant=dict(group_size=None, targets=('ffn',), slice_grad='clamp'))
+               quant=dict(group_size=None, targets=('ffn',), slice_grad='clamp', symmetric=False))
   # OmniQuant calibration (the paper: 128 x 2048 C4 tokens, batch 4, 10M tokens seen, about 40
   # passes over the calibration set, so 40 epochs here). Learning rates per parameter group as in
   # OmniQuant's code; the rest of the fields: omniquant.Options.

@@ -110,7 +110,8 @@ def bits_per_weight(variables, spec: QuantSpec | None, config: TransformerConfig
         b = float_bits
       elif spec.extra_precision:
         if not is_quantized(w):
-          w = quant.QuantizedArray.from_float(w, spec.parent_bits, info.reduce_axes, spec.group_size)
+          w = quant.QuantizedArray.from_float(w, spec.parent_bits, info.reduce_axes, spec.group_size,
+                                                  symmetric=spec.symmetric)
         b = w.average_bits(bits, extra_precision=True)
       else:
         b = float(bits)

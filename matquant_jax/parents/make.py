@@ -52,7 +52,7 @@ def make_parent(config: nn.TransformerConfig, params: Tree, spec: QuantSpec,
       ws = qeinsum.quantized_weight(w, info.reduce_axes, None, None, aux)  # W * s
       gamma, beta = qeinsum.clipping_factors(aux)
       flat_p[name] = quant.QuantizedArray.from_float(
-          ws, spec.parent_bits, info.reduce_axes, spec.group_size, gamma, beta)
+          ws, spec.parent_bits, info.reduce_axes, spec.group_size, gamma, beta, spec.symmetric)
       if 'shift' in aux:
         flat_q[name] = {'shift': aux['shift'], 'smooth': aux['smooth'],
                         'bias': qeinsum.shift_bias(info.eqn, aux['shift'], w)}

@@ -146,3 +146,62 @@ def _sentencepiece_from_gguf(field) -> SentencePieceTokenizer:
   n.remove_extra_whitespaces = False
   n.escape_whitespaces = True
   return SentencePieceTokenizer(spm.SentencePieceProcessor(model_proto=m.SerializeToString()))
+
+
+# llama.cpp's token types (gguf-py `TokenType`; SentencePiece's piece types use the same numbers).
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+
+
+def gguf_vocab(tokenizer, num_embed: int, pre: str | None = None) -> dict:
+  """The tokenizer as llama.cpp's tokenizer.ggml.* fields (the inverse of `from_gguf`), padded
+  to `num_embed` entries with unused '[PAD<i>]' tokens as convert_hf_to_gguf.py pads.
+
+  SentencePiece -> 'llama' (pieces, scores, piece types); byte-level BPE -> 'gpt2' (tokens,
+  merges, special added tokens as control). `pre` names llama.cpp's pre-tokenizer; by default
+  it is read off the tokenizer's own pre-tokenizer ('smollm': digits split one by one, then
+  GPT-2's byte level; 'gpt-2': byte level alone) and anything else is refused.
+  """
+  tokenizer = wrap(tokenizer)
+  if isinstance(tokenizer, SentencePieceTokenizer):
+    from sentencepiece import sentencepiece_model_pb2 as pb  # pylint: disable=g-import-not-at-top
+    m = pb.ModelProto.FromString(tokenizer.sp.serialized_model_proto())
+    sp = tokenizer.sp
+    out = dict(model='llama', pre=pre or 'default', tokens=[p.piece for p in m.pieces],
+               scores=[p.score for p in m.pieces], types=[int(p.type) for p in m.pieces], merges=None,
+               unk=sp.unk_id() if sp.unk_id() >= 0 else None, pad=sp.pad_id() if sp.pad_id() >= 0 else None,
+               add_space_prefix=bool(m.normalizer_spec.add_dummy_prefix))
+  elif isinstance(tokenizer, HFTokenizer):
+    import json  # pylint: disable=g-import-not-at-top
+    spec = json.loads(tokenizer.tk.to_str())
+    if spec['model']['type'] != 'BPE':
+      raise ValueError(f'a {spec["model"]["type"]} tokenizer has no llama.cpp vocabulary here (BPE only)')
+    by_id = {i: t for t, i in tokenizer.tk.get_vocab(with_added_tokens=True).items()}
+    tokens = [by_id.get(i, f'[PAD{i}]') for i in range(max(by_id) + 1)]
+    types = [NORMAL if i in by_id else UNUSED for i in range(len(tokens))]
+    for added in spec.get('added_tokens') or []:
+      types[added['id']] = CONTROL if added.get('special') else USER_DEFINED
+    merges = [m if isinstance(m, str) else ' '.join(m) for m in spec['model']['merges']]
+    out = dict(model='gpt2', pre=pre or _bpe_pre(spec.get('pre_tokenizer')), tokens=tokens, scores=None,
+               types=types, merges=merges, unk=None, pad=None, add_space_prefix=False)
+  else:
+    raise TypeError(f'cannot write a vocabulary for a tokenizer of type {type(tokenizer).__name__}')
+  if len(out['tokens']) > num_embed:
+    raise ValueError(f'the tokenizer has {len(out["tokens"])} tokens, the model embeds only {num_embed}')
+  pad = range(len(out['tokens']), num_embed)
+  out['tokens'] += [f'[PAD{i}]' for i in pad]
+  out['types'] += [UNUSED] * len(pad)
+  if out['scores'] is not None:
+    out['scores'] += [-1000.0] * len(pad)
+  return dict(out, bos=tokenizer.bos_id, eos=tokenizer.eos_id)
+
+
+def _bpe_pre(pre_tokenizer: dict | None) -> str:
+  """llama.cpp's pre-tokenizer name for the two byte-level forms `from_gguf` builds."""
+  kinds = [p['type'] for p in (pre_tokenizer or {}).get('pretokenizers', [pre_tokenizer or {}])]
+  if kinds == ['ByteLevel']:
+    return 'gpt-2'
+  digits = (pre_tokenizer or {}).get('pretokenizers', [{}])[0]
+  if kinds == ['Digits', 'ByteLevel'] and digits.get('individual_digits'):
+    return 'smollm'
+  raise ValueError(f'the tokenizer\'s pre-tokenizer {kinds} has no known llama.cpp name; pass '
+                   'tokenizer_pre= (llama.cpp\'s tokenizer.ggml.pre, as convert_hf_to_gguf.py picks it)')

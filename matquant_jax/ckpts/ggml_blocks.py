@@ -1,0 +1,89 @@
+"""ggml's block formats written from integer codes (pure numpy), so a slice lands in a GGUF
+tensor without re-quantization.
+
+Every format here has blocks of 32 consecutive weights along a row (the input axis) with fp16
+constants; layouts follow ggml-common.h / ggml-quants.c (`quantize_row_*_ref`):
+  Q4_0  d, 16 nibble bytes        w = d (q - 8),   q in 0..15
+  Q4_1  d, m, 16 nibble bytes     w = d q + m,     q in 0..15
+  Q5_0  d, qh[4], 16 nibbles      w = d (q - 16),  q in 0..31 (bit 4 of element j is bit j of qh)
+  Q5_1  d, m, qh[4], 16 nibbles   w = d q + m,     q in 0..31
+  Q8_0  d, 32 int8                w = d q,         q in -128..127
+Nibble byte j holds element j (low) and element j + 16 (high).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BLOCK = 32
+
+SIZES = {'Q4_0': 18, 'Q4_1': 20, 'Q5_0': 22, 'Q5_1': 24, 'Q8_0': 34}
+LEVELS = {'Q4_0': 16, 'Q4_1': 16, 'Q5_0': 32, 'Q5_1': 32, 'Q8_0': 256}
+CENTRE = {'Q4_0': 8, 'Q5_0': 16, 'Q8_0': 0}
+
+
+def bits_per_weight(kind: str) -> float:
+  """Bits on disk per weight of a block type (F16: 16, F32: 32)."""
+  return {'F16': 16.0, 'BF16': 16.0, 'F32': 32.0}.get(kind) or SIZES[kind] * 8 / BLOCK
+
+
+def _fp16_bytes(x: np.ndarray) -> np.ndarray:
+  """[..., nb] float -> [..., nb, 2] little-endian fp16 bytes; refuses values fp16 cannot hold."""
+  h = np.asarray(x, np.float32).astype(np.float16)
+  if not np.all(np.isfinite(h)):
+    raise ValueError('a block constant overflows fp16 (|value| > 65504): this weight cannot be '
+                     'written in a ggml block format; export it as F32')
+  return np.ascontiguousarray(h, '<f2').view(np.uint8).reshape(*h.shape, 2)
+
+
+def _nibbles(q: np.ndarray) -> np.ndarray:
+  """[rows, nb, 32] codes -> [rows, nb, 16] bytes: element j low, element j + 16 high."""
+  q = q.astype(np.uint8)
+  return (q[..., :16] & 0xF) | ((q[..., 16:] & 0xF) << 4)
+
+
+def _high_bits(q: np.ndarray) -> np.ndarray:
+  """[rows, nb, 32] 5-bit codes -> [rows, nb, 4] bytes: bit j of the uint32 = bit 4 of element j."""
+  bits = ((q.astype(np.uint32) >> 4) & 1) << np.arange(BLOCK, dtype=np.uint32)
+  return np.ascontiguousarray(np.sum(bits, axis=-1, dtype=np.uint32)[..., None], '<u4').view(np.uint8)
+
+
+def pack(kind: str, q: np.ndarray, d: np.ndarray, m: np.ndarray | None = None) -> np.ndarray:
+  """Block bytes [rows, n / 32 * size] of codes q [rows, n] with per-block d (and m) [rows, n / 32].
+
+  q holds the stored code: 0..LEVELS-1 for Q4/Q5 (the centre is subtracted on decode),
+  -128..127 for Q8_0.
+  """
+  if kind not in SIZES:
+    raise ValueError(f'unknown block type {kind!r}; one of {sorted(SIZES)}')
+  rows, n = q.shape
+  if n % BLOCK:
+    raise ValueError(f'rows of {n} weights are not a whole number of {BLOCK}-weight blocks')
+  lo, hi = (-128, 127) if kind == 'Q8_0' else (0, LEVELS[kind] - 1)
+  if q.size and (q.min() < lo or q.max() > hi):
+    raise ValueError(f'{kind} codes must lie in {lo}..{hi}, got {q.min()}..{q.max()}')
+  qb = q.reshape(rows, n // BLOCK, BLOCK)
+  parts = [_fp16_bytes(d)]
+  if kind in ('Q4_1', 'Q5_1'):
+    parts.append(_fp16_bytes(m))
+  if kind == 'Q8_0':
+    parts.append(qb.astype(np.int8).view(np.uint8))
+  else:
+    if kind in ('Q5_0', 'Q5_1'):
+      parts.append(_high_bits(qb))
+    parts.append(_nibbles(qb))
+  out = np.concatenate(parts, axis=-1)
+  assert out.shape[-1] == SIZES[kind], (kind, out.shape)
+  return out.reshape(rows, -1)
+
+
+def quantize_q8_0(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """ggml's reference Q8_0 of float rows [rows, n]: (codes [rows, n], d [rows, n / 32]);
+  d = max|w| / 127 per block, codes round(w / d) with halves away from zero (C's roundf)."""
+  rows, n = w.shape
+  wb = np.asarray(w, np.float32).reshape(rows, n // BLOCK, BLOCK)
+  d = np.max(np.abs(wb), axis=-1) / 127.0
+  inv = np.where(d > 0, 1.0 / np.where(d > 0, d, 1.0), 0.0)
+  x = wb * inv[..., None]
+  q = (np.sign(x) * np.floor(np.abs(x) + 0.5)).astype(np.int8)
+  return q.reshape(rows, n), d.astype(np.float32)

@@ -1,0 +1,292 @@
+"""A slice of a stored parent as one GGUF file llama.cpp runs (architectures 'llama', 'gemma3').
+
+Each quantized weight's slice codes go into a ggml block type that holds them exactly, so the
+file is the model the project evaluates up to the fp16 rounding of the block constants:
+  asymmetric parent, width r: w = (alpha 2^(c-r)) s + (-alpha z), s < 16 -> Q4_1, s < 32 -> Q5_1
+    (int4 and the narrower widths in Q4_1, int5 and E.P. int4 in Q5_1), wider -> `wide`
+    (Q8_0 re-quantized from the slice, or F16; the added error is in the report);
+  symmetric parent (z = 2^(c-1)): w = (alpha 2^(c-r)) (s - 2^(r-1)) -> Q4_0 / Q5_0 / Q8_0.
+Block constants must be constant over each block of 32 along a row: the parent's groups must
+be a multiple of 32 (or per channel). Weights the parent does not quantize are written in
+`float_type`, norms in F32. Llama's Q/K rows are permuted back to llama.cpp's RoPE order and
+Gemma's norms stored as 1 + scale, the inverse of what `load_gguf` undoes.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from typing import Any, Mapping
+
+from flax import traverse_util
+import numpy as np
+
+from matquant_jax import nn
+from matquant_jax.ckpts import ggml_blocks
+from matquant_jax.ckpts.layouts import GGUF_GEMMA3, GGUF_GEMMA3_NORMS, GGUF_LLAMA, checkpoint_tensors, permute_rope
+from matquant_jax.core import packing, quant
+from matquant_jax.text import tokenization
+
+# Our quantizable weights -> the [out, in] roles of `layouts.linear_from_params`.
+ROLES = {'attn/q_einsum/w': ('q',), 'attn/kv_einsum/w': ('k', 'v'), 'attn/qkv_einsum/w': ('q', 'k', 'v'),
+         'attn/attn_vec_einsum/w': ('o',), 'mlp/gating_einsum': ('gate', 'up'), 'mlp/linear': ('down',)}
+FLOAT_TYPES = ('F32', 'F16', 'Q8_0')
+WIDE_TYPES = ('Q8_0', 'F16')
+
+
+def architecture(config: nn.TransformerConfig) -> str:
+  """'llama' or 'gemma3', after checking llama.cpp's graph for it is this config's model."""
+  def need(cond, what):
+    if not cond:
+      raise ValueError(f'cannot export to GGUF: {what}')
+  if config.qk_norm:
+    need(config.attention_pattern == 'gemma3' and config.post_norms and config.norm_plus_one
+         and config.embed_scale and config.tie_embeddings and config.ffn_activation == 'gelu_tanh'
+         and config.attn_logits_soft_cap is None,
+         'a QK-norm model that is not Gemma 3 (llama.cpp\'s gemma3 graph)')
+    scale = (config.embed_dim // config.num_heads)**-0.5 if config.num_layers == 62 else config.head_dim**-0.5
+    need(abs(config.query_scale - scale) < 1e-9 * scale,
+         f'llama.cpp scales Gemma 3 queries by {scale:.6g} for {config.num_layers} layers, '
+         f'this model by {config.query_scale:.6g}')
+    return 'gemma3'
+  need(not config.norm_plus_one and not config.post_norms and not config.embed_scale
+       and config.ffn_activation == 'silu' and config.attn_logits_soft_cap is None
+       and config.final_logit_softcap is None,
+       'only the Llama family and Gemma 3 are written (Gemma 2 is not)')
+  need(config.attention_pattern == 'global',
+       'llama.cpp\'s llama graph has no sliding window (a Mistral-style config)')
+  return 'llama'
+
+
+def _hparams(w, arch: str, c: nn.TransformerConfig, context_length: int) -> None:
+  w.add_block_count(c.num_layers)
+  w.add_context_length(context_length)
+  w.add_embedding_length(c.embed_dim)
+  w.add_feed_forward_length(c.hidden_dim)
+  w.add_head_count(c.num_heads)
+  w.add_head_count_kv(c.num_kv_heads)
+  w.add_key_length(c.head_dim)
+  w.add_value_length(c.head_dim)
+  w.add_rope_freq_base(c.rope_base)
+  w.add_layer_norm_rms_eps(c.norm_eps)
+  if arch == 'llama':
+    w.add_vocab_size(c.num_embed)
+    w.add_rope_dimension_count(c.head_dim)
+  else:
+    w.add_sliding_window(c.sliding_window_size)
+    w.add_rope_freq_base_swa(c.rope_local_base or 10_000.0)
+    if c.rope_global_scale != 1.0:
+      import gguf  # pylint: disable=g-import-not-at-top
+      w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+      w.add_rope_scaling_factor(c.rope_global_scale)
+    if c.final_logit_softcap:
+      w.add_final_logit_softcapping(c.final_logit_softcap)
+
+
+def _vocab(w, v: dict, add_bos: bool) -> None:
+  w.add_tokenizer_model(v['model'])
+  w.add_tokenizer_pre(v['pre'])
+  w.add_token_list(v['tokens'])
+  w.add_token_types(v['types'])
+  if v['scores'] is not None:
+    w.add_token_scores(v['scores'])
+  if v['merges'] is not None:
+    w.add_token_merges(v['merges'])
+  for key, add in (('bos', w.add_bos_token_id), ('eos', w.add_eos_token_id), ('unk', w.add_unk_token_id),
+                   ('pad', w.add_pad_token_id)):
+    if v[key] is not None:
+      add(v[key])
+  w.add_add_bos_token(add_bos)
+  w.add_add_space_prefix(v['add_space_prefix'])
+
+
+def _add_metadata(w, metadata: Mapping[str, Any]) -> None:
+  """Extra key/values (general.*, a chat template): str, bool, int (uint32), float, list of str."""
+  for key, value in metadata.items():
+    if isinstance(value, bool):
+      w.add_bool(key, value)
+    elif isinstance(value, int):
+      w.add_uint32(key, value)
+    elif isinstance(value, float):
+      w.add_float32(key, value)
+    elif isinstance(value, str):
+      w.add_string(key, value)
+    elif isinstance(value, (list, tuple)) and all(isinstance(x, str) for x in value):
+      w.add_array(key, list(value))
+    else:
+      raise ValueError(f'metadata {key!r}: a {type(value).__name__} cannot be written (str, bool, '
+                       'int, float or a list of str)')
+
+
+def _slice_arrays(qa: quant.QuantizedArray, bits: int, extra_precision: bool):
+  """(slice index s, scale alpha, zero z), each in the weight's own shape: w = alpha (2^(c-r) s - z)."""
+  s = np.asarray(qa.sliced_codes(bits, extra_precision)) >> (qa.parent_bits - bits)
+  full = lambda x: np.broadcast_to(np.asarray(x, np.float32), qa.codes.shape).reshape(qa.shape)
+  return s.reshape(qa.shape), full(qa.scale), full(qa.zero_point)
+
+
+def _block_constant(x: np.ndarray, name: str) -> np.ndarray:
+  """[rows, n] values constant over each 32-block -> [rows, n / 32]; refuses anything else."""
+  rows, n = x.shape
+  if n % ggml_blocks.BLOCK:
+    raise ValueError(f'{name}: rows of {n} weights are not whole 32-weight GGUF blocks')
+  b = x.reshape(rows, n // ggml_blocks.BLOCK, ggml_blocks.BLOCK)
+  if not np.all(b == b[..., :1]):
+    raise ValueError(f'{name}: the parent\'s scales change inside a 32-weight GGUF block: its '
+                     'group_size must be a multiple of 32 (or per channel) to be written exactly')
+  return b[..., 0]
+
+
+CENTRED_RANGE = {'Q4_0': (-8, 7), 'Q5_0': (-16, 15), 'Q8_0': (-128, 127)}
+
+
+def slice_type(bits: int, extra_precision: bool, symmetric: bool, wide: str = 'Q8_0') -> str:
+  """The ggml type that holds width `bits` of a parent exactly ('wide' for asymmetric widths
+  of more than 32 levels, which no offset block type holds: re-quantized or F16)."""
+  levels = 2**bits + (1 if extra_precision else 0)
+  if symmetric:  # centred codes s - 2^(r-1)
+    lo, hi = -(2**(bits - 1)), levels - 1 - 2**(bits - 1)
+    return next(k for k, (a, b) in CENTRED_RANGE.items() if a <= lo and hi <= b)
+  return next((k for k in ('Q4_1', 'Q5_1') if levels <= ggml_blocks.LEVELS[k]), wide)
+
+
+def encode_slice(kind: str, s, alpha, zero, bits: int, parent_bits: int, name: str) -> np.ndarray:
+  """Block bytes of one [out, in] slice (s, alpha, z as `_slice_arrays`) in `kind`."""
+  step = alpha * 2.0**(parent_bits - bits)
+  if kind in ('Q4_1', 'Q5_1'):
+    return ggml_blocks.pack(kind, s, _block_constant(step, name), _block_constant(-alpha * zero, name))
+  if kind in CENTRED_RANGE:
+    if not np.all(zero == 2**(parent_bits - 1)):
+      raise ValueError(f'{name}: {kind} has no offset; only a symmetric parent (QuantSpec(symmetric=True)) '
+                       'is written in it exactly')
+    return ggml_blocks.pack(kind, s - 2**(bits - 1) + ggml_blocks.CENTRE[kind], _block_constant(step, name))
+  raise ValueError(f'{name}: {kind} is not an exact slice type')
+
+
+FILE_TYPES = {'F32': 0, 'F16': 1, 'Q4_0': 2, 'Q4_1': 3, 'Q8_0': 7, 'Q5_0': 8, 'Q5_1': 9}
+
+
+def _float_tensor(kind: str, x: np.ndarray):
+  """(array, raw ggml type or None) of a float tensor written as F32, F16 or re-quantized Q8_0."""
+  if kind == 'F32' or x.ndim == 1:  # norms stay F32, as llama.cpp's converters write them
+    return np.ascontiguousarray(x, np.float32), None
+  if kind == 'F16':
+    return np.ascontiguousarray(x, np.float16), None
+  if kind != 'Q8_0':
+    raise ValueError(f'float_type must be one of {FLOAT_TYPES}, got {kind!r}')
+  return ggml_blocks.pack('Q8_0', *ggml_blocks.quantize_q8_0(x)), 'Q8_0'
+
+
+def export_gguf(path: str, variables, config: nn.TransformerConfig, tokenizer, bits=None, *,
+                extra_precision: bool = False, float_type: str = 'F16', wide: str = 'Q8_0',
+                context_length: int = 8192, tokenizer_pre: str | None = None,
+                metadata: Mapping[str, Any] | None = None, verify: bool = True) -> dict:
+  """Writes `variables` at `bits` as one GGUF file at `path` (atomically) and returns a report.
+
+  variables: a stored parent (its quantized weights as `QuantizedArray`s) or float weights
+    (then everything is written in float_type: a plain conversion).
+  bits: a width, per-layer widths or a plan file (`nn.resolve_spec`); None: the parent's width.
+  extra_precision: write the E.P. slice (int2/int3 -> Q4_1, int4 -> Q5_1: exact).
+  float_type: weights the parent does not quantize ('F16', 'F32', or 'Q8_0' re-quantized).
+  wide: asymmetric widths above 5 bits, which no offset block holds: 'Q8_0' (re-quantized from
+    the slice) or 'F16'.
+  context_length: llama.cpp's n_ctx_train (its default context; the weights do not depend on it).
+  metadata: extra key/values (general.name, tokenizer.chat_template, ...).
+  verify: decode every written tensor with the `gguf` package and report its largest error
+    against the project's own weight at this slice.
+  Returns {'path', 'bytes', 'tensors': [{name, type, shape, bits_per_weight, max_abs_err,
+  rel_err}], 'params_by_type'}.
+  """
+  import gguf  # pylint: disable=g-import-not-at-top
+  arch = architecture(config)
+  if wide not in WIDE_TYPES:
+    raise ValueError(f'wide must be one of {WIDE_TYPES}, got {wide!r}')
+  if float_type not in FLOAT_TYPES:
+    raise ValueError(f'float_type must be one of {FLOAT_TYPES}, got {float_type!r}')
+  variables = nn.as_variables(variables)
+  extra = sorted(k for k, v in variables.items() if k != 'params' and v)
+  if extra:
+    raise ValueError(f'cannot export to GGUF: the variables carry {extra} (OmniQuant\'s shift/bias '
+                     'or scales outside the weights), which llama.cpp\'s graph has no place for; '
+                     'export a parent calibrated without LET shifts (let=False)')
+  flat = {p: (v.as_parent() if isinstance(v, packing.ResidentArray) else v)
+          for p, v in nn.flat_leaves(variables['params']).items()}
+  stored = nn.stored_bits(variables)
+  if stored is None and bits is not None:
+    raise ValueError(f'bits={bits!r} needs a stored parent: make one first (mq.make_parent)')
+  spec = nn.resolve_spec(stored if bits is None else bits, variables, config,
+                         extra_precision=extra_precision) if stored else None
+
+  trees = {k: {} for k in ('w', 's', 'alpha', 'zero')}
+  quantized = {}  # GGUF name -> (bits, symmetric, parent bits)
+  names, norms, shift = ((GGUF_LLAMA, None, 0.0) if arch == 'llama'
+                         else (GGUF_GEMMA3, GGUF_GEMMA3_NORMS, 1.0))
+  for p, leaf in flat.items():
+    if not nn.is_quantized(leaf):
+      for t in trees.values():
+        t[p] = np.asarray(leaf, np.float32)
+      continue
+    layer, _, suffix = p.partition('/')
+    r = spec.bits_for(int(layer[6:]), config.num_layers) or leaf.parent_bits
+    ep = extra_precision and r < leaf.parent_bits
+    trees['w'][p] = np.asarray(leaf.dequantize(r, ep))
+    trees['s'][p], trees['alpha'][p], trees['zero'][p] = _slice_arrays(leaf, r, ep)
+    for role in ROLES[suffix]:
+      quantized[names[role].format(i=int(layer[6:]))] = (r, ep, leaf.symmetric, leaf.parent_bits)
+  tensors = {k: checkpoint_tensors(traverse_util.unflatten_dict(t, sep='/'), config, names, norms, shift)
+             for k, t in trees.items()}
+  if arch == 'llama':
+    for name in tensors['w']:
+      for role, heads in (('attn_q', config.num_heads), ('attn_k', config.num_kv_heads)):
+        if name.endswith(f'.{role}.weight'):
+          for t in tensors.values():
+            t[name] = permute_rope(t[name], heads)
+
+  vocab = tokenization.gguf_vocab(tokenizer, config.num_embed, tokenizer_pre)
+  tmp = f'{path}.tmp'
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  written, counts = {}, collections.Counter()
+  try:
+    w = gguf.GGUFWriter(tmp, arch)
+    meta = {'general.name': 'matquant', **(metadata or {})}
+    _add_metadata(w, {k: v for k, v in meta.items() if k != 'general.architecture'})
+    _hparams(w, arch, config, context_length)
+    _vocab(w, vocab, config.bos_per_sequence)
+    for name, x in tensors['w'].items():
+      if name in quantized:
+        r, ep, symmetric, c = quantized[name]
+        kind = slice_type(r, ep, symmetric, wide)
+        if kind == 'F16' or (kind == 'Q8_0' and not symmetric):
+          data, raw = _float_tensor(kind, x)
+        else:
+          data, raw = encode_slice(kind, tensors['s'][name], tensors['alpha'][name], tensors['zero'][name],
+                                   r, c, name), kind
+      else:
+        data, raw = _float_tensor(float_type, x)
+        kind = raw or ('F32' if data.dtype == np.float32 else 'F16')
+      w.add_tensor(name, data, raw_dtype=None if raw is None else gguf.GGMLQuantizationType[raw])
+      written[name] = kind
+      if x.ndim == 2:
+        counts[kind] += x.size
+    w.add_file_type(FILE_TYPES[counts.most_common(1)[0][0]])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  report = {'path': path, 'bytes': os.path.getsize(path), 'params_by_type': dict(counts), 'tensors': []}
+  if verify:
+    reader = gguf.GGUFReader(path)
+    for t in reader.tensors:
+      x = tensors['w'][t.name]
+      got = np.asarray(gguf.dequantize(t.data, t.tensor_type), np.float32).reshape(x.shape)
+      err = float(np.max(np.abs(got - x)))
+      report['tensors'].append(dict(
+          name=t.name, type=written[t.name], shape=tuple(x.shape), max_abs_err=err,
+          rel_err=err / max(float(np.max(np.abs(x))), 1e-30),
+          bits_per_weight=8.0 * int(t.n_bytes) / x.size))
+  return report
