@@ -21,10 +21,7 @@ Runs unchanged on CPU, GPU or TPU.
 """
 
 import glob
-import json
 import os
-import shutil
-import subprocess
 import time
 
 from absl import app, flags
@@ -34,6 +31,7 @@ import jax.numpy as jnp
 from matquant_jax import ckpts, parents
 from matquant_jax.core import QuantSpec, contract, plans
 from matquant_jax.data import shakespeare
+from matquant_jax.evals import llama_cpp
 from matquant_jax.lab import logs, timing
 from matquant_jax.text import sampler
 
@@ -69,13 +67,6 @@ def prompts(tokenizer, n: int, length: int) -> list[str]:
     ids = tokenizer.encode(text[20000 + 3000 * i: 26000 + 3000 * i])[:length - 1]  # BOS is added
     out.append(tokenizer.decode(ids))
   return out
-
-
-def llama_bench(binary: str, path: str, new_tokens: int, threads: int = 2) -> float:
-  """llama.cpp's decode tok/s of one GGUF file (llama-bench's own JSON report)."""
-  out = subprocess.run([binary, '-m', path, '-p', '0', '-n', str(new_tokens), '-t', str(threads),
-                        '-o', 'json'], capture_output=True, text=True, check=True).stdout
-  return float(next(r['avg_ts'] for r in json.loads(out) if r.get('n_gen', 0) > 0))
 
 
 def main(argv):
@@ -129,7 +120,7 @@ def main(argv):
           f'{r["resident_mib"]:.1f} | {r["bound_tok_s"]:.1f} | {share} | '
           f'{r["decode_tok_s"] / base[r["batch"]]:.2f} |')
 
-  binary = _LLAMA_BENCH.value or shutil.which('llama-bench')
+  binary = _LLAMA_BENCH.value or llama_cpp.bench_binary(None)
   if not binary:
     print('\nllama.cpp: no llama-bench found (--llama_bench or PATH); not measured')
     return
@@ -141,7 +132,7 @@ def main(argv):
   for f in files:
     if f.endswith('.gguf'):
       print(f'| {os.path.basename(f)} | {os.path.getsize(f) / 2**20:.1f} | '
-            f'{llama_bench(binary, f, _NEW.value):.1f} |', flush=True)
+            f'{llama_cpp.decode_speed(binary, f, _NEW.value):.1f} |', flush=True)
 
 
 if __name__ == '__main__':

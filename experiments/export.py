@@ -1,8 +1,18 @@
-r"""Writes a stored parent and packed exports of it, and prints their sizes.
+r"""Writes a stored parent and packed exports of it, or its slices as GGUF files for llama.cpp.
 
   python experiments/export.py --model=smollm2-135m --out=runs/exports [--bits=6,4,3,2] [--plan=pyramid]
       [--other_dtype=bfloat16]
   python experiments/export.py --model=runs/default/parents/matquant --out=runs/exports_default
+  python experiments/export.py --model=smollm2-135m --format=gguf --bits=4 --group_size=32 --out=runs/gguf
+      [--symmetric] [--extra_precision] [--plan=pyramid] [--float_type=F16] [--wide=Q8_0]
+
+--format=gguf: one `<model>-<slice>.gguf` per width in --bits (and --plan when given), each
+the parent's slice in exact ggml blocks (`ckpts.export_gguf`; int4 of an asymmetric g32
+parent is Q4_1, of a symmetric one Q4_0); the table gives each tensor type's count, bits on
+disk and largest error against the project's own slice (decoded back with the `gguf`
+package); the last line is the last file's path. A float --model is made a min-max parent
+with --group_size (and --symmetric) first; general.* and the chat template are copied from a
+source GGUF.
 
 --model: a stored parent, or float weights (checkpoint, .gguf, 'smollm2-135m'),
 made into a min-max int8 parent first (--targets). Writes OUT/parent (uint8
@@ -26,6 +36,12 @@ _OUT = flags.DEFINE_string('out', None, 'Output directory.', required=True)
 _BITS = flags.DEFINE_list('bits', ['6', '4', '3', '2'], 'Packed widths to export.')
 _PLAN = flags.DEFINE_string('plan', 'pyramid', "'pyramid', a plan file, or empty.")
 _TARGETS = flags.DEFINE_list('targets', ['ffn', 'attn'], 'Weights quantized when --model is float.')
+_FORMAT = flags.DEFINE_enum('format', 'parent', ['parent', 'gguf'], 'Stored parent + packed slices, or GGUF files.')
+_GROUP = flags.DEFINE_integer('group_size', None, 'Group size of the min-max parent (default: per channel).')
+_SYMMETRIC = flags.DEFINE_bool('symmetric', False, 'Symmetric min-max parent (zero point 2^(c-1)).')
+_EP = flags.DEFINE_bool('extra_precision', False, 'GGUF: write the extra-precision slices.')
+_FLOAT_TYPE = flags.DEFINE_enum('float_type', 'F16', ['F16', 'F32', 'Q8_0'], 'GGUF: type of unquantized weights.')
+_WIDE = flags.DEFINE_enum('wide', 'Q8_0', ['Q8_0', 'F16'], 'GGUF: type of asymmetric widths above 5 bits.')
 _OTHER_DTYPE = flags.DEFINE_enum('other_dtype', None, ['float32', 'bfloat16'],
                                  'Recast the weights that are not quantized (default: as loaded).')
 
@@ -38,8 +54,11 @@ def main(argv):
   float_params = None
   if nn.stored_bits(variables) is None:
     float_params = variables['params']
-    variables = parents.make_parent(config, float_params, QuantSpec(8, targets=tuple(_TARGETS.value)))
+    variables = parents.make_parent(config, float_params, QuantSpec(
+        8, targets=tuple(_TARGETS.value), group_size=_GROUP.value, symmetric=_SYMMETRIC.value))
   os.makedirs(_OUT.value, exist_ok=True)
+  if _FORMAT.value == 'gguf':
+    return export_gguf(variables, config, tokenizer)
   written = []
   if float_params is not None:
     d = os.path.join(_OUT.value, 'parent')
@@ -80,6 +99,38 @@ def main(argv):
       raise AssertionError(f'{d}: codes take {size["codes"]} bytes, the arithmetic says {want}')
     print(f'| {label} | {mib(size["codes"])} | {mib(size["scales"])} | {mib(size["other"])} | '
           f'{mib(size["total"])} | {8 * size["codes"] / n_quant:.2f} |')
+
+
+def export_gguf(variables, config, tokenizer):
+  source = _MODEL.value
+  if parents.is_parent(source):
+    source = parents.read_manifest(source).get('run', {}).get('source', '')
+  source = ckpts.MODELS[source]() if source in ckpts.MODELS else source
+  metadata, context = ckpts.gguf_source_metadata(source) if str(source).endswith('.gguf') else ({}, 8192)
+  name = os.path.basename(_MODEL.value.rstrip('/')).removesuffix('.gguf')
+  exports = [(f'int{b}', int(b)) for b in _BITS.value]
+  if flags.FLAGS['plan'].present and _PLAN.value:
+    exports.append((os.path.basename(_PLAN.value).removesuffix('.json'), _PLAN.value if _PLAN.value != 'pyramid'
+                    else plans.pyramid(config.num_layers)))
+  print('| file | MiB | bits / weight | types (parameters) | largest error / max abs w |')
+  print('|---|---|---|---|---|')
+  paths = []
+  for label, bits in exports:
+    path = os.path.join(_OUT.value, f'{name}-{label}{"-ep" if _EP.value else ""}.gguf')
+    report = ckpts.export_gguf(path, variables, config, tokenizer, bits, extra_precision=_EP.value,
+                               float_type=_FLOAT_TYPE.value, wide=_WIDE.value, context_length=context,
+                               metadata={**metadata, 'general.name': f'{metadata.get("general.name", name)} '
+                                         f'MatQuant {label}'})
+    n = sum(report['params_by_type'].values())
+    worst = {}
+    for t in report['tensors']:
+      worst[t['type']] = max(worst.get(t['type'], 0.0), t['rel_err'])
+    types = ', '.join(f'{k} {v / 1e6:.1f}M' for k, v in sorted(report['params_by_type'].items()))
+    errs = ', '.join(f'{k} {v:.1e}' for k, v in sorted(worst.items()))
+    print(f'| {os.path.basename(path)} | {report["bytes"] / 2**20:.1f} | {8 * report["bytes"] / n:.2f} | '
+          f'{types} | {errs} |', flush=True)
+    paths.append(path)
+  print(paths[-1])
 
 
 if __name__ == '__main__':

@@ -204,3 +204,26 @@ def test_bad_requests_name_the_problem(bpe, tmp_path):
 def _sizes(c):
   return dict(num_layers=c.num_layers, num_embed=c.num_embed, embed_dim=c.embed_dim, hidden_dim=c.hidden_dim,
               num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim)
+
+
+def test_q2_0_bytes_follow_ggml_reference():
+  """Q2_0 (newer than the gguf package): decoded by a transcription of ggml-quants.c's
+  dequantize_row_q2_0: y = ((qs[j / 4] >> 2 (j % 4)) & 3) - 1) * d."""
+  rng = np.random.default_rng(1)
+  q, d = rng.integers(0, 4, (2, 128)), rng.normal(size=(2, 2)).astype(np.float32)
+  raw = ggml_blocks.pack('Q2_0', q, d).reshape(2, 2, 18)
+  d16 = raw[..., :2].copy().view('<f2')[..., 0].astype(np.float32)
+  qs = raw[..., 2:]
+  j = np.arange(64)
+  got = ((((qs[..., j // 4] >> (2 * (j % 4))) & 3).astype(np.int32) - 1) * d16[..., None]).reshape(2, 128)
+  np.testing.assert_array_equal(got, (q - 1) * np.repeat(d.astype(np.float16).astype(np.float32), 64, axis=1))
+  assert ggml_blocks.bits_per_weight('Q2_0') == 2.25
+
+
+def test_symmetric_int2_as_q2_0_needs_blocks_of_64(bpe, tmp_path):
+  _, parent = _parent(LLAMA, group_size=32, symmetric=True)
+  with pytest.raises(ValueError, match='multiple of 64'):
+    ckpts.export_gguf(str(tmp_path / 'a.gguf'), parent, LLAMA, bpe, 2, two_bit='Q2_0')
+  _, parent = _parent(LLAMA, targets=('ffn',), symmetric=True)  # per channel: 64-blocks are constant
+  report = ckpts.export_gguf(str(tmp_path / 'b.gguf'), parent, LLAMA, bpe, 2, two_bit='Q2_0')
+  assert report['params_by_type']['Q2_0'] == 2 * 3 * 64 * 128 and 'unverified' in report

@@ -13,7 +13,7 @@ from matquant_jax.ckpts.hf import (
 from matquant_jax.ckpts.gguf import (
     load_gguf)
 from matquant_jax.ckpts.gguf_export import (
-    export_gguf)
+    export_gguf, gguf_source_metadata)
 from matquant_jax.ckpts.gemma_orbax import (
     infer_gemma_config, format_gemma_params, load_gemma_orbax, save_gemma_orbax)
 from matquant_jax.ckpts.zoo import (

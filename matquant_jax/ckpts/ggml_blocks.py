@@ -8,7 +8,10 @@ constants; layouts follow ggml-common.h / ggml-quants.c (`quantize_row_*_ref`):
   Q5_0  d, qh[4], 16 nibbles      w = d (q - 16),  q in 0..31 (bit 4 of element j is bit j of qh)
   Q5_1  d, m, qh[4], 16 nibbles   w = d q + m,     q in 0..31
   Q8_0  d, 32 int8                w = d q,         q in -128..127
-Nibble byte j holds element j (low) and element j + 16 (high).
+  Q2_0  d, 16 bytes (64 weights)  w = d (q - 1),   q in 0..3 (element j: bits 2 (j % 4) of byte j // 4)
+Nibble byte j holds element j (low) and element j + 16 (high). Q2_0 (ggml type 42, blocks of
+64) is newer than the `gguf` package: it has no numpy decoder there and its reader refuses the
+type, so only llama.cpp reads such files.
 """
 
 from __future__ import annotations
@@ -16,15 +19,22 @@ from __future__ import annotations
 import numpy as np
 
 BLOCK = 32
+Q2_0_TYPE = 42  # GGML_TYPE_Q2_0 in ggml.h
 
-SIZES = {'Q4_0': 18, 'Q4_1': 20, 'Q5_0': 22, 'Q5_1': 24, 'Q8_0': 34}
-LEVELS = {'Q4_0': 16, 'Q4_1': 16, 'Q5_0': 32, 'Q5_1': 32, 'Q8_0': 256}
-CENTRE = {'Q4_0': 8, 'Q5_0': 16, 'Q8_0': 0}
+SIZES = {'Q4_0': 18, 'Q4_1': 20, 'Q5_0': 22, 'Q5_1': 24, 'Q8_0': 34, 'Q2_0': 18}
+LEVELS = {'Q4_0': 16, 'Q4_1': 16, 'Q5_0': 32, 'Q5_1': 32, 'Q8_0': 256, 'Q2_0': 4}
+CENTRE = {'Q4_0': 8, 'Q5_0': 16, 'Q8_0': 0, 'Q2_0': 1}
+BLOCKS = {'Q2_0': 64}  # weights per block where not BLOCK
 
 
 def bits_per_weight(kind: str) -> float:
   """Bits on disk per weight of a block type (F16: 16, F32: 32)."""
-  return {'F16': 16.0, 'BF16': 16.0, 'F32': 32.0}.get(kind) or SIZES[kind] * 8 / BLOCK
+  return {'F16': 16.0, 'BF16': 16.0, 'F32': 32.0}.get(kind) or SIZES[kind] * 8 / block(kind)
+
+
+def block(kind: str) -> int:
+  """Weights per block of a type."""
+  return BLOCKS.get(kind, BLOCK)
 
 
 def _fp16_bytes(x: np.ndarray) -> np.ndarray:
@@ -49,24 +59,29 @@ def _high_bits(q: np.ndarray) -> np.ndarray:
 
 
 def pack(kind: str, q: np.ndarray, d: np.ndarray, m: np.ndarray | None = None) -> np.ndarray:
-  """Block bytes [rows, n / 32 * size] of codes q [rows, n] with per-block d (and m) [rows, n / 32].
+  """Block bytes [rows, n / block * size] of codes q [rows, n] with per-block d (and m)
+  [rows, n / block].
 
-  q holds the stored code: 0..LEVELS-1 for Q4/Q5 (the centre is subtracted on decode),
+  q holds the stored code: 0..LEVELS-1 for Q2/Q4/Q5 (the centre is subtracted on decode),
   -128..127 for Q8_0.
   """
   if kind not in SIZES:
     raise ValueError(f'unknown block type {kind!r}; one of {sorted(SIZES)}')
   rows, n = q.shape
-  if n % BLOCK:
-    raise ValueError(f'rows of {n} weights are not a whole number of {BLOCK}-weight blocks')
+  size = block(kind)
+  if n % size:
+    raise ValueError(f'rows of {n} weights are not a whole number of {size}-weight {kind} blocks')
   lo, hi = (-128, 127) if kind == 'Q8_0' else (0, LEVELS[kind] - 1)
   if q.size and (q.min() < lo or q.max() > hi):
     raise ValueError(f'{kind} codes must lie in {lo}..{hi}, got {q.min()}..{q.max()}')
-  qb = q.reshape(rows, n // BLOCK, BLOCK)
+  qb = q.reshape(rows, n // size, size)
   parts = [_fp16_bytes(d)]
   if kind in ('Q4_1', 'Q5_1'):
     parts.append(_fp16_bytes(m))
-  if kind == 'Q8_0':
+  if kind == 'Q2_0':
+    q4 = qb.astype(np.uint8).reshape(rows, n // size, size // 4, 4)
+    parts.append(np.bitwise_or.reduce(q4 << (2 * np.arange(4, dtype=np.uint8)), axis=-1))
+  elif kind == 'Q8_0':
     parts.append(qb.astype(np.int8).view(np.uint8))
   else:
     if kind in ('Q5_0', 'Q5_1'):

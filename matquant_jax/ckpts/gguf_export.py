@@ -125,25 +125,35 @@ def _slice_arrays(qa: quant.QuantizedArray, bits: int, extra_precision: bool):
   return s.reshape(qa.shape), full(qa.scale), full(qa.zero_point)
 
 
-def _block_constant(x: np.ndarray, name: str) -> np.ndarray:
-  """[rows, n] values constant over each 32-block -> [rows, n / 32]; refuses anything else."""
+def _block_constant(x: np.ndarray, name: str, size: int = ggml_blocks.BLOCK) -> np.ndarray:
+  """[rows, n] values constant over each block of `size` -> [rows, n / size]; refuses anything else."""
   rows, n = x.shape
-  if n % ggml_blocks.BLOCK:
-    raise ValueError(f'{name}: rows of {n} weights are not whole 32-weight GGUF blocks')
-  b = x.reshape(rows, n // ggml_blocks.BLOCK, ggml_blocks.BLOCK)
+  if n % size:
+    raise ValueError(f'{name}: rows of {n} weights are not whole {size}-weight GGUF blocks')
+  b = x.reshape(rows, n // size, size)
   if not np.all(b == b[..., :1]):
-    raise ValueError(f'{name}: the parent\'s scales change inside a 32-weight GGUF block: its '
-                     'group_size must be a multiple of 32 (or per channel) to be written exactly')
+    raise ValueError(f'{name}: the parent\'s scales change inside a {size}-weight GGUF block: its '
+                     f'group_size must be a multiple of {size} (or per channel) to be written exactly')
   return b[..., 0]
+
+
+def _check_symmetric(zero, parent_bits: int, kind: str, name: str) -> None:
+  if not np.all(zero == 2**(parent_bits - 1)):
+    raise ValueError(f'{name}: {kind} has no offset; only a symmetric parent (QuantSpec(symmetric=True)) '
+                     'is written in it exactly')
 
 
 CENTRED_RANGE = {'Q4_0': (-8, 7), 'Q5_0': (-16, 15), 'Q8_0': (-128, 127)}
 
 
-def slice_type(bits: int, extra_precision: bool, symmetric: bool, wide: str = 'Q8_0') -> str:
+def slice_type(bits: int, extra_precision: bool, symmetric: bool, wide: str = 'Q8_0',
+               two_bit: str = 'Q4_0') -> str:
   """The ggml type that holds width `bits` of a parent exactly ('wide' for asymmetric widths
-  of more than 32 levels, which no offset block type holds: re-quantized or F16)."""
+  of more than 32 levels, which no offset block type holds: re-quantized or F16).
+  two_bit='Q2_0': a symmetric int2 slice in llama.cpp's 2.25-bit Q2_0 rather than Q4_0."""
   levels = 2**bits + (1 if extra_precision else 0)
+  if symmetric and bits == 2 and not extra_precision and two_bit == 'Q2_0':
+    return 'Q2_0'
   if symmetric:  # centred codes s - 2^(r-1)
     lo, hi = -(2**(bits - 1)), levels - 1 - 2**(bits - 1)
     return next(k for k, (a, b) in CENTRED_RANGE.items() if a <= lo and hi <= b)
@@ -155,15 +165,16 @@ def encode_slice(kind: str, s, alpha, zero, bits: int, parent_bits: int, name: s
   step = alpha * 2.0**(parent_bits - bits)
   if kind in ('Q4_1', 'Q5_1'):
     return ggml_blocks.pack(kind, s, _block_constant(step, name), _block_constant(-alpha * zero, name))
+  if kind == 'Q2_0':  # d (q - 1) with q = 3 - s and d = -step: the codes mirrored
+    _check_symmetric(zero, parent_bits, kind, name)
+    return ggml_blocks.pack(kind, 3 - s, -_block_constant(step, name, ggml_blocks.block(kind)))
   if kind in CENTRED_RANGE:
-    if not np.all(zero == 2**(parent_bits - 1)):
-      raise ValueError(f'{name}: {kind} has no offset; only a symmetric parent (QuantSpec(symmetric=True)) '
-                       'is written in it exactly')
+    _check_symmetric(zero, parent_bits, kind, name)
     return ggml_blocks.pack(kind, s - 2**(bits - 1) + ggml_blocks.CENTRE[kind], _block_constant(step, name))
   raise ValueError(f'{name}: {kind} is not an exact slice type')
 
 
-FILE_TYPES = {'F32': 0, 'F16': 1, 'Q4_0': 2, 'Q4_1': 3, 'Q8_0': 7, 'Q5_0': 8, 'Q5_1': 9}
+FILE_TYPES = {'F32': 0, 'F16': 1, 'Q4_0': 2, 'Q4_1': 3, 'Q8_0': 7, 'Q5_0': 8, 'Q5_1': 9, 'Q2_0': 41}  # LlamaFileType
 
 
 def _float_tensor(kind: str, x: np.ndarray):
@@ -179,7 +190,7 @@ def _float_tensor(kind: str, x: np.ndarray):
 
 def export_gguf(path: str, variables, config: nn.TransformerConfig, tokenizer, bits=None, *,
                 extra_precision: bool = False, float_type: str = 'F16', wide: str = 'Q8_0',
-                context_length: int = 8192, tokenizer_pre: str | None = None,
+                two_bit: str = 'Q4_0', context_length: int = 8192, tokenizer_pre: str | None = None,
                 metadata: Mapping[str, Any] | None = None, verify: bool = True) -> dict:
   """Writes `variables` at `bits` as one GGUF file at `path` (atomically) and returns a report.
 
@@ -190,6 +201,9 @@ def export_gguf(path: str, variables, config: nn.TransformerConfig, tokenizer, b
   float_type: weights the parent does not quantize ('F16', 'F32', or 'Q8_0' re-quantized).
   wide: asymmetric widths above 5 bits, which no offset block holds: 'Q8_0' (re-quantized from
     the slice) or 'F16'.
+  two_bit: a symmetric parent's int2 slice in 'Q4_0' (4.5 bits on disk, read by every GGUF tool)
+    or 'Q2_0' (2.25 bits, blocks of 64: group_size a multiple of 64; only llama.cpp reads it,
+    the `gguf` package does not know the type, so `verify` skips those tensors).
   context_length: llama.cpp's n_ctx_train (its default context; the weights do not depend on it).
   metadata: extra key/values (general.name, tokenizer.chat_template, ...).
   verify: decode every written tensor with the `gguf` package and report its largest error
@@ -199,6 +213,8 @@ def export_gguf(path: str, variables, config: nn.TransformerConfig, tokenizer, b
   """
   import gguf  # pylint: disable=g-import-not-at-top
   arch = architecture(config)
+  if two_bit not in ('Q4_0', 'Q2_0'):
+    raise ValueError(f"two_bit must be 'Q4_0' or 'Q2_0', got {two_bit!r}")
   if wide not in WIDE_TYPES:
     raise ValueError(f'wide must be one of {WIDE_TYPES}, got {wide!r}')
   if float_type not in FLOAT_TYPES:
@@ -255,7 +271,7 @@ def export_gguf(path: str, variables, config: nn.TransformerConfig, tokenizer, b
     for name, x in tensors['w'].items():
       if name in quantized:
         r, ep, symmetric, c = quantized[name]
-        kind = slice_type(r, ep, symmetric, wide)
+        kind = slice_type(r, ep, symmetric, wide, two_bit)
         if kind == 'F16' or (kind == 'Q8_0' and not symmetric):
           data, raw = _float_tensor(kind, x)
         else:
@@ -264,7 +280,10 @@ def export_gguf(path: str, variables, config: nn.TransformerConfig, tokenizer, b
       else:
         data, raw = _float_tensor(float_type, x)
         kind = raw or ('F32' if data.dtype == np.float32 else 'F16')
-      w.add_tensor(name, data, raw_dtype=None if raw is None else gguf.GGMLQuantizationType[raw])
+      if raw == 'Q2_0':  # a type gguf 0.19 does not know: logical shape given, bytes as uint16
+        w.add_tensor(name, data.view(np.uint16), raw_shape=x.shape, raw_dtype=ggml_blocks.Q2_0_TYPE)
+      else:
+        w.add_tensor(name, data, raw_dtype=None if raw is None else gguf.GGMLQuantizationType[raw])
       written[name] = kind
       if x.ndim == 2:
         counts[kind] += x.size
@@ -279,7 +298,9 @@ def export_gguf(path: str, variables, config: nn.TransformerConfig, tokenizer, b
     if os.path.exists(tmp):
       os.remove(tmp)
   report = {'path': path, 'bytes': os.path.getsize(path), 'params_by_type': dict(counts), 'tensors': []}
-  if verify:
+  if verify and 'Q2_0' in counts:
+    report['unverified'] = 'Q2_0 tensors: the gguf package cannot read them (llama.cpp can)'
+  elif verify:
     reader = gguf.GGUFReader(path)
     for t in reader.tensors:
       x = tensors['w'][t.name]
@@ -290,3 +311,16 @@ def export_gguf(path: str, variables, config: nn.TransformerConfig, tokenizer, b
           rel_err=err / max(float(np.max(np.abs(x))), 1e-30),
           bits_per_weight=8.0 * int(t.n_bytes) / x.size))
   return report
+
+
+def gguf_source_metadata(path: str) -> tuple[dict, int]:
+  """(general.* and tokenizer.chat_template key/values, context length) of a source GGUF, to
+  carry into an export of a model made from it (what the file is, its licence, its template)."""
+  import gguf  # pylint: disable=g-import-not-at-top
+  reader = gguf.GGUFReader(path)
+  arch = reader.fields['general.architecture'].contents()
+  skip = {'general.architecture', 'general.file_type', 'general.quantization_version', 'general.alignment'}
+  meta = {k: f.contents() for k, f in reader.fields.items()
+          if (k.startswith('general.') and k not in skip) or k == 'tokenizer.chat_template'}
+  context = reader.fields.get(f'{arch}.context_length')
+  return meta, int(context.contents()) if context else 8192
