@@ -38,6 +38,8 @@ test-unit: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m 'not slow' --durations=15 tests
 
 bench: setup
+	$(PY) -m pip install -q -e '.[bench]' -c constraints.txt
+	$(PY) experiments/bench_gguf.py
 	$(PY) experiments/bench_decode.py --batch=1,8
 	$(PY) experiments/bench_contraction.py
 	$(PY) experiments/bench_train_step.py

@@ -34,6 +34,9 @@ setup(
     install_requires=INSTALL_REQUIRES,
     # The suite also executes the Colab notebooks (colabs/) in a local kernel; `make test` runs
     # it on two workers (pytest-xdist), one test file per worker at a time.
+    # `make bench` also judges exported GGUF files with llama.cpp through llama-cpp-python's
+    # ctypes binding (built from its sdist by evals.llama_cpp), which imports these.
     extras_require={'test': ['pytest>=9', 'pytest-xdist>=3.8', 'nbclient>=0.11', 'nbformat>=5.11',
-                             'ipykernel>=7']},
+                             'ipykernel>=7'],
+                    'bench': ['diskcache>=5.6', 'jinja2>=3.1']},
 )

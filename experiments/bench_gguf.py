@@ -32,8 +32,14 @@ from matquant_jax.lab import logs
 _MODELS = flags.DEFINE_list('models', ['smollm2-135m', 'gemma3-270m'], 'Model names (ckpts.MODELS).')
 _BITS = flags.DEFINE_list('bits', ['8', '4', '2'], 'Widths to export.')
 _GROUP = flags.DEFINE_integer('group_size', 32, 'Group size of the min-max parent.')
-_GRIDS = flags.DEFINE_list('grids', ['min-max', 'symmetric'], "Min-max parents made here: 'min-max' "
-                           "(asymmetric, the paper's), 'symmetric' (zero point 2^(c-1): Q8_0/Q4_0 exactly).")
+# name -> (parent: symmetric, group size (None: --group_size)), export options, widths (None: --bits)
+GRIDS = {
+    'min-max': ((False, None), {}, None),  # the paper's asymmetric grid: Q4_1 (Q8_0 re-quantized at int8)
+    'symmetric': ((True, None), {}, None),  # zero point 2^(c-1): Q8_0 / Q4_0 exactly
+    'min-max-k': ((False, None), {'k_quants': True}, ('4', '2')),  # Q4_K / Q2_K where rows allow
+    'symmetric-g64-q2': ((True, 64), {'two_bit': 'Q2_0'}, ('2',)),  # a true 2.25-bit file
+}
+_GRIDS = flags.DEFINE_list('grids', list(GRIDS), f'Min-max parents made here and how they are written: {list(GRIDS)}.')
 _PARENTS = flags.DEFINE_list('parents', [], 'More stored parents to export: NAME=DIR (model taken from DIR).')
 _WINDOWS = flags.DEFINE_integer('windows', 16, 'Evaluation windows.')
 _SEQ = flags.DEFINE_integer('seq_len', 256, 'Tokens per window.')
@@ -49,6 +55,18 @@ def windows(model, tokenizer):
   return [b[0] for b in batches]
 
 
+def zoo_name(config) -> str:
+  """The named model (ckpts.MODELS) whose GGUF has a stored parent's layer count and width."""
+  import gguf  # pylint: disable=g-import-not-at-top
+  for name, path in ckpts.MODELS.items():
+    fields = gguf.GGUFReader(path()).fields
+    arch = fields['general.architecture'].contents()
+    if (fields[f'{arch}.block_count'].contents(), fields[f'{arch}.embedding_length'].contents()) == (
+        config.num_layers, config.embed_dim):
+      return name
+  raise ValueError(f'no named model has {config.num_layers} layers of width {config.embed_dim}')
+
+
 def main(argv):
   del argv
   logs.setup()
@@ -59,24 +77,30 @@ def main(argv):
     done = {r['file']: r for r in map(json.loads, open(rows_path))}
   src = llama_cpp.build(_LLAMA.value)
   binding, bench = llama_cpp.binding(src), llama_cpp.bench_binary(src)
+  made = {}
   jobs = [(m, g, None) for m in _MODELS.value for g in _GRIDS.value] + [
       (None, *p.split('=', 1)) for p in _PARENTS.value]
   for model_name, label, parent_dir in jobs:
     if parent_dir:
       model, parent, tokenizer = parents.load(parent_dir)
-      model_name = os.path.basename(parent_dir.rstrip('/'))
-      source = parents.read_manifest(parent_dir).get('run', {}).get('source', '')
+      model_name = parents.read_manifest(parent_dir).get('run', {}).get('source') or zoo_name(model.config)
+      source, options, only = model_name, {}, None
     else:
-      model, variables, tokenizer = ckpts.load(model_name)
-      parent = parents.make_parent(model.config, variables['params'],
-                                   QuantSpec(8, group_size=_GROUP.value, targets=('ffn', 'attn'),
-                                             symmetric=label == 'symmetric'))
+      (symmetric, group), options, only = GRIDS[label]
+      key = (model_name, symmetric, group or _GROUP.value)
+      if key not in made:
+        model, variables, tokenizer = ckpts.load(model_name)
+        made[key] = model, parents.make_parent(model.config, variables['params'], QuantSpec(
+            8, group_size=group or _GROUP.value, targets=('ffn', 'attn'), symmetric=symmetric)), tokenizer
+      model, parent, tokenizer = made[key]
       source = model_name
     source = ckpts.MODELS[source]() if source in ckpts.MODELS else source
     meta, context = ckpts.gguf_source_metadata(source) if str(source).endswith('.gguf') else ({}, 8192)
     wins = windows(model, tokenizer)
     eval_fn = evals.make_eval_fn(model)
-    widths = [(f'int{b}', int(b)) for b in _BITS.value] + [('pyramid', plans.pyramid(model.config.num_layers))]
+    widths = [(f'int{b}', int(b)) for b in only or _BITS.value]
+    if only is None:
+      widths.append(('pyramid', plans.pyramid(model.config.num_layers)))
     files = ([('source', source, None)] if str(source).endswith('.gguf') and label == 'min-max' else []) + [
         (w, os.path.join(_OUT.value, f'{model_name}-{label}-{w}.gguf'), bits) for w, bits in widths]
     for width, path, bits in files:
@@ -85,17 +109,21 @@ def main(argv):
         continue
       t = time.time()
       if bits is not None:
-        ckpts.export_gguf(path, parent, model.config, tokenizer, bits, context_length=context,
-                          metadata={**meta, 'general.name': f'{model_name} MatQuant {label} {width}'}, verify=False)
+        report = ckpts.export_gguf(path, parent, model.config, tokenizer, bits, context_length=context,
+                                   metadata={**meta, 'general.name': f'{model_name} MatQuant {label} {width}'},
+                                   **options)
+        types = report['params_by_type']
+        worst = max((t['rel_err'] for t in report['tensors']), default=None)
         ours = eval_fn(parent, [w[None] for w in wins], nn.resolve_spec(bits, parent, model.config))
       else:
         m2, v2, _ = ckpts.load(path)
         ours = evals.make_eval_fn(m2)(v2, [w[None] for w in wins], None)
+        types, worst = {}, None
       theirs = llama_cpp.log_perplexity(binding, path, wins)
       row = dict(file=key, model=model_name, parent=label, width=width, mib=os.path.getsize(path) / 2**20,
                  project_nll=ours, llama_cpp_nll=theirs, diff=theirs - ours,
                  llama_cpp_tok_s=llama_cpp.decode_speed(bench, path) if bench else None,
-                 tokens=len(wins) * _SEQ.value, path=path)
+                 tokens=len(wins) * _SEQ.value, path=path, params_by_type=types, weight_rel_err=worst)
       logging.info('%s: project %.4f llama.cpp %.4f (%+.4f) %.1f MiB, %.1f s', key, ours, theirs,
                    theirs - ours, row['mib'], time.time() - t)
       with open(rows_path, 'a') as f:

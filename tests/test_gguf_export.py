@@ -150,6 +150,19 @@ def test_gemma3_int4_round_trip_and_norms(spm, tmp_path):
   np.testing.assert_allclose(b, a, atol=1e-2 * float(jnp.max(jnp.abs(a))))
 
 
+def test_gemma2_per_channel_round_trip(spm, tmp_path):
+  config = nn.TransformerConfig.tiny(num_embed=300)  # Gemma 2: soft caps, alternating windows
+  _, parent = _parent(config, seed=2)
+  path = str(tmp_path / 'g2.gguf')
+  ckpts.export_gguf(path, parent, config, spm, 4)
+  model, variables, _ = ckpts.load(path)
+  assert dataclasses.replace(model.config, norm_eps=config.norm_eps) == config
+  ids = jnp.asarray([[2, 17, 100, 3, 60, 9, 44, 1]])
+  a = nn.Transformer(config).apply(parent, ids, spec=nn.resolve_spec(4, parent, config)).logits
+  b = model.apply(variables, ids).logits
+  np.testing.assert_allclose(b, a, atol=1e-2 * float(jnp.max(jnp.abs(a))))
+
+
 def test_plan_gives_per_layer_types(bpe, tmp_path):
   _, parent = _parent(LLAMA, group_size=32)
   report = ckpts.export_gguf(str(tmp_path / 'p.gguf'), parent, LLAMA, bpe, (8, 2), wide='F16')
@@ -189,8 +202,8 @@ def test_bad_requests_name_the_problem(bpe, tmp_path):
     ckpts.export_gguf(path, {**parent, 'quant': {'x': 1}}, LLAMA, bpe, 4)
   with pytest.raises(ValueError, match='no sliding window'):
     ckpts.export_gguf(path, parent, llama.llama_config(**{**_sizes(LLAMA), 'sliding_window': 8}), bpe, 4)
-  with pytest.raises(ValueError, match='Gemma 2 is not'):
-    ckpts.export_gguf(path, parent, nn.TransformerConfig.tiny(), bpe, 4)
+  with pytest.raises(ValueError, match='not Gemma 2'):
+    ckpts.export_gguf(path, parent, nn.TransformerConfig.tiny(attention_pattern='global'), bpe, 4)
   with pytest.raises(ValueError, match='float_type must be one of'):
     ckpts.export_gguf(path, parent, LLAMA, bpe, 4, float_type='Q4_0')
   with pytest.raises(ValueError, match='bits=9'):
@@ -227,3 +240,24 @@ def test_symmetric_int2_as_q2_0_needs_blocks_of_64(bpe, tmp_path):
   _, parent = _parent(LLAMA, targets=('ffn',), symmetric=True)  # per channel: 64-blocks are constant
   report = ckpts.export_gguf(str(tmp_path / 'b.gguf'), parent, LLAMA, bpe, 2, two_bit='Q2_0')
   assert report['params_by_type']['Q2_0'] == 2 * 3 * 64 * 128 and 'unverified' in report
+
+
+def test_k_quants_keep_the_codes_where_rows_allow(bpe, tmp_path):
+  """Rows of 256 (ffn_down's input, 128 here: not; the config below has 256): Q4_K / Q2_K with
+  the slice's codes, only the sub-block constants rounded; 64-wide rows stay exact Q4_1."""
+  config = dataclasses.replace(LLAMA, hidden_dim=256)
+  _, parent = _parent(config, targets=('ffn',), group_size=32)
+  for bits, kind in ((4, 'Q4_K'), (2, 'Q2_K')):
+    path = str(tmp_path / f'k{bits}.gguf')
+    report = ckpts.export_gguf(path, parent, config, bpe, bits, k_quants=True)
+    by = {r['name']: r for r in report['tensors']}
+    assert by['blk.0.ffn_down.weight']['type'] == kind and by['blk.0.ffn_up.weight']['type'] == 'Q4_1'
+    got, want = _decoded(path), _expected(config, parent, bits)
+    assert np.max(np.abs(got['blk.1.ffn_up.weight'][1] - want['blk.1.ffn_up.weight'])) <= \
+        EPS16 * 2.02 * np.max(np.abs(want['blk.1.ffn_up.weight']))
+    # the K-quant's codes are the slice's: its error is at most half a sub-block scale step
+    # (1/30 of the super-block's largest step for 4-bit, 1/126 for 6-bit) times the code, plus the
+    # same for the offset
+    x, ref = got['blk.1.ffn_down.weight'][1], want['blk.1.ffn_down.weight']
+    assert 0 < by['blk.1.ffn_down.weight']['rel_err'] < (0.07 if bits == 2 else 0.02)
+    assert np.max(np.abs(x - ref)) == pytest.approx(by['blk.1.ffn_down.weight']['max_abs_err'])

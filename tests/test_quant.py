@@ -85,8 +85,36 @@ def test_group_size():
   got = quant.fake_quant(jnp.asarray(w), 4, group_size=8)
   want = np.concatenate([np_fake_quant(w[i:i + 8], 4)[0] for i in range(0, 32, 8)])
   np.testing.assert_allclose(got, want, atol=1e-5)
-  with pytest.raises(ValueError, match='group_size=5 must divide'):
+  with pytest.raises(ValueError, match='group_size=5 must be a positive integer dividing the contraction axis of size 32'):
     quant.fake_quant(jnp.asarray(w), 4, group_size=5)
+
+
+def test_groups_over_a_flattened_two_axis_contraction():
+  # [heads, head_dim, out] (attn_vec_einsum) in groups of 4 along the flattened (heads, head_dim):
+  # the same numbers as [heads * head_dim, out] grouped along its rows
+  w = np.random.default_rng(3).normal(size=(3, 8, 5)).astype(np.float32)
+  got = quant.fake_quant(jnp.asarray(w), 4, reduce_axes=(0, 1), group_size=4)
+  flat = w.reshape(24, 5)
+  want = np.concatenate([np_fake_quant(flat[i:i + 4], 4)[0] for i in range(0, 24, 4)]).reshape(3, 8, 5)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  qa = quant.QuantizedArray.from_float(w, 8, (0, 1), 4)
+  assert qa.codes.shape == (3, 2, 4, 5) and qa.group_size == 4
+  np.testing.assert_allclose(qa.dequantize(4), got, atol=1e-6)
+  with pytest.raises(ValueError, match='innermost contraction axis .size 8; groups over a flattened'):
+    quant.fake_quant(jnp.asarray(w), 4, reduce_axes=(0, 1), group_size=16)
+
+
+def test_symmetric_grid():
+  w = np.random.default_rng(4).normal(size=(64, 3)).astype(np.float32)
+  qa = quant.QuantizedArray.from_float(w, 8, (0,), symmetric=True)
+  alpha = np.max(np.abs(w), 0, keepdims=True) / 127
+  np.testing.assert_allclose(qa.scale, alpha, rtol=1e-6)
+  assert qa.symmetric and not quant.QuantizedArray.from_float(w, 8, (0,)).symmetric
+  np.testing.assert_array_equal(qa.codes, np.clip(np.round(w / alpha + 128), 0, 255))
+  # int4: 16 alpha (round-half-up(q / 16) - 8), clamped to 15 at the top: symmetric about 0
+  s = np.minimum(np.floor(np.asarray(qa.codes, np.float64) / 16 + 0.5), 15)
+  np.testing.assert_allclose(qa.dequantize(4), 16 * alpha * (s - 8), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(quant.fake_quant(jnp.asarray(w), 4, symmetric=True), qa.dequantize(4), atol=1e-6)
 
 
 @pytest.mark.parametrize('bits', [8, 4, 2])

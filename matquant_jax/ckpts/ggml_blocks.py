@@ -102,3 +102,56 @@ def quantize_q8_0(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   x = wb * inv[..., None]
   q = (np.sign(x) * np.floor(np.abs(x) + 0.5)).astype(np.int8)
   return q.reshape(rows, n), d.astype(np.float32)
+
+
+# K-quants: super-blocks of 256 weights, sub-block scales and mins quantized against fp16
+# super-block constants: w = d sc q - dmin m (sc, m unsigned: 4 bits in Q2_K, 6 in Q4_K).
+QK_K = 256
+K_SUB = {'Q2_K': 16, 'Q4_K': 32}  # weights per sub-block
+K_SIZES = {'Q2_K': 84, 'Q4_K': 144}
+K_LEVELS = {'Q2_K': 4, 'Q4_K': 16}
+
+
+def _k_constants(step: np.ndarray, mins: np.ndarray, top: int):
+  """Sub-block (step, min) [rows, nsb, subs] -> fp16 (d, dmin) per super-block and integer
+  (sc, m) in 0..top: the nearest on the grid d * sc, dmin * m (the codes are kept)."""
+  d = (np.max(step, axis=-1) / top).astype(np.float16).astype(np.float32)
+  dmin = (np.max(mins, axis=-1) / top).astype(np.float16).astype(np.float32)
+  ratio = lambda x, s: np.where(s[..., None] > 0, x / np.where(s[..., None] > 0, s[..., None], 1), 0)
+  sc = np.clip(np.round(ratio(step, d)), 0, top).astype(np.uint8)
+  m = np.clip(np.round(ratio(mins, dmin)), 0, top).astype(np.uint8)
+  return d, dmin, sc, m
+
+
+def pack_k(kind: str, q: np.ndarray, step: np.ndarray, mins: np.ndarray) -> np.ndarray:
+  """K-quant bytes [rows, n / 256 * size] of codes q [rows, n] (0..3 for Q2_K, 0..15 for
+  Q4_K) with per-sub-block step and min [rows, n / sub] (w = step q - min, min >= 0). Only the
+  sub-block constants are rounded (to 4 or 6 bits against the super-block's fp16 d, dmin);
+  layouts as ggml-quants.c's quantize_row_q{2,4}_K_ref write them."""
+  rows, n = q.shape
+  if n % QK_K:
+    raise ValueError(f'{kind} needs rows that are a multiple of {QK_K} weights, got {n}')
+  if q.min() < 0 or q.max() >= K_LEVELS[kind] or mins.min() < 0:
+    raise ValueError(f'{kind} holds codes 0..{K_LEVELS[kind] - 1} and offsets <= 0 only')
+  nsb, subs = n // QK_K, QK_K // K_SUB[kind]
+  top = 15 if kind == 'Q2_K' else 63
+  d, dmin, sc, m = _k_constants(step.reshape(rows, nsb, subs), mins.reshape(rows, nsb, subs), top)
+  qb = q.astype(np.uint8).reshape(rows, nsb, QK_K)
+  dm = np.concatenate([_fp16_bytes(d), _fp16_bytes(dmin)], axis=-1)
+  if kind == 'Q2_K':
+    scales = sc | (m << 4)  # [rows, nsb, 16]
+    # element 128 h + 32 j + l sits in byte 32 h + l at bits 2 j
+    e = qb.reshape(rows, nsb, 2, 4, 32)
+    qs = np.bitwise_or.reduce(e << (2 * np.arange(4, dtype=np.uint8))[:, None], axis=-2).reshape(rows, nsb, 64)
+    out = np.concatenate([scales, qs, dm], axis=-1)
+  else:
+    scales = np.zeros((rows, nsb, 12), np.uint8)
+    scales[..., 0:4] = sc[..., :4] | ((sc[..., 4:] >> 4) << 6)
+    scales[..., 4:8] = m[..., :4] | ((m[..., 4:] >> 4) << 6)
+    scales[..., 8:12] = (sc[..., 4:] & 0xF) | ((m[..., 4:] & 0xF) << 4)
+    # each 64 weights: byte l = element l (low) | element l + 32 (high)
+    e = qb.reshape(rows, nsb, 4, 2, 32)
+    qs = (e[..., 0, :] | (e[..., 1, :] << 4)).reshape(rows, nsb, 128)
+    out = np.concatenate([dm, scales, qs], axis=-1)
+  assert out.shape[-1] == K_SIZES[kind], (kind, out.shape)
+  return out.reshape(rows, -1)

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 
 import numpy as np
 
-from matquant_jax.ckpts.layouts import GGUF_GEMMA3, GGUF_GEMMA3_NORMS, GGUF_LLAMA, check_params, gemma_params, llama_params, unpermute_rope
+from matquant_jax.ckpts.layouts import GGUF_GEMMA2_NORMS, GGUF_GEMMA3, GGUF_GEMMA3_NORMS, GGUF_LLAMA, check_params, gemma_params, llama_params, unpermute_rope
+from matquant_jax import nn
 from matquant_jax.nn import gemma3, llama
 from matquant_jax.text import tokenization
 
 
 def load_gguf(path: str, dtype: str = 'float32'):
-  """(config, params, tokenizer) from a GGUF file (architectures 'llama' and 'gemma3'),
+  """(config, params, tokenizer) from a GGUF file (architectures 'llama', 'gemma2' and 'gemma3'),
   dequantized to float32."""
   import gguf  # pylint: disable=g-import-not-at-top
   if not os.path.exists(path):
@@ -21,8 +23,8 @@ def load_gguf(path: str, dtype: str = 'float32'):
   reader = gguf.GGUFReader(path)
   field = lambda k: reader.fields[k].contents()
   arch = field('general.architecture')
-  if arch not in ('llama', 'gemma3'):
-    raise ValueError(f'{path}: unknown GGUF architecture {arch!r}; supported: llama, gemma3')
+  if arch not in ('llama', 'gemma2', 'gemma3'):
+    raise ValueError(f'{path}: unknown GGUF architecture {arch!r}; supported: llama, gemma2, gemma3')
   meta = lambda k, d=None: field(f'{arch}.{k}') if f'{arch}.{k}' in reader.fields else d
   n_heads = meta('attention.head_count')
   tensors = {t.name: t for t in reader.tensors}
@@ -34,11 +36,22 @@ def load_gguf(path: str, dtype: str = 'float32'):
     config = gemma3.from_gguf_metadata(shape, meta('attention.sliding_window'),
                                        meta('rope.freq_base', 1_000_000.0), meta('rope.scaling.factor', 1.0),
                                        meta('attention.layer_norm_rms_epsilon', 1e-6))
+    config = dataclasses.replace(config, rope_local_base=meta('rope.freq_base_swa', 10_000.0))
+  elif arch == 'gemma2':  # llama.cpp's defaults: window 4096, one RoPE base, (D / heads)^-0.5 at 46 layers
+    config = nn.TransformerConfig(
+        **shape, sliding_window_size=meta('attention.sliding_window', 4096),
+        attn_logits_soft_cap=meta('attn_logit_softcapping'), final_logit_softcap=meta('final_logit_softcapping'),
+        query_pre_attn_scalar=(shape['embed_dim'] // n_heads)**-0.5 if shape['num_layers'] == 46 else None,
+        rope_base=meta('rope.freq_base', 10_000.0), norm_eps=meta('attention.layer_norm_rms_epsilon', 1e-6),
+        bos_per_sequence=True)
   else:
     config = llama.llama_config(
         **shape, rope_base=meta('rope.freq_base', 10_000.0),
         norm_eps=meta('attention.layer_norm_rms_epsilon', 1e-5),
         tie_embeddings='output.weight' not in tensors)
+
+  if 'tokenizer.ggml.add_bos_token' in reader.fields:  # trained with BOS opening each sequence
+    config = dataclasses.replace(config, bos_per_sequence=bool(field('tokenizer.ggml.add_bos_token')))
 
   def get(name):
     if name not in tensors:
@@ -51,8 +64,9 @@ def load_gguf(path: str, dtype: str = 'float32'):
       w = unpermute_rope(w, config.num_kv_heads)
     return w
 
-  if arch == 'gemma3':  # half-split RoPE already (llama.cpp's NEOX order): no Q/K permutation
-    params = gemma_params(get, config, GGUF_GEMMA3, GGUF_GEMMA3_NORMS, norm_shift=-1.0)
+  if arch != 'llama':  # half-split RoPE already (llama.cpp's NEOX order): no Q/K permutation
+    norms = GGUF_GEMMA3_NORMS if arch == 'gemma3' else GGUF_GEMMA2_NORMS
+    params = gemma_params(get, config, GGUF_GEMMA3, norms, norm_shift=-1.0)
   else:
     params = llama_params(get, config, GGUF_LLAMA)
   return config, check_params(params, config, path), tokenization.from_gguf(reader)

@@ -1,4 +1,5 @@
-"""A slice of a stored parent as one GGUF file llama.cpp runs (architectures 'llama', 'gemma3').
+"""A slice of a stored parent as one GGUF file llama.cpp runs (architectures 'llama', 'gemma2',
+'gemma3').
 
 Each quantized weight's slice codes go into a ggml block type that holds them exactly, so the
 file is the model the project evaluates up to the fp16 rounding of the block constants:
@@ -7,7 +8,9 @@ file is the model the project evaluates up to the fp16 rounding of the block con
     (Q8_0 re-quantized from the slice, or F16; the added error is in the report);
   symmetric parent (z = 2^(c-1)): w = (alpha 2^(c-r)) (s - 2^(r-1)) -> Q4_0 / Q5_0 / Q8_0.
 Block constants must be constant over each block of 32 along a row: the parent's groups must
-be a multiple of 32 (or per channel). Weights the parent does not quantize are written in
+be a multiple of 32 (or per channel). Optional compact forms: a symmetric int2 in llama.cpp's
+Q2_0 (2.25 bits), asymmetric int2 / int4 in Q2_K / Q4_K where rows are multiples of 256
+(codes kept, sub-block constants rounded: the one lossy step, measured in the report). Weights the parent does not quantize are written in
 `float_type`, norms in F32. Llama's Q/K rows are permuted back to llama.cpp's RoPE order and
 Gemma's norms stored as 1 + scale, the inverse of what `load_gguf` undoes.
 """
@@ -23,7 +26,7 @@ import numpy as np
 
 from matquant_jax import nn
 from matquant_jax.ckpts import ggml_blocks
-from matquant_jax.ckpts.layouts import GGUF_GEMMA3, GGUF_GEMMA3_NORMS, GGUF_LLAMA, checkpoint_tensors, permute_rope
+from matquant_jax.ckpts.layouts import GGUF_GEMMA2_NORMS, GGUF_GEMMA3, GGUF_GEMMA3_NORMS, GGUF_LLAMA, checkpoint_tensors, permute_rope
 from matquant_jax.core import packing, quant
 from matquant_jax.text import tokenization
 
@@ -35,10 +38,23 @@ WIDE_TYPES = ('Q8_0', 'F16')
 
 
 def architecture(config: nn.TransformerConfig) -> str:
-  """'llama' or 'gemma3', after checking llama.cpp's graph for it is this config's model."""
+  """'llama', 'gemma2' or 'gemma3', after checking llama.cpp's graph for it is this config's model."""
   def need(cond, what):
     if not cond:
       raise ValueError(f'cannot export to GGUF: {what}')
+  if config.norm_plus_one and not config.qk_norm:
+    need(config.attention_pattern == 'alternating' and config.post_norms and config.embed_scale
+         and config.tie_embeddings and config.ffn_activation == 'gelu_tanh' and config.rope_local_base is None
+         and config.rope_global_scale == 1.0,
+         'a Gemma-style model that is not Gemma 2 (llama.cpp\'s gemma2 graph)')
+    # llama.cpp's gemma2 graph always caps (50 and 30 unless the file says otherwise)
+    need(config.attn_logits_soft_cap and config.final_logit_softcap,
+         'llama.cpp\'s gemma2 graph always applies both soft caps; this model lacks one')
+    scale = (config.embed_dim // config.num_heads)**-0.5 if config.num_layers == 46 else config.head_dim**-0.5
+    need(abs(config.query_scale - scale) < 1e-9 * scale,
+         f'llama.cpp scales Gemma 2 queries by {scale:.6g} for {config.num_layers} layers, '
+         f'this model by {config.query_scale:.6g}')
+    return 'gemma2'
   if config.qk_norm:
     need(config.attention_pattern == 'gemma3' and config.post_norms and config.norm_plus_one
          and config.embed_scale and config.tie_embeddings and config.ffn_activation == 'gelu_tanh'
@@ -52,7 +68,7 @@ def architecture(config: nn.TransformerConfig) -> str:
   need(not config.norm_plus_one and not config.post_norms and not config.embed_scale
        and config.ffn_activation == 'silu' and config.attn_logits_soft_cap is None
        and config.final_logit_softcap is None,
-       'only the Llama family and Gemma 3 are written (Gemma 2 is not)')
+       'only the Llama family, Gemma 2 and Gemma 3 are written')
   need(config.attention_pattern == 'global',
        'llama.cpp\'s llama graph has no sliding window (a Mistral-style config)')
   return 'llama'
@@ -72,6 +88,10 @@ def _hparams(w, arch: str, c: nn.TransformerConfig, context_length: int) -> None
   if arch == 'llama':
     w.add_vocab_size(c.num_embed)
     w.add_rope_dimension_count(c.head_dim)
+  elif arch == 'gemma2':
+    w.add_sliding_window(c.sliding_window_size)
+    w.add_attn_logit_softcapping(c.attn_logits_soft_cap)
+    w.add_final_logit_softcapping(c.final_logit_softcap)
   else:
     w.add_sliding_window(c.sliding_window_size)
     w.add_rope_freq_base_swa(c.rope_local_base or 10_000.0)
@@ -174,7 +194,26 @@ def encode_slice(kind: str, s, alpha, zero, bits: int, parent_bits: int, name: s
   raise ValueError(f'{name}: {kind} is not an exact slice type')
 
 
-FILE_TYPES = {'F32': 0, 'F16': 1, 'Q4_0': 2, 'Q4_1': 3, 'Q8_0': 7, 'Q5_0': 8, 'Q5_1': 9, 'Q2_0': 41}  # LlamaFileType
+K_QUANTS = {2: 'Q2_K', 4: 'Q4_K'}  # the compact K-quant of an asymmetric width
+
+
+def k_quant(bits: int, extra_precision: bool, s, zero) -> str | None:
+  """The K-quant that keeps this slice's codes (only its sub-block constants are rounded), or
+  None: width 2 or 4, rows of a multiple of 256 weights, every offset -alpha z <= 0."""
+  kind = K_QUANTS.get(bits)
+  if kind is None or extra_precision or s.shape[1] % ggml_blocks.QK_K or np.any(zero < 0):
+    return None
+  return kind
+
+
+def encode_k(kind: str, s, alpha, zero, bits: int, parent_bits: int, name: str) -> np.ndarray:
+  sub = ggml_blocks.K_SUB[kind]
+  step = _block_constant(alpha * 2.0**(parent_bits - bits), name, sub)
+  return ggml_blocks.pack_k(kind, s, step, _block_constant(alpha * zero, name, sub))
+
+
+FILE_TYPES = {'F32': 0, 'F16': 1, 'Q4_0': 2, 'Q4_1': 3, 'Q8_0': 7, 'Q5_0': 8, 'Q5_1': 9, 'Q2_K': 10,
+              'Q4_K': 15, 'Q2_0': 41}  # LlamaFileType
 
 
 def _float_tensor(kind: str, x: np.ndarray):
@@ -190,7 +229,7 @@ def _float_tensor(kind: str, x: np.ndarray):
 
 def export_gguf(path: str, variables, config: nn.TransformerConfig, tokenizer, bits=None, *,
                 extra_precision: bool = False, float_type: str = 'F16', wide: str = 'Q8_0',
-                two_bit: str = 'Q4_0', context_length: int = 8192, tokenizer_pre: str | None = None,
+                two_bit: str = 'Q4_0', k_quants: bool = False, context_length: int = 8192, tokenizer_pre: str | None = None,
                 metadata: Mapping[str, Any] | None = None, verify: bool = True) -> dict:
   """Writes `variables` at `bits` as one GGUF file at `path` (atomically) and returns a report.
 
@@ -204,6 +243,9 @@ def export_gguf(path: str, variables, config: nn.TransformerConfig, tokenizer, b
   two_bit: a symmetric parent's int2 slice in 'Q4_0' (4.5 bits on disk, read by every GGUF tool)
     or 'Q2_0' (2.25 bits, blocks of 64: group_size a multiple of 64; only llama.cpp reads it,
     the `gguf` package does not know the type, so `verify` skips those tensors).
+  k_quants: asymmetric int2 / int4 slices in Q2_K (2.625 bits) / Q4_K (4.5 bits) where a
+    tensor's rows are a multiple of 256 weights: the codes are kept, the sub-block scales and
+    offsets rounded to 4 / 6 bits (the added error is in the report); other tensors stay exact.
   context_length: llama.cpp's n_ctx_train (its default context; the weights do not depend on it).
   metadata: extra key/values (general.name, tokenizer.chat_template, ...).
   verify: decode every written tensor with the `gguf` package and report its largest error
@@ -235,8 +277,8 @@ def export_gguf(path: str, variables, config: nn.TransformerConfig, tokenizer, b
 
   trees = {k: {} for k in ('w', 's', 'alpha', 'zero')}
   quantized = {}  # GGUF name -> (bits, symmetric, parent bits)
-  names, norms, shift = ((GGUF_LLAMA, None, 0.0) if arch == 'llama'
-                         else (GGUF_GEMMA3, GGUF_GEMMA3_NORMS, 1.0))
+  names, norms, shift = {'llama': (GGUF_LLAMA, None, 0.0), 'gemma2': (GGUF_GEMMA3, GGUF_GEMMA2_NORMS, 1.0),
+                         'gemma3': (GGUF_GEMMA3, GGUF_GEMMA3_NORMS, 1.0)}[arch]
   for p, leaf in flat.items():
     if not nn.is_quantized(leaf):
       for t in trees.values():
@@ -272,11 +314,14 @@ def export_gguf(path: str, variables, config: nn.TransformerConfig, tokenizer, b
       if name in quantized:
         r, ep, symmetric, c = quantized[name]
         kind = slice_type(r, ep, symmetric, wide, two_bit)
-        if kind == 'F16' or (kind == 'Q8_0' and not symmetric):
+        args = (tensors['s'][name], tensors['alpha'][name], tensors['zero'][name], r, c)
+        compact = k_quant(r, ep, args[0], args[2]) if k_quants and not symmetric else None
+        if compact:
+          kind, data, raw = compact, encode_k(compact, *args, name), compact
+        elif kind == 'F16' or (kind == 'Q8_0' and not symmetric):
           data, raw = _float_tensor(kind, x)
         else:
-          data, raw = encode_slice(kind, tensors['s'][name], tensors['alpha'][name], tensors['zero'][name],
-                                   r, c, name), kind
+          data, raw = encode_slice(kind, *args, name), kind
       else:
         data, raw = _float_tensor(float_type, x)
         kind = raw or ('F32' if data.dtype == np.float32 else 'F16')

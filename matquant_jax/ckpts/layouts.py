@@ -111,9 +111,12 @@ HF_GEMMA3_NORMS = {**HF_GEMMA_NORMS, 'attn/_query_norm': 'model.layers.{i}.self_
 GGUF_GEMMA3 = {k: GGUF_LLAMA[k] for k in ('embed', 'norm', 'q', 'k', 'v', 'o', 'gate', 'up', 'down')}
 
 
-GGUF_GEMMA3_NORMS = {'pre_attention_norm': 'blk.{i}.attn_norm.weight',
+GGUF_GEMMA2_NORMS = {'pre_attention_norm': 'blk.{i}.attn_norm.weight',
                      'post_attention_norm': 'blk.{i}.post_attention_norm.weight',
-                     'pre_ffw_norm': 'blk.{i}.ffn_norm.weight', 'post_ffw_norm': 'blk.{i}.post_ffw_norm.weight',
+                     'pre_ffw_norm': 'blk.{i}.ffn_norm.weight', 'post_ffw_norm': 'blk.{i}.post_ffw_norm.weight'}
+
+
+GGUF_GEMMA3_NORMS = {**GGUF_GEMMA2_NORMS,
                      'attn/_query_norm': 'blk.{i}.attn_q_norm.weight',
                      'attn/_key_norm': 'blk.{i}.attn_k_norm.weight'}
 
