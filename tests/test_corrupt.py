@@ -143,3 +143,60 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused(valid, tmp_path, token
   parents.save(str(tmp_path / 't'), variables, CFG, token_data.tokenizer)  # 512 tokens, 64 rows
   with pytest.raises(ValueError, match='the tokenizer has 512 tokens, the model\'s embedding 64 rows'):
     parents.load(str(tmp_path / 't'))
+
+
+# GGUF files: a valid tiny Llama file written by the exporter, then edited in place.
+@pytest.fixture(scope='module')
+def gguf_file(tmp_path_factory, token_data):
+  from matquant_jax import ckpts  # pylint: disable=g-import-not-at-top
+  from matquant_jax.nn import llama  # pylint: disable=g-import-not-at-top
+  config = llama.llama_config(num_layers=2, num_embed=512, embed_dim=32, hidden_dim=64, num_heads=2,
+                              num_kv_heads=1, head_dim=16, tie_embeddings=True)
+  params = testing.init_params(nn.Transformer(config))
+  path = str(tmp_path_factory.mktemp('gguf') / 'm.gguf')
+  ckpts.export_gguf(path, params, config, token_data.tokenizer, float_type='F32', verify=False)
+  return path
+
+
+def _edit_gguf(path, fn):
+  import gguf  # pylint: disable=g-import-not-at-top
+  reader = gguf.GGUFReader(path, 'r+')  # a writable memory map: edits land in the file
+  fn(reader)
+  del reader
+
+
+def _set_field(key, value):
+  return lambda r: r.fields[key].parts[-1].__setitem__(0, value)
+
+
+def _retype(name, ggml_type):
+  return lambda r: next(t for t in r.tensors if t.name == name).field.parts[4].__setitem__(0, ggml_type)
+
+
+def _poison(name):
+  return lambda r: next(t for t in r.tensors if t.name == name).data.__setitem__(0, np.nan)
+
+
+GGUF_CASES = [
+    ('truncated', None, 'not a readable GGUF file|needs .* bytes but the file gives it'),
+    ('fewer layers in block_count', _set_field('llama.block_count', 1), r'9 tensors are not part of the llama model .* \(1 layers'),
+    ('an F32 tensor retyped F16', _retype('blk.0.attn_norm.weight', 1), "tensor 'blk.0.attn_norm.weight' .F16.* needs 64 bytes but the file gives it"),
+    ('a NaN weight', _poison('blk.1.ffn_norm.weight'), "tensor 'blk.1.ffn_norm.weight' holds 1 NaN"),
+]
+
+
+@pytest.mark.parametrize('case', GGUF_CASES, ids=[c[0] for c in GGUF_CASES])
+def test_gguf_corruption_is_a_clear_error(gguf_file, tmp_path, case):
+  from matquant_jax import ckpts  # pylint: disable=g-import-not-at-top
+  name, edit, match = case
+  path = str(tmp_path / 'x.gguf')
+  if edit is None:
+    data = open(gguf_file, 'rb').read()
+    open(path, 'wb').write(data[:len(data) * 2 // 3])
+  else:
+    shutil.copy(gguf_file, path)
+    _edit_gguf(path, edit)
+  with pytest.raises(ValueError, match=match) as e:
+    ckpts.load(path)
+  assert path in str(e.value)
+  ckpts.load(gguf_file)  # the untouched file loads

@@ -20,7 +20,12 @@ def load_gguf(path: str, dtype: str = 'float32'):
   import gguf  # pylint: disable=g-import-not-at-top
   if not os.path.exists(path):
     raise FileNotFoundError(f'GGUF file {path} does not exist')
-  reader = gguf.GGUFReader(path)
+  try:
+    reader = gguf.GGUFReader(path)
+  except (ValueError, IndexError, KeyError, OverflowError) as e:  # the reader's own errors name no file
+    raise ValueError(f'{path}: not a readable GGUF file, truncated or corrupted '
+                     f'({type(e).__name__}: {e})') from e
+  check_slots(reader, path)
   field = lambda k: reader.fields[k].contents()
   arch = field('general.architecture')
   if arch not in ('llama', 'gemma2', 'gemma3'):
@@ -53,11 +58,16 @@ def load_gguf(path: str, dtype: str = 'float32'):
   if 'tokenizer.ggml.add_bos_token' in reader.fields:  # trained with BOS opening each sequence
     config = dataclasses.replace(config, bos_per_sequence=bool(field('tokenizer.ggml.add_bos_token')))
 
+  read = set()
+
   def get(name):
     if name not in tensors:
       raise ValueError(f'{path}: tensor {name!r} is missing')
     t = tensors[name]
+    read.add(name)
     w = np.asarray(gguf.dequantize(t.data, t.tensor_type), np.float32)
+    if not np.all(np.isfinite(w)):
+      raise ValueError(f'{path}: tensor {name!r} holds {int(np.sum(~np.isfinite(w)))} NaN or infinite values')
     if arch == 'llama' and re.fullmatch(r'blk\.\d+\.attn_q\.weight', name):
       w = unpermute_rope(w, config.num_heads)
     elif arch == 'llama' and re.fullmatch(r'blk\.\d+\.attn_k\.weight', name):
@@ -69,4 +79,22 @@ def load_gguf(path: str, dtype: str = 'float32'):
     params = gemma_params(get, config, GGUF_GEMMA3, norms, norm_shift=-1.0)
   else:
     params = llama_params(get, config, GGUF_LLAMA)
+  unread = sorted(set(tensors) - read)
+  if unread:  # a larger block_count, biases, adapters, an untied head: refuse rather than drop them
+    raise ValueError(f'{path}: {len(unread)} tensors are not part of the {arch} model its metadata '
+                     f'describes ({config.num_layers} layers, block_count): {unread[:4]}')
   return config, check_params(params, config, path), tokenization.from_gguf(reader)
+
+
+def check_slots(reader, path: str) -> None:
+  """Each tensor's data fits the space before the next one (or the file's end) with less than one
+  alignment of padding: an edited type or shape (F32 -> F16) leaves a gap or an overlap."""
+  align = reader.alignment
+  ends = sorted((int(t.data_offset), t) for t in reader.tensors)
+  size = os.path.getsize(path)
+  for i, (offset, t) in enumerate(ends):
+    slot = (ends[i + 1][0] if i + 1 < len(ends) else size) - offset
+    if not 0 <= slot - int(t.n_bytes) < (align if i + 1 < len(ends) else align + 1):
+      raise ValueError(f'{path}: tensor {t.name!r} ({t.tensor_type.name}, shape {list(t.shape)}) needs '
+                       f'{int(t.n_bytes)} bytes but the file gives it {slot}: its type or shape was '
+                       'edited, or the file is truncated')
