@@ -45,6 +45,8 @@ _WINDOWS = flags.DEFINE_integer('windows', 16, 'Evaluation windows.')
 _SEQ = flags.DEFINE_integer('seq_len', 256, 'Tokens per window.')
 _LLAMA = flags.DEFINE_string('llama_cpp', None, 'Where llama.cpp is built (default ~/.cache/matquant_jax).')
 _OUT = flags.DEFINE_string('out', 'runs/bench_gguf', 'Output directory.')
+_SPEED_ONLY = flags.DEFINE_bool('speed_only', False, 'Only re-measure llama.cpp\'s decode speed of the '
+                                 'files in OUT/rows.jsonl (on a quiet machine; the rest is kept).')
 _PPL = flags.DEFINE_string('ppl', 'tfds:shakespeare_plays:validation', 'Held-out text source.')
 
 
@@ -53,18 +55,6 @@ def windows(model, tokenizer):
   bos = tokenizer.bos_id if model.config.bos_per_sequence else None
   batches = pipeline.eval_batches(evals.token_stream(tokenizer, texts), 1, _SEQ.value, _WINDOWS.value, bos)
   return [b[0] for b in batches]
-
-
-def zoo_name(config) -> str:
-  """The named model (ckpts.MODELS) whose GGUF has a stored parent's layer count and width."""
-  import gguf  # pylint: disable=g-import-not-at-top
-  for name, path in ckpts.MODELS.items():
-    fields = gguf.GGUFReader(path()).fields
-    arch = fields['general.architecture'].contents()
-    if (fields[f'{arch}.block_count'].contents(), fields[f'{arch}.embedding_length'].contents()) == (
-        config.num_layers, config.embed_dim):
-      return name
-  raise ValueError(f'no named model has {config.num_layers} layers of width {config.embed_dim}')
 
 
 def main(argv):
@@ -77,13 +67,19 @@ def main(argv):
     done = {r['file']: r for r in map(json.loads, open(rows_path))}
   src = llama_cpp.build(_LLAMA.value)
   binding, bench = llama_cpp.binding(src), llama_cpp.bench_binary(src)
+  if _SPEED_ONLY.value:
+    for row in done.values():
+      row['llama_cpp_tok_s'] = llama_cpp.decode_speed(bench, row['path'])
+      logging.info('%s: llama.cpp decodes %.1f tok/s', row['file'], row['llama_cpp_tok_s'])
+      save(rows_path, done)
+    return report(list(done.values()))
   made = {}
   jobs = [(m, g, None) for m in _MODELS.value for g in _GRIDS.value] + [
       (None, *p.split('=', 1)) for p in _PARENTS.value]
   for model_name, label, parent_dir in jobs:
     if parent_dir:
       model, parent, tokenizer = parents.load(parent_dir)
-      model_name = parents.read_manifest(parent_dir).get('run', {}).get('source') or zoo_name(model.config)
+      model_name = parents.read_manifest(parent_dir).get('run', {}).get('source') or ckpts.named_model(model.config)
       source, options, only = model_name, {}, None
     else:
       (symmetric, group), options, only = GRIDS[label]
@@ -106,14 +102,17 @@ def main(argv):
     for width, path, bits in files:
       key = f'{model_name}/{label}/{width}'
       if key in done:
+        if 'file_nll' not in done[key]:  # rows of an earlier version: add the file's own NLL
+          done[key]['file_nll'] = file_nll(path, wins)
+          save(rows_path, done)
         continue
       t = time.time()
       if bits is not None:
-        report = ckpts.export_gguf(path, parent, model.config, tokenizer, bits, context_length=context,
+        written = ckpts.export_gguf(path, parent, model.config, tokenizer, bits, context_length=context,
                                    metadata={**meta, 'general.name': f'{model_name} MatQuant {label} {width}'},
                                    **options)
-        types = report['params_by_type']
-        worst = max((t['rel_err'] for t in report['tensors']), default=None)
+        types = written['params_by_type']
+        worst = max((t['rel_err'] for t in written['tensors']), default=None)
         ours = eval_fn(parent, [w[None] for w in wins], nn.resolve_spec(bits, parent, model.config))
       else:
         m2, v2, _ = ckpts.load(path)
@@ -121,24 +120,45 @@ def main(argv):
         types, worst = {}, None
       theirs = llama_cpp.log_perplexity(binding, path, wins)
       row = dict(file=key, model=model_name, parent=label, width=width, mib=os.path.getsize(path) / 2**20,
-                 project_nll=ours, llama_cpp_nll=theirs, diff=theirs - ours,
+                 project_nll=ours, file_nll=file_nll(path, wins), llama_cpp_nll=theirs, diff=theirs - ours,
                  llama_cpp_tok_s=llama_cpp.decode_speed(bench, path) if bench else None,
                  tokens=len(wins) * _SEQ.value, path=path, params_by_type=types, weight_rel_err=worst)
       logging.info('%s: project %.4f llama.cpp %.4f (%+.4f) %.1f MiB, %.1f s', key, ours, theirs,
                    theirs - ours, row['mib'], time.time() - t)
-      with open(rows_path, 'a') as f:
-        f.write(json.dumps(row) + '\n')
       done[key] = row
+      save(rows_path, done)
   report(list(done.values()))
 
 
+def file_nll(path: str, wins) -> float | None:
+  """The project's NLL of the written file itself, read back by `ckpts.load` (None for files
+  with Q2_0 tensors, which only llama.cpp reads): the file holds the model when this equals the
+  parent's slice; what llama.cpp adds on top is its own arithmetic."""
+  try:
+    model, variables, _ = ckpts.load(path)
+  except ValueError as e:
+    if 'Q2_0' in str(e) or '42' in str(e):
+      return None
+    raise
+  return evals.make_eval_fn(model)(variables, [w[None] for w in wins], None)
+
+
+def save(path: str, rows: dict) -> None:
+  with open(path + '.tmp', 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in rows.values())
+  os.replace(path + '.tmp', path)
+
+
 def report(rows):
-  lines = ['| model | parent | slice | MiB | project log pplx | llama.cpp log pplx | difference | '
-           'llama.cpp decode tok/s |', '|---|---|---|---|---|---|---|---|']
+  lines = ['| model | parent | slice | types | MiB | project log pplx (slice) | project on the file | '
+           'llama.cpp on the file | llama.cpp - project | llama.cpp decode tok/s |',
+           '|---|---|---|---|---|---|---|---|---|---|']
   for r in rows:
     tok_s = f'{r["llama_cpp_tok_s"]:.1f}' if r['llama_cpp_tok_s'] else '-'
-    lines.append(f'| {r["model"]} | {r["parent"]} | {r["width"]} | {r["mib"]:.1f} | {r["project_nll"]:.4f} | '
-                 f'{r["llama_cpp_nll"]:.4f} | {r["diff"]:+.4f} | {tok_s} |')
+    on_file = f'{r["file_nll"]:.4f}' if r.get('file_nll') is not None else '(not readable by gguf)'
+    types = '+'.join(k for k, _ in sorted((r.get('params_by_type') or {}).items(), key=lambda kv: -kv[1]))
+    lines.append(f'| {r["model"]} | {r["parent"]} | {r["width"]} | {types or "source"} | {r["mib"]:.1f} | '
+                 f'{r["project_nll"]:.4f} | {on_file} | {r["llama_cpp_nll"]:.4f} | {r["diff"]:+.4f} | {tok_s} |')
   table = '\n'.join(lines)
   print(table)
   with open(os.path.join(_OUT.value, 'table.md'), 'w') as f:

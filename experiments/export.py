@@ -103,8 +103,8 @@ def main(argv):
 
 def export_gguf(variables, config, tokenizer):
   source = _MODEL.value
-  if parents.is_parent(source):
-    source = parents.read_manifest(source).get('run', {}).get('source', '')
+  if parents.is_parent(source):  # its source, for general.* and the chat template
+    source = parents.read_manifest(source).get('run', {}).get('source') or ckpts.named_model(config) or ''
   source = ckpts.MODELS[source]() if source in ckpts.MODELS else source
   metadata, context = ckpts.gguf_source_metadata(source) if str(source).endswith('.gguf') else ({}, 8192)
   name = os.path.basename(_MODEL.value.rstrip('/')).removesuffix('.gguf')

@@ -17,4 +17,4 @@ from matquant_jax.ckpts.gguf_export import (
 from matquant_jax.ckpts.gemma_orbax import (
     infer_gemma_config, format_gemma_params, load_gemma_orbax, save_gemma_orbax)
 from matquant_jax.ckpts.zoo import (
-    SMOLLM2_FILE, smollm2_path, GEMMA3_270M_PACKAGES, gemma3_270m_path, MODELS)
+    SMOLLM2_FILE, smollm2_path, GEMMA3_270M_PACKAGES, gemma3_270m_path, MODELS, named_model)

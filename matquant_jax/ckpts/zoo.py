@@ -59,3 +59,19 @@ def gemma3_270m_path() -> str:
 
 
 MODELS = {'smollm2-135m': smollm2_path, 'gemma3-270m': gemma3_270m_path}
+
+
+def named_model(config) -> str | None:
+  """The named model whose GGUF has this config's layer count and width (None: none), e.g. to
+  find the source of a stored parent whose manifest does not name it."""
+  import gguf  # pylint: disable=g-import-not-at-top
+  for name, path in MODELS.items():
+    try:
+      fields = gguf.GGUFReader(path()).fields
+    except FileNotFoundError:  # its wheel is not installed
+      continue
+    arch = fields['general.architecture'].contents()
+    if (fields[f'{arch}.block_count'].contents(), fields[f'{arch}.embedding_length'].contents()) == (
+        config.num_layers, config.embed_dim):
+      return name
+  return None
