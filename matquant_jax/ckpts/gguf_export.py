@@ -10,8 +10,8 @@ file is the model the project evaluates up to the fp16 rounding of the block con
 Block constants must be constant over each block of 32 along a row: the parent's groups must
 be a multiple of 32 (or per channel). Optional compact forms: a symmetric int2 in llama.cpp's
 Q2_0 (2.25 bits), asymmetric int2 / int4 in Q2_K / Q4_K where rows are multiples of 256
-(codes kept, sub-block constants rounded: the one lossy step, measured in the report). Weights the parent does not quantize are written in
-`float_type`, norms in F32. Llama's Q/K rows are permuted back to llama.cpp's RoPE order and
+(codes kept, sub-block constants rounded: the one lossy step, measured in the report).
+Weights the parent does not quantize are written in `float_type`, norms in F32. Llama's Q/K rows are permuted back to llama.cpp's RoPE order and
 Gemma's norms stored as 1 + scale, the inverse of what `load_gguf` undoes.
 """
 
@@ -26,7 +26,8 @@ import numpy as np
 
 from matquant_jax import nn
 from matquant_jax.ckpts import ggml_blocks
-from matquant_jax.ckpts.layouts import GGUF_GEMMA2_NORMS, GGUF_GEMMA3, GGUF_GEMMA3_NORMS, GGUF_LLAMA, checkpoint_tensors, permute_rope
+from matquant_jax.ckpts.layouts import (GGUF_GEMMA2_NORMS, GGUF_GEMMA3, GGUF_GEMMA3_NORMS, GGUF_LLAMA,
+                                        checkpoint_tensors, permute_rope)
 from matquant_jax.core import packing, quant
 from matquant_jax.text import tokenization
 
@@ -229,7 +230,8 @@ def _float_tensor(kind: str, x: np.ndarray):
 
 def export_gguf(path: str, variables, config: nn.TransformerConfig, tokenizer, bits=None, *,
                 extra_precision: bool = False, float_type: str = 'F16', wide: str = 'Q8_0',
-                two_bit: str = 'Q4_0', k_quants: bool = False, context_length: int = 8192, tokenizer_pre: str | None = None,
+                two_bit: str = 'Q4_0', k_quants: bool = False, context_length: int = 8192,
+                tokenizer_pre: str | None = None,
                 metadata: Mapping[str, Any] | None = None, verify: bool = True) -> dict:
   """Writes `variables` at `bits` as one GGUF file at `path` (atomically) and returns a report.
 
@@ -275,31 +277,7 @@ def export_gguf(path: str, variables, config: nn.TransformerConfig, tokenizer, b
   spec = nn.resolve_spec(stored if bits is None else bits, variables, config,
                          extra_precision=extra_precision) if stored else None
 
-  trees = {k: {} for k in ('w', 's', 'alpha', 'zero')}
-  quantized = {}  # GGUF name -> (bits, symmetric, parent bits)
-  names, norms, shift = {'llama': (GGUF_LLAMA, None, 0.0), 'gemma2': (GGUF_GEMMA3, GGUF_GEMMA2_NORMS, 1.0),
-                         'gemma3': (GGUF_GEMMA3, GGUF_GEMMA3_NORMS, 1.0)}[arch]
-  for p, leaf in flat.items():
-    if not nn.is_quantized(leaf):
-      for t in trees.values():
-        t[p] = np.asarray(leaf, np.float32)
-      continue
-    layer, _, suffix = p.partition('/')
-    r = spec.bits_for(int(layer[6:]), config.num_layers) or leaf.parent_bits
-    ep = extra_precision and r < leaf.parent_bits
-    trees['w'][p] = np.asarray(leaf.dequantize(r, ep))
-    trees['s'][p], trees['alpha'][p], trees['zero'][p] = _slice_arrays(leaf, r, ep)
-    for role in ROLES[suffix]:
-      quantized[names[role].format(i=int(layer[6:]))] = (r, ep, leaf.symmetric, leaf.parent_bits)
-  tensors = {k: checkpoint_tensors(traverse_util.unflatten_dict(t, sep='/'), config, names, norms, shift)
-             for k, t in trees.items()}
-  if arch == 'llama':
-    for name in tensors['w']:
-      for role, heads in (('attn_q', config.num_heads), ('attn_k', config.num_kv_heads)):
-        if name.endswith(f'.{role}.weight'):
-          for t in tensors.values():
-            t[name] = permute_rope(t[name], heads)
-
+  tensors, quantized = slice_tensors(flat, spec, config, arch, extra_precision)
   vocab = tokenization.gguf_vocab(tokenizer, config.num_embed, tokenizer_pre)
   tmp = f'{path}.tmp'
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -312,23 +290,14 @@ def export_gguf(path: str, variables, config: nn.TransformerConfig, tokenizer, b
     _vocab(w, vocab, config.bos_per_sequence)
     for name, x in tensors['w'].items():
       if name in quantized:
-        r, ep, symmetric, c = quantized[name]
-        kind = slice_type(r, ep, symmetric, wide, two_bit)
-        args = (tensors['s'][name], tensors['alpha'][name], tensors['zero'][name], r, c)
-        compact = k_quant(r, ep, args[0], args[2]) if k_quants and not symmetric else None
-        if compact:
-          kind, data, raw = compact, encode_k(compact, *args, name), compact
-        elif kind == 'F16' or (kind == 'Q8_0' and not symmetric):
-          data, raw = _float_tensor(kind, x)
-        else:
-          data, raw = encode_slice(kind, *args, name), kind
+        kind, data = _quantized_tensor(name, tensors, quantized[name], wide, two_bit, k_quants)
       else:
         data, raw = _float_tensor(float_type, x)
         kind = raw or ('F32' if data.dtype == np.float32 else 'F16')
-      if raw == 'Q2_0':  # a type gguf 0.19 does not know: logical shape given, bytes as uint16
+      if kind == 'Q2_0':  # a type gguf 0.19 does not know: logical shape given, bytes as uint16
         w.add_tensor(name, data.view(np.uint16), raw_shape=x.shape, raw_dtype=ggml_blocks.Q2_0_TYPE)
       else:
-        w.add_tensor(name, data, raw_dtype=None if raw is None else gguf.GGMLQuantizationType[raw])
+        w.add_tensor(name, data, raw_dtype=None if kind in ('F32', 'F16') else gguf.GGMLQuantizationType[kind])
       written[name] = kind
       if x.ndim == 2:
         counts[kind] += x.size
@@ -346,16 +315,65 @@ def export_gguf(path: str, variables, config: nn.TransformerConfig, tokenizer, b
   if verify and 'Q2_0' in counts:
     report['unverified'] = 'Q2_0 tensors: the gguf package cannot read them (llama.cpp can)'
   elif verify:
-    reader = gguf.GGUFReader(path)
-    for t in reader.tensors:
-      x = tensors['w'][t.name]
-      got = np.asarray(gguf.dequantize(t.data, t.tensor_type), np.float32).reshape(x.shape)
-      err = float(np.max(np.abs(got - x)))
-      report['tensors'].append(dict(
-          name=t.name, type=written[t.name], shape=tuple(x.shape), max_abs_err=err,
-          rel_err=err / max(float(np.max(np.abs(x))), 1e-30),
-          bits_per_weight=8.0 * int(t.n_bytes) / x.size))
+    report['tensors'] = _decode_errors(path, tensors['w'], written)
   return report
+
+
+def slice_tensors(flat: dict, spec, config: nn.TransformerConfig, arch: str, extra_precision: bool):
+  """The file's tensors by GGUF name, in its [out, in] layout: {'w': the weight at its slice
+  (floats as they are), 's', 'alpha', 'zero': the slice codes and the parent's constants}, and
+  {name: (bits, E.P., symmetric, parent bits)} of the quantized ones."""
+  trees = {k: {} for k in ('w', 's', 'alpha', 'zero')}
+  quantized = {}
+  names, norms, shift = {'llama': (GGUF_LLAMA, None, 0.0), 'gemma2': (GGUF_GEMMA3, GGUF_GEMMA2_NORMS, 1.0),
+                         'gemma3': (GGUF_GEMMA3, GGUF_GEMMA3_NORMS, 1.0)}[arch]
+  for p, leaf in flat.items():
+    if not nn.is_quantized(leaf):
+      for t in trees.values():
+        t[p] = np.asarray(leaf, np.float32)
+      continue
+    layer, _, suffix = p.partition('/')
+    r = spec.bits_for(int(layer[6:]), config.num_layers) or leaf.parent_bits
+    ep = extra_precision and r < leaf.parent_bits
+    trees['w'][p] = np.asarray(leaf.dequantize(r, ep))
+    trees['s'][p], trees['alpha'][p], trees['zero'][p] = _slice_arrays(leaf, r, ep)
+    for role in ROLES[suffix]:
+      quantized[names[role].format(i=int(layer[6:]))] = (r, ep, leaf.symmetric, leaf.parent_bits)
+  tensors = {k: checkpoint_tensors(traverse_util.unflatten_dict(t, sep='/'), config, names, norms, shift)
+             for k, t in trees.items()}
+  if arch == 'llama':  # back to llama.cpp's interleaved RoPE order (load_gguf undoes it)
+    for i in range(config.num_layers):
+      for role, heads in (('attn_q', config.num_heads), ('attn_k', config.num_kv_heads)):
+        for t in tensors.values():
+          t[f'blk.{i}.{role}.weight'] = permute_rope(t[f'blk.{i}.{role}.weight'], heads)
+  return tensors, quantized
+
+
+def _quantized_tensor(name: str, tensors: dict, how: tuple, wide: str, two_bit: str, k_quants: bool):
+  """(ggml type, bytes or float array) of one quantized weight's slice."""
+  r, ep, symmetric, c = how
+  kind = slice_type(r, ep, symmetric, wide, two_bit)
+  args = (tensors['s'][name], tensors['alpha'][name], tensors['zero'][name], r, c)
+  compact = k_quant(r, ep, args[0], args[2]) if k_quants and not symmetric else None
+  if compact:
+    return compact, encode_k(compact, *args, name)
+  if kind == 'F16' or (kind == 'Q8_0' and not symmetric):  # no exact block: re-quantized or F16
+    return kind, _float_tensor(kind, tensors['w'][name])[0]
+  return kind, encode_slice(kind, *args, name)
+
+
+def _decode_errors(path: str, want: dict, written: dict) -> list[dict]:
+  """Each tensor of the file decoded by the `gguf` package against the project's own weight."""
+  import gguf  # pylint: disable=g-import-not-at-top
+  rows = []
+  for t in gguf.GGUFReader(path).tensors:
+    x = want[t.name]
+    got = np.asarray(gguf.dequantize(t.data, t.tensor_type), np.float32).reshape(x.shape)
+    err = float(np.max(np.abs(got - x)))
+    rows.append(dict(name=t.name, type=written[t.name], shape=tuple(x.shape), max_abs_err=err,
+                     rel_err=err / max(float(np.max(np.abs(x))), 1e-30),
+                     bits_per_weight=8.0 * int(t.n_bytes) / x.size))
+  return rows
 
 
 def gguf_source_metadata(path: str) -> tuple[dict, int]:
