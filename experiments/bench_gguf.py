@@ -102,9 +102,12 @@ def main(argv):
     for width, path, bits in files:
       key = f'{model_name}/{label}/{width}'
       if key in done:
-        if 'file_nll' not in done[key]:  # rows of an earlier version: add the file's own NLL
-          done[key]['file_nll'] = file_nll(path, wins)
-          save(rows_path, done)
+        row = done[key]
+        if not row.get('params_by_type') and bits is not None:  # rows of an earlier version
+          row['params_by_type'] = file_types(path)
+        if row.get('file_nll') is None and 'Q2_0' not in (row.get('params_by_type') or {}):
+          row['file_nll'] = file_nll(path, wins, row.get('params_by_type'))
+        save(rows_path, done)
         continue
       t = time.time()
       if bits is not None:
@@ -120,7 +123,7 @@ def main(argv):
         types, worst = {}, None
       theirs = llama_cpp.log_perplexity(binding, path, wins)
       row = dict(file=key, model=model_name, parent=label, width=width, mib=os.path.getsize(path) / 2**20,
-                 project_nll=ours, file_nll=file_nll(path, wins), llama_cpp_nll=theirs, diff=theirs - ours,
+                 project_nll=ours, file_nll=file_nll(path, wins, types), llama_cpp_nll=theirs, diff=theirs - ours,
                  llama_cpp_tok_s=llama_cpp.decode_speed(bench, path) if bench else None,
                  tokens=len(wins) * _SEQ.value, path=path, params_by_type=types, weight_rel_err=worst)
       logging.info('%s: project %.4f llama.cpp %.4f (%+.4f) %.1f MiB, %.1f s', key, ours, theirs,
@@ -130,17 +133,24 @@ def main(argv):
   report(list(done.values()))
 
 
-def file_nll(path: str, wins) -> float | None:
+def file_nll(path: str, wins, types: dict | None) -> float | None:
   """The project's NLL of the written file itself, read back by `ckpts.load` (None for files
   with Q2_0 tensors, which only llama.cpp reads): the file holds the model when this equals the
   parent's slice; what llama.cpp adds on top is its own arithmetic."""
-  try:
-    model, variables, _ = ckpts.load(path)
-  except ValueError as e:
-    if 'Q2_0' in str(e) or '42' in str(e):
-      return None
-    raise
+  if 'Q2_0' in (types or {}):
+    return None
+  model, variables, _ = ckpts.load(path)
   return evals.make_eval_fn(model)(variables, [w[None] for w in wins], None)
+
+
+def file_types(path: str) -> dict:
+  """Parameters per ggml type of a file's matrices."""
+  import gguf  # pylint: disable=g-import-not-at-top
+  counts = {}
+  for t in gguf.GGUFReader(path).tensors:
+    if len(t.shape) == 2:
+      counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + int(t.n_elements)
+  return counts
 
 
 def save(path: str, rows: dict) -> None:
