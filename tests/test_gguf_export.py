@@ -18,10 +18,13 @@ from matquant_jax.text import tokenization
 
 EPS16 = 2.0**-11  # fp16's relative rounding bound
 
-LLAMA = llama.llama_config(num_layers=2, num_embed=300, embed_dim=64, hidden_dim=128, num_heads=2,
-                           num_kv_heads=1, head_dim=32, rope_base=10_000.0, tie_embeddings=False)
-GEMMA3 = gemma3.gemma3_config(num_layers=2, embed_dim=64, hidden_dim=128, num_heads=2, head_dim=32,
-                              num_kv_heads=1, sliding_window=4, num_embed=300)
+# One set of sizes for every family (the eager ops compile once per shape): rows of 64 (not a
+# multiple of 256) and ffn_down's 256 (one: K-quants apply there only).
+SIZES = dict(num_layers=2, num_embed=300, embed_dim=64, hidden_dim=256, num_heads=2, head_dim=32,
+             num_kv_heads=1)
+LLAMA = llama.llama_config(**SIZES, rope_base=10_000.0, tie_embeddings=False)
+GEMMA3 = gemma3.gemma3_config(**SIZES, sliding_window=4)
+GEMMA2 = nn.TransformerConfig(**SIZES, sliding_window_size=4)  # soft caps, alternating windows
 ALL = ('ffn', 'attn')
 
 
@@ -151,7 +154,7 @@ def test_gemma3_int4_round_trip_and_norms(spm, tmp_path):
 
 
 def test_gemma2_per_channel_round_trip(spm, tmp_path):
-  config = nn.TransformerConfig.tiny(num_embed=300)  # Gemma 2: soft caps, alternating windows
+  config = GEMMA2
   _, parent = _parent(config, seed=2)
   path = str(tmp_path / 'g2.gguf')
   ckpts.export_gguf(path, parent, config, spm, 4)
@@ -201,7 +204,7 @@ def test_bad_requests_name_the_problem(bpe, tmp_path):
   with pytest.raises(ValueError, match="OmniQuant's shift/bias"):
     ckpts.export_gguf(path, {**parent, 'quant': {'x': 1}}, LLAMA, bpe, 4)
   with pytest.raises(ValueError, match='no sliding window'):
-    ckpts.export_gguf(path, parent, llama.llama_config(**{**_sizes(LLAMA), 'sliding_window': 8}), bpe, 4)
+    ckpts.export_gguf(path, parent, llama.llama_config(**SIZES, sliding_window=8), bpe, 4)
   with pytest.raises(ValueError, match='not Gemma 2'):
     ckpts.export_gguf(path, parent, nn.TransformerConfig.tiny(attention_pattern='global'), bpe, 4)
   with pytest.raises(ValueError, match='float_type must be one of'):
@@ -213,10 +216,6 @@ def test_bad_requests_name_the_problem(bpe, tmp_path):
   assert os.listdir(tmp_path) == []
   assert gguf_export.slice_type(2, True, True) == 'Q4_0' and gguf_export.slice_type(6, False, True) == 'Q8_0'
 
-
-def _sizes(c):
-  return dict(num_layers=c.num_layers, num_embed=c.num_embed, embed_dim=c.embed_dim, hidden_dim=c.hidden_dim,
-              num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim)
 
 
 def test_q2_0_bytes_follow_ggml_reference():
@@ -239,13 +238,13 @@ def test_symmetric_int2_as_q2_0_needs_blocks_of_64(bpe, tmp_path):
     ckpts.export_gguf(str(tmp_path / 'a.gguf'), parent, LLAMA, bpe, 2, two_bit='Q2_0')
   _, parent = _parent(LLAMA, targets=('ffn',), symmetric=True)  # per channel: 64-blocks are constant
   report = ckpts.export_gguf(str(tmp_path / 'b.gguf'), parent, LLAMA, bpe, 2, two_bit='Q2_0')
-  assert report['params_by_type']['Q2_0'] == 2 * 3 * 64 * 128 and 'unverified' in report
+  assert report['params_by_type']['Q2_0'] == 2 * 3 * 64 * 256 and 'unverified' in report
 
 
 def test_k_quants_keep_the_codes_where_rows_allow(bpe, tmp_path):
-  """Rows of 256 (ffn_down's input, 128 here: not; the config below has 256): Q4_K / Q2_K with
-  the slice's codes, only the sub-block constants rounded; 64-wide rows stay exact Q4_1."""
-  config = dataclasses.replace(LLAMA, hidden_dim=256)
+  """Rows of 256 (ffn_down's input): Q4_K / Q2_K with the slice's codes, only the sub-block
+  constants rounded; 64-wide rows stay exact Q4_1."""
+  config = LLAMA
   _, parent = _parent(config, targets=('ffn',), group_size=32)
   for bits, kind in ((4, 'Q4_K'), (2, 'Q2_K')):
     path = str(tmp_path / f'k{bits}.gguf')
