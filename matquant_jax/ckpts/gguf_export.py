@@ -43,6 +43,14 @@ def architecture(config: nn.TransformerConfig) -> str:
   def need(cond, what):
     if not cond:
       raise ValueError(f'cannot export to GGUF: {what}')
+
+  def query_scale(family: str, layers_27b: int):
+    # llama.cpp derives it: (D / heads)^-0.5 for the 27B layer count, head_dim^-0.5 otherwise
+    scale = (config.embed_dim // config.num_heads)**-0.5 if config.num_layers == layers_27b else config.head_dim**-0.5
+    need(abs(config.query_scale - scale) < 1e-9 * scale,
+         f'llama.cpp scales {family} queries by {scale:.6g} for {config.num_layers} layers, '
+         f'this model by {config.query_scale:.6g}')
+
   if config.norm_plus_one and not config.qk_norm:
     need(config.attention_pattern == 'alternating' and config.post_norms and config.embed_scale
          and config.tie_embeddings and config.ffn_activation == 'gelu_tanh' and config.rope_local_base is None
@@ -51,20 +59,14 @@ def architecture(config: nn.TransformerConfig) -> str:
     # llama.cpp's gemma2 graph always caps (50 and 30 unless the file says otherwise)
     need(config.attn_logits_soft_cap and config.final_logit_softcap,
          'llama.cpp\'s gemma2 graph always applies both soft caps; this model lacks one')
-    scale = (config.embed_dim // config.num_heads)**-0.5 if config.num_layers == 46 else config.head_dim**-0.5
-    need(abs(config.query_scale - scale) < 1e-9 * scale,
-         f'llama.cpp scales Gemma 2 queries by {scale:.6g} for {config.num_layers} layers, '
-         f'this model by {config.query_scale:.6g}')
+    query_scale('Gemma 2', 46)
     return 'gemma2'
   if config.qk_norm:
     need(config.attention_pattern == 'gemma3' and config.post_norms and config.norm_plus_one
          and config.embed_scale and config.tie_embeddings and config.ffn_activation == 'gelu_tanh'
          and config.attn_logits_soft_cap is None,
          'a QK-norm model that is not Gemma 3 (llama.cpp\'s gemma3 graph)')
-    scale = (config.embed_dim // config.num_heads)**-0.5 if config.num_layers == 62 else config.head_dim**-0.5
-    need(abs(config.query_scale - scale) < 1e-9 * scale,
-         f'llama.cpp scales Gemma 3 queries by {scale:.6g} for {config.num_layers} layers, '
-         f'this model by {config.query_scale:.6g}')
+    query_scale('Gemma 3', 62)
     return 'gemma3'
   need(not config.norm_plus_one and not config.post_norms and not config.embed_scale
        and config.ffn_activation == 'silu' and config.attn_logits_soft_cap is None
