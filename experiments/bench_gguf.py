@@ -83,6 +83,11 @@ def main(argv):
       source, options, only = model_name, {}, None
     else:
       (symmetric, group), options, only = GRIDS[label]
+      names = [f'int{b}' for b in only or _BITS.value] + ([] if only else ['pyramid'])
+      if all(done.get(f'{model_name}/{label}/{w}', {}).get('file_nll') is not None
+             or 'Q2_0' in (done.get(f'{model_name}/{label}/{w}', {}).get('params_by_type') or {})
+             for w in names):
+        continue  # every file of this grid measured: no parent to make
       key = (model_name, symmetric, group or _GROUP.value)
       if key not in made:
         model, variables, tokenizer = ckpts.load(model_name)

@@ -73,6 +73,20 @@ def test_block_bytes_decode_with_gguf(kind):
   assert raw.nbytes * 8 / q.size == ggml_blocks.bits_per_weight(kind)
 
 
+@pytest.mark.parametrize('kind,top', [('Q2_K', 15), ('Q4_K', 63)])
+def test_k_quant_bytes_decode_with_gguf(kind, top):
+  """Sub-block constants on the K-quant grid (d sc, dmin m with d, dmin powers of two): the
+  gguf package's decoder gives w = d sc q - dmin m exactly, so the layout is ggml's."""
+  rng = np.random.default_rng(2)
+  sub = ggml_blocks.K_SUB[kind]
+  q = rng.integers(0, ggml_blocks.K_LEVELS[kind], (3, 512))
+  sc, m = (rng.integers(0, top + 1, (3, 512 // sub)) for _ in range(2))
+  sc[:, ::8] = m[:, ::8] = top  # each super-block's largest constant sets d, dmin
+  step, mins = (sc * 2.0**-6).astype(np.float32), (m * 2.0**-5).astype(np.float32)
+  got = gguf.dequantize(ggml_blocks.pack_k(kind, q, step, mins), gguf.GGMLQuantizationType[kind])
+  np.testing.assert_array_equal(got, np.repeat(step, sub, 1) * q - np.repeat(mins, sub, 1))
+
+
 def _decoded(path):
   return {t.name: (t.tensor_type.name, np.asarray(gguf.dequantize(t.data, t.tensor_type), np.float32))
           for t in gguf.GGUFReader(path).tensors}

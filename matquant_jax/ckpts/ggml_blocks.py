@@ -1,7 +1,7 @@
 """ggml's block formats written from integer codes (pure numpy), so a slice lands in a GGUF
 tensor without re-quantization.
 
-Every format here has blocks of 32 consecutive weights along a row (the input axis) with fp16
+Blocks of consecutive weights along a row (the input axis; 32 unless said) with fp16
 constants; layouts follow ggml-common.h / ggml-quants.c (`quantize_row_*_ref`):
   Q4_0  d, 16 nibble bytes        w = d (q - 8),   q in 0..15
   Q4_1  d, m, 16 nibble bytes     w = d q + m,     q in 0..15
