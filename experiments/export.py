@@ -52,6 +52,9 @@ def main(argv):
   model, variables, tokenizer = ckpts.load(_MODEL.value)
   config = model.config
   float_params = None
+  if nn.stored_bits(variables) is not None and (_GROUP.value or _SYMMETRIC.value):
+    raise app.UsageError(f'{_MODEL.value} is a stored parent: its grid is fixed (--group_size and '
+                         '--symmetric make a parent from float weights)')
   if nn.stored_bits(variables) is None:
     float_params = variables['params']
     variables = parents.make_parent(config, float_params, QuantSpec(
