@@ -186,3 +186,18 @@ def test_stored_results_files_hold_rows_of_the_one_schema():
   for path in paths:
     rows = report.read_rows(path)
     assert rows and all(r.run and r.base in ('float', 'ptq', 'qat', 'omniquant', 'gptq') for r in rows), path
+
+
+def test_group_size_is_settable_from_the_command_line(tmp_path):
+  """Its default is 0 (one scale per channel), an int, so absl's config flags can override it; the
+  value reaches the config and is validated before anything is written."""
+  workdir = tmp_path / 'w'
+  done = subprocess.run([sys.executable, 'experiments/main.py', '--config=experiments/configs/quick.py',
+                         '--config.qat.quant.group_size=-4', f'--workdir={workdir}'],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode != 0 and 'group_size must be a positive integer or None' in done.stderr, done.stderr[-2000:]
+  assert not workdir.exists()
+  c = configs.base_config()
+  assert study.run_spec(c, c.runs[-1]).group_size is None
+  c.qat.quant.group_size = 32
+  assert study.run_spec(c, c.runs[-1]).group_size == 32

@@ -11,6 +11,8 @@ with rates and ETA, and timing logs. An algorithm supplies `calibrate_block` and
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import time
 from typing import Any, Callable, Sequence
@@ -23,6 +25,7 @@ import orbax.checkpoint as ocp
 import tqdm
 
 from matquant_jax import nn
+from matquant_jax.core import files
 
 Tree = Any
 # forward(i, key, block, state, bits) -> fn(x [n, T, D], tokens [n, T]) -> block output;
@@ -46,15 +49,19 @@ def chunked(fn: Callable, x: jax.Array, tokens: np.ndarray, size: int) -> jax.Ar
 def calibrate(config: nn.TransformerConfig, params: Tree, tokens: np.ndarray, state: Tree, *,
               widths: Sequence[int], calibrate_block: Callable, forward: Forward, batch_size: int,
               units_per_block: int, ckpt_dir: str | None = None, desc: str = 'calibrate',
-              float_targets: bool = False) -> Tree:
+              float_targets: bool = False, settings: dict | None = None) -> Tree:
   """Runs the block loop; returns the final `state` (the tree saved after every block).
 
   calibrate_block(i, key, block, state, streams, target, bar) -> state: calibrates block i
   (streams: {r: [n, T, D]}; target: the float block's output on the float stream when
   `float_targets`, else None; bar: the progress bar, advanced by `units_per_block` in all).
+  settings: the algorithm's (objective, spec, options); with the model config and a digest of
+  the calibration tokens they key `ckpt_dir` (a resume with other settings is refused).
   """
   tokens = check_tokens(tokens)
-  mngr, done, state = restore(ckpt_dir, state, desc, config.num_layers)
+  digest = hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest()[:16]
+  settings = {'model': config, 'tokens': {'shape': tokens.shape, 'sha256': digest}, **(settings or {})}
+  mngr, done, state = restore(ckpt_dir, state, desc, config.num_layers, settings)
   if done >= config.num_layers:  # finished: no activation streams to rebuild
     mngr.close()
     return state
@@ -84,12 +91,14 @@ def calibrate(config: nn.TransformerConfig, params: Tree, tokens: np.ndarray, st
   return state
 
 
-def restore(ckpt_dir: str | None, like, desc: str, num_blocks: int):
+def restore(ckpt_dir: str | None, like, desc: str, num_blocks: int, settings: dict | None = None):
   """(manager or None, blocks done, tree) for a layer-wise algorithm that saves `like`'s
-  structure after every block (step = blocks done): the latest save, restored if present."""
+  structure after every block (step = blocks done): the latest save, restored if present.
+  `settings` (what decides the saves' contents) must equal those the saves were made with."""
   if not ckpt_dir:
     return None, 0, like
   mngr = checkpoint_manager(ckpt_dir, keep=1)
+  check_settings(ckpt_dir, settings or {}, has_checkpoint=mngr.latest_step() is not None)
   done = mngr.latest_step()
   if done is None:
     return mngr, 0, like
@@ -102,3 +111,59 @@ def checkpoint_manager(directory: str, keep: int = 2) -> ocp.CheckpointManager:
   """An orbax manager keeping the last `keep` steps (saves are atomic)."""
   return ocp.CheckpointManager(os.path.abspath(directory),
                                options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+
+SETTINGS_FILE = 'matquant_settings.json'
+
+
+def as_settings(obj) -> Any:
+  """`obj` (dicts, dataclasses, tuples, numbers, strings) as JSON values, the form stored."""
+  if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+    obj = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+  if isinstance(obj, dict):
+    return {str(k): as_settings(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [as_settings(v) for v in obj]
+  if isinstance(obj, np.generic):
+    return obj.item()
+  return obj if obj is None or isinstance(obj, (bool, int, float, str)) else repr(obj)
+
+
+def first_difference(old: dict, new: dict, prefix: str = '') -> str | None:
+  """The first dotted key (sorted) whose value differs between two nested dicts, or None."""
+  for key in sorted(old.keys() | new.keys()):
+    a, b = old.get(key), new.get(key)
+    if isinstance(a, dict) and isinstance(b, dict):
+      found = first_difference(a, b, f'{prefix}{key}.')
+      if found:
+        return found
+    elif a != b:
+      return prefix + key
+  return None
+
+
+def lookup(tree: dict, dotted: str):
+  for part in dotted.split('.'):
+    tree = tree.get(part) if isinstance(tree, dict) else None
+  return tree
+
+
+def check_settings(directory: str, settings: dict, has_checkpoint: bool) -> None:
+  """Keys a checkpoint directory to what made it: records `settings` in DIRECTORY/SETTINGS_FILE
+  and, where checkpoints exist, raises ValueError naming the first field that differs from
+  the recorded one (so two runs can never restore each other's state)."""
+  settings = as_settings(settings)
+  path = os.path.join(directory, SETTINGS_FILE)
+  if has_checkpoint and os.path.exists(path):
+    before = files.read_json(path)
+    key = first_difference(before, settings)
+    if key is not None:
+      raise ValueError(f'{directory} holds checkpoints made with {key}={lookup(before, key)!r}, but this '
+                       f'run has {key}={lookup(settings, key)!r}; use another checkpoint directory '
+                       '(or remove this one to start over)')
+    return
+  if has_checkpoint:
+    logging.warning('%s: checkpoints made before settings were recorded; recording these', directory)
+  if jax.process_index() == 0:
+    os.makedirs(directory, exist_ok=True)
+    files.write_json(path, settings, sort_keys=True)

@@ -229,4 +229,5 @@ def calibrate(config: nn.TransformerConfig, params: Tree, tokens: np.ndarray,
   return blockwise.calibrate(
       config, params, tokens, parents.make_parent(config, params, spec),  # min-max, replaced block by block
       widths=widths, calibrate_block=calibrate_block, forward=forward, batch_size=bs,
-      units_per_block=len(infos), ckpt_dir=ckpt_dir, desc=desc)
+      units_per_block=len(infos), ckpt_dir=ckpt_dir, desc=desc,
+      settings={'objective': objective, 'spec': spec, 'options': opts})

@@ -220,4 +220,5 @@ def calibrate(config: nn.TransformerConfig, params: Tree, tokens: np.ndarray,
   return blockwise.calibrate(
       config, params, tokens, init_transforms(config, params, spec, opts.lwc, opts.let), widths=widths,
       calibrate_block=calibrate_block, forward=forward, batch_size=bs,
-      units_per_block=opts.epochs * steps_per_epoch, ckpt_dir=ckpt_dir, desc=desc, float_targets=True)
+      units_per_block=opts.epochs * steps_per_epoch, ckpt_dir=ckpt_dir, desc=desc, float_targets=True,
+      settings={'objective': objective, 'spec': spec, 'options': opts, 'seed': seed})

@@ -183,10 +183,27 @@ def prepare(model: nn.Transformer, init_params: Params, objective: losses.Object
   return Prepared(state, frozen, step_fn, s_sh, b_sh)
 
 
+EXPLODED = 10.0  # a loss this many times the first step's (and above 1) is a blow-up
+
+
+def check_loss(loss: float, first: float, step: int, desc: str) -> None:
+  """FloatingPointError naming the step when the loss is not finite or has exploded."""
+  if not np.isfinite(loss) or loss > EXPLODED * max(first, 1.0):
+    raise FloatingPointError(f'{desc}: loss {loss} at step {step} (first step: {first}); the run '
+                             'diverged: lower the learning rate (nothing past the last good save was kept)')
+
+
+def run_settings(objective: losses.Objective, opts: Options, settings: dict | None) -> dict:
+  """What decides a run's checkpoints: the objective, the optimizer and spec, and `settings`.
+  Not the step count (a run may be extended), nor how often it logs or saves."""
+  o = {k: v for k, v in dataclasses.asdict(opts).items() if k not in ('steps', 'checkpoint_every', 'log_every')}
+  return {'objective': dataclasses.asdict(objective), 'options': o, **(settings or {})}
+
+
 def train(model: nn.Transformer, init_params: Params, objective: losses.Objective,
           batch_fn: Callable[[int], np.ndarray], opts: Options,
           ckpt_dir: str | None = None, writer=None, desc: str = 'train',
-          mesh=None, rules=sharding.DEFAULT_RULES) -> tuple[Params, dict]:
+          mesh=None, rules=sharding.DEFAULT_RULES, settings: dict | None = None) -> tuple[Params, dict]:
   """Trains from init_params for opts.steps steps; resumes from ckpt_dir if it holds a checkpoint.
 
   objective: `losses.parse_objective(...)`, e.g. '8,4,2' with lambdas. batch_fn(step)
@@ -194,34 +211,50 @@ def train(model: nn.Transformer, init_params: Params, objective: losses.Objectiv
   by `rules`; a checkpoint saved on another mesh restores onto this one.
   init_params may be variables {'params', 'quant'} (`warm_start.float_variables`): the
   'quant' collection stays fixed and comes back with the parameters.
+  settings: what else decides the run (data, seed, the initial model); with the objective and
+  opts they are recorded in ckpt_dir, and a checkpoint made with other settings is refused, as
+  is one past opts.steps. A loss that is not finite or explodes stops the run (FloatingPointError).
   Returns the full parameters (variables, when given variables) and the last metrics.
   """
   p = prepare(model, init_params, objective, opts, mesh, rules)
   state, frozen, step_fn, b_sh = p.state, p.frozen, p.step_fn, p.batch_sharding
   mngr = blockwise.checkpoint_manager(ckpt_dir) if ckpt_dir else None
+  if mngr is not None:
+    blockwise.check_settings(ckpt_dir, run_settings(objective, opts, settings),
+                             has_checkpoint=mngr.latest_step() is not None)
   if mngr is not None and mngr.latest_step() is not None:
+    if mngr.latest_step() > opts.steps:
+      raise ValueError(f'{desc}: {ckpt_dir} holds step {mngr.latest_step()}, past this run\'s '
+                       f'{opts.steps} steps; use another checkpoint directory')
     abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                             state, p.state_shardings)
     state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(abstract))
     logging.info('%s: resumed at step %d from %s', desc, int(state['step']), ckpt_dir)
   start = int(state['step'])
-  metrics = {}
+  metrics, first_loss = {}, None
   bar = tqdm.tqdm(range(start, opts.steps), desc=desc, initial=start, total=opts.steps,
                   mininterval=2.0, dynamic_ncols=True, disable=jax.process_index() != 0)
   t0 = time.perf_counter()
   for step in bar:
     state, m = step_fn(state, frozen, sharding.global_batch(batch_fn(step), b_sh))
     done = step + 1
-    if done % opts.log_every == 0 or done == opts.steps:
+    preempted = mngr is not None and mngr.reached_preemption(done)
+    save = mngr is not None and (
+        (opts.checkpoint_every and done % opts.checkpoint_every == 0) or done == opts.steps or preempted)
+    if done % opts.log_every == 0 or done == opts.steps or save or step == start:
       metrics = {k: float(v) for k, v in m.items()}
+      first_loss = metrics['loss'] if step == start else first_loss
+      try:
+        check_loss(metrics['loss'], first_loss, done, desc)  # before a save: never checkpoint a blow-up
+      except FloatingPointError:
+        if mngr is not None:
+          mngr.wait_until_finished()
+        raise
       bar.set_postfix(loss=f'{metrics["loss"]:.3f}')
       if writer is not None:
         for k, v in metrics.items():
           writer.add_scalar(f'{desc}/{k}', v, done)
-    if mngr is None:
-      continue
-    preempted = mngr.reached_preemption(done)
-    if (opts.checkpoint_every and done % opts.checkpoint_every == 0) or done == opts.steps or preempted:
+    if save:
       mngr.save(done, args=ocp.args.StandardSave(state))  # asynchronous; atomic on disk
     if preempted:
       mngr.wait_until_finished()

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import glob
-import json
 import os
+import re
+import shutil
 from typing import Any, Mapping
 
 import numpy as np
 import safetensors.numpy
 
 from matquant_jax import nn
+from matquant_jax.core import files
 from matquant_jax.ckpts.layouts import HF_GEMMA3_NORMS, HF_GEMMA_NORMS, HF_LLAMA, check_params, checkpoint_tensors, gemma_params, llama_params
 from matquant_jax.nn import gemma3, llama
 from matquant_jax.text import tokenization
@@ -38,12 +40,57 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata=Non
   os.replace(tmp, path)
 
 
-def _getter(tensors: Mapping[str, np.ndarray], source: str):
+# Stored but deliberately not read: rotary caches some exporters write (recomputed here).
+IGNORED = re.compile(r'.*\.rotary_emb\.inv_freq')
+
+
+def _getter(tensors: Mapping[str, np.ndarray], source: str, read: set | None = None):
   def get(name):
     if name not in tensors:
       raise ValueError(f'{source}: tensor {name!r} is missing')
-    return np.asarray(tensors[name], np.float32)
+    w = np.asarray(tensors[name], np.float32)
+    if not np.all(np.isfinite(w)):
+      raise ValueError(f'{source}: tensor {name!r} holds {int(np.sum(~np.isfinite(w)))} NaN or infinite values')
+    if read is not None:
+      read.add(name)
+    return w
   return get
+
+
+def read_shards(directory: str) -> dict[str, np.ndarray]:
+  """Every tensor of a directory's *.safetensors shards; a name in two shards is an error."""
+  paths = sorted(glob.glob(os.path.join(directory, '*.safetensors')))
+  if not paths:
+    raise FileNotFoundError(f'{directory}: no *.safetensors files')
+  tensors, where = {}, {}
+  for path in paths:
+    try:
+      shard = safetensors.numpy.load_file(path)
+    except Exception as e:  # safetensors raises its own error types for truncated or bad headers
+      raise ValueError(f'{path}: not a readable safetensors file ({e})') from None
+    for name, value in shard.items():
+      if name in where:
+        raise ValueError(f'{directory}: tensor {name!r} is stored in two shards, '
+                         f'{os.path.basename(where[name])} and {os.path.basename(path)}')
+      tensors[name], where[name] = value, path
+  return tensors
+
+
+def check_all_read(tensors: Mapping[str, np.ndarray], read: set, config: nn.TransformerConfig,
+                   source: str) -> None:
+  """Every stored tensor is one the model read (or IGNORED): a smaller num_hidden_layers, biases,
+  adapters or a stored head are refused rather than dropped. A head stored beside tied
+  embeddings is accepted only when it equals the embedding."""
+  head, embed = HF_LLAMA['head'], HF_LLAMA['embed']
+  if config.tie_embeddings and head in tensors and head not in read:
+    if tensors[head].shape != tensors[embed].shape or not np.array_equal(tensors[head], tensors[embed]):
+      raise ValueError(f'{source}: config.json ties the embeddings (tie_word_embeddings) but {head!r} '
+                       'holds different weights; untie them in config.json or remove the tensor')
+    read = read | {head}
+  unread = sorted(n for n in set(tensors) - read if not IGNORED.fullmatch(n))
+  if unread:
+    raise ValueError(f'{source}: {len(unread)} stored tensors are not part of the model config.json '
+                     f'describes ({config.num_layers} layers, num_hidden_layers): {unread[:4]}')
 
 
 def load_hf(directory: str, dtype: str = 'float32'):
@@ -51,15 +98,9 @@ def load_hf(directory: str, dtype: str = 'float32'):
   cfg_path = os.path.join(directory, 'config.json')
   if not os.path.exists(cfg_path):
     raise FileNotFoundError(f'{directory}: no config.json (not a Hugging Face model directory)')
-  with open(cfg_path) as f:
-    hf = json.load(f)
-  files = sorted(glob.glob(os.path.join(directory, '*.safetensors')))
-  if not files:
-    raise FileNotFoundError(f'{directory}: no *.safetensors files')
-  tensors = {}
-  for path in files:
-    tensors.update(safetensors.numpy.load_file(path))
-  get = _getter(tensors, directory)
+  hf = files.read_json(cfg_path)
+  tensors, read = read_shards(directory), set()
+  get = _getter(tensors, directory, read)
   arch = (hf.get('architectures') or [hf.get('model_type', '?')])[0]
   if arch in ('LlamaForCausalLM', 'MistralForCausalLM'):
     config = llama.from_hf_config(hf, dtype)
@@ -73,6 +114,7 @@ def load_hf(directory: str, dtype: str = 'float32'):
   else:
     raise ValueError(f'{directory}: unknown architecture {arch!r}; supported: LlamaForCausalLM, '
                      'MistralForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM')
+  check_all_read(tensors, read, config, directory)
   return config, check_params(params, config, directory), tokenization.from_directory(directory)
 
 
@@ -102,8 +144,13 @@ def hf_config(c: nn.TransformerConfig) -> dict:
 
 def save_hf(directory: str, params: Params, config: nn.TransformerConfig, dtype=np.float32) -> None:
   """A Hugging Face directory: config.json + model.safetensors."""
+  created = not os.path.exists(directory)
   os.makedirs(directory, exist_ok=True)
-  write_safetensors(os.path.join(directory, 'model.safetensors'),
-                    {k: v.astype(dtype) for k, v in hf_tensors(params, config).items()})
-  with open(os.path.join(directory, 'config.json'), 'w') as f:
-    json.dump(hf_config(config), f, indent=1)
+  try:
+    write_safetensors(os.path.join(directory, 'model.safetensors'),
+                      {k: v.astype(dtype) for k, v in hf_tensors(params, config).items()})
+    files.write_json(os.path.join(directory, 'config.json'), hf_config(config))
+  except BaseException:
+    if created:  # a failed save leaves no directory behind
+      shutil.rmtree(directory, ignore_errors=True)
+    raise

@@ -1,6 +1,7 @@
 """The numerics, imported by everything and importing nothing of ours: the quantizer and its
 straight-through primitives (`quant`), the call-time `QuantSpec` and the one quantized-einsum
-path (`qeinsum`), the MatQuant objective (`losses`) and Mix'n'Match plans (`plans`).
+path (`qeinsum`), the MatQuant objective (`losses`), Mix'n'Match plans (`plans`), and small files
+written whole and read with errors naming them (`files`).
 """
 
 from matquant_jax.core import losses, plans, qeinsum, quant

@@ -13,6 +13,8 @@ import json
 import os
 from typing import Sequence
 
+from matquant_jax.core import files
+
 
 FORMAT, VERSION = 'matquant-plan', 1
 
@@ -41,11 +43,7 @@ def load(path: str, num_layers: int, max_bits: int = 8) -> tuple[int | None, ...
   """The per-layer widths of a plan file, checked against the model."""
   if not os.path.exists(path):
     raise FileNotFoundError(f'plan file {path} does not exist')
-  with open(path) as f:
-    try:
-      plan = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f'{path} is not valid JSON ({e})') from None
+  plan = files.read_json(path)
   if not isinstance(plan, dict) or plan.get('format') != FORMAT or 'layer_bits' not in plan:
     raise ValueError(f'{path} is not a precision plan (expected "format": "{FORMAT}" and "layer_bits")')
   if plan.get('version') != VERSION:

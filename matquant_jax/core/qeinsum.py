@@ -7,6 +7,7 @@ layers, or one per layer (Mix'n'Match), always sliced from the same parent.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Sequence
 
 import jax
@@ -48,6 +49,9 @@ class QuantSpec:
     for b in (self.bits if isinstance(self.bits, tuple) else (self.bits,)):
       if b is not None:
         quant.check_bits(b, self.parent_bits)
+    g = self.group_size
+    if g is not None and (not isinstance(g, numbers.Integral) or isinstance(g, bool) or g < 1):
+      raise ValueError(f'group_size must be a positive integer or None (one scale per channel), got {g!r}')
     unknown = set(self.targets) - set(TARGETS)
     if unknown:
       raise ValueError(f'unknown quantization targets {sorted(unknown)}; choose from {TARGETS}')

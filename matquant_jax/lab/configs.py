@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
+from matquant_jax import nn
+from matquant_jax.algos import gptq, omniquant, qat
+from matquant_jax.core import losses, plans
 from matquant_jax.core.qeinsum import QuantSpec
 from matquant_jax.data import pipeline
 from matquant_jax.nn import sharding
@@ -17,7 +22,7 @@ def quant_spec(bits: int | None, quant: ml_collections.ConfigDict | None) -> Qua
   q = quant or {}
   return QuantSpec(bits=bits, parent_bits=q.get('parent_bits', 8),
                    extra_precision=q.get('extra_precision', False),
-                   group_size=q.get('group_size', None), targets=tuple(q.get('targets', ('ffn',))),
+                   group_size=q.get('group_size') or None, targets=tuple(q.get('targets', ('ffn',))),
                    slice_grad=q.get('slice_grad', 'clamp'), symmetric=q.get('symmetric', False))
 
 
@@ -74,6 +79,11 @@ def gptq_table_runs(lambdas=(1.0, 1.0, 1.0)) -> list[dict]:
       run('matquant', 'MatQuant', '8,4,2', lambdas, algo='gptq')]
 
 
+def is_sliced(run: dict) -> bool:
+  """A run evaluated at every eval width: not a one-precision baseline ('baseline_int<r>'), not float."""
+  return not run['name'].startswith('baseline_') and run['objective'] != 'float'
+
+
 def base_config() -> ml_collections.ConfigDict:
   """The default study: small Gemma-2 on Shakespeare, baselines 8/4/2 and MatQuant [8,4,2]."""
   c = ml_collections.ConfigDict()
@@ -90,10 +100,11 @@ def base_config() -> ml_collections.ConfigDict:
   # at 3e-4 the int8 baseline gains from the extra training itself and MatQuant's int8/int4 lag it
   # by ~0.035 nats (docs/results.md). quant.slice_grad: the slice's straight-through gradient
   # ('clamp' or 'identity'), for QAT and OmniQuant; quant.symmetric: zero point fixed at 2^(c-1)
-  # (every base; exports to GGUF Q8_0/Q4_0 exactly), off for the paper's results.
+  # (every base; exports to GGUF Q8_0/Q4_0 exactly), off for the paper's results; quant.group_size:
+  # weights per scale along the contraction axes, 0 for one per output channel (the paper's).
   c.qat = dict(steps=250, trainable='ffn', checkpoint_every=250, log_every=10,
                optimizer=optimizer(3e-5, 25), data_seed=0,
-               quant=dict(group_size=None, targets=('ffn',), slice_grad='clamp', symmetric=False))
+               quant=dict(group_size=0, targets=('ffn',), slice_grad='clamp', symmetric=False))
   # OmniQuant calibration (the paper: 128 x 2048 C4 tokens, batch 4, 10M tokens seen, about 40
   # passes over the calibration set, so 40 epochs here). Learning rates per parameter group as in
   # OmniQuant's code; the rest of the fields: omniquant.Options.
@@ -117,7 +128,10 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def check_config(cfg: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first field the base config does not know, or a bad run."""
+  """Raises ValueError naming the first bad field: one the base config does not know, a NaN or
+  infinite number, a bad run, or a value any stage would refuse (model sizes, steps, learning
+  rates, objectives, specs, eval bits, Mix'n'Match plans). Called before anything is written."""
+  check_finite(cfg.to_dict())
   try:
     base_config().update(cfg)  # locked: an unknown key is a KeyError naming it
   except (KeyError, AttributeError) as e:
@@ -134,3 +148,50 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
     if r['name'] in names or r['name'] == 'float':
       raise ValueError(f'run name {r["name"]!r} is repeated or reserved')
     names.add(r['name'])
+
+  check_values(cfg)
+
+
+def check_finite(tree, prefix: str = '') -> None:
+  """ValueError naming the first NaN or infinite number in a nested config."""
+  items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+  for key, value in items:
+    name = f'{prefix}{key}'
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ValueError(f'config field {name} is {value}; numbers must be finite')
+    check_finite(value, f'{name}.')
+
+
+def check_values(cfg: ml_collections.ConfigDict) -> None:
+  """Builds every object the stages will build, so a bad value fails now, not after training."""
+  try:
+    mcfg = nn.TransformerConfig(num_embed=cfg.data.vocab_size, **cfg.model.to_dict())
+  except (TypeError, ValueError) as e:
+    raise ValueError(f'config.model: {e}') from None
+  for key in ('seq_len', 'batch_size', 'eval_batch_size', 'eval_batches', 'vocab_size'):
+    value = cfg.data[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(f'config field data.{key} must be a positive integer, got {value!r}')
+  def named(section, build):
+    try:
+      return build()
+    except (TypeError, ValueError) as e:
+      raise ValueError(f'config.{section}: {e}') from None
+  named('pretrain', lambda: qat.Options.from_config(cfg.pretrain))
+  named('omniquant', lambda: omniquant.Options.from_config(cfg.omniquant))
+  named('gptq', lambda: gptq.Options.from_config(cfg.gptq))
+  q = cfg.qat.quant
+  for r in cfg.runs:
+    where = f'runs[{r["name"]!r}]'
+    spec = named(where, lambda: quant_spec(r['parent_bits'], dict(q, parent_bits=r['parent_bits'],
+                                                                  extra_precision=r['extra_precision'])))
+    named(where, lambda: losses.parse_objective(r['objective'], r['lambdas'], r['parent_bits']))
+    if r.get('algo', 'qat') == 'qat':
+      named(f'qat ({where})', lambda: qat.Options.from_config(cfg.qat, spec, steps=round(cfg.qat.steps * r.get('budget', 1.0))))
+    for b in cfg.eval.bits if is_sliced(r) else ():
+      named(f'eval.bits ({where})', lambda: quant_spec(b, dict(q, parent_bits=r['parent_bits'])))
+  for b in cfg.eval.bits:
+    named('eval.bits', lambda: quant_spec(b, dict(q, parent_bits=b)))
+  mixed = any(r['name'] == 'baseline_int8' or is_sliced(r) for r in cfg.runs)  # study.evaluate's plan rows
+  for mix, layer_bits in cfg.eval.mixnmatch.items() if mixed else ():
+    named(f'eval.mixnmatch.{mix}', lambda: plans.check(layer_bits, mcfg.num_layers, source=mix))

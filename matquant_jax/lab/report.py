@@ -4,26 +4,20 @@ table and one plot (log pplx against bits per quantized weight)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import numpy as np
+
+from matquant_jax.core import files
 
 
 PAPER_ORDER = (8, 4, 2, 6, 3)
 
 
-def read_json(path: str, default):
-  """The JSON object at `path`, or `default` when there is none yet (a fresh workdir)."""
-  if not os.path.exists(path):
-    return default
-  with open(path) as f:
-    return json.load(f)
+read_json = files.read_json
 
 
-def write_json(path: str, obj) -> None:
-  """Writes to a temporary file and renames it: a stopped run never leaves half a file."""
-  write_text(path, json.dumps(obj, indent=1))
+write_json = files.write_json
 
 
 def open_results(workdir: str, **identity):
@@ -103,12 +97,7 @@ def write(workdir: str, rows, title: str | None = None, notes: str = '', **extra
   plot_rows(rows, os.path.join(workdir, 'plot.png'), title)
 
 
-def write_text(path: str, text: str) -> None:
-  """`text` to `path` through a temporary file and a rename (never half a file)."""
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
+write_text = files.write_text
 
 
 def read_rows(path: str) -> list[Row]:

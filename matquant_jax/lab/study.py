@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
 from typing import Any
 
 from absl import logging
-from flax import traverse_util
 import jax
 import ml_collections
 from tensorboardX import SummaryWriter
 
 from matquant_jax import evals, nn, parents
-from matquant_jax.algos import gptq, omniquant, qat
+from matquant_jax.algos import blockwise, gptq, omniquant, qat
 from matquant_jax.core import losses
 from matquant_jax.core.qeinsum import QuantSpec
 from matquant_jax.data import pipeline
@@ -38,22 +38,42 @@ def _fingerprint(cfg: ml_collections.ConfigDict) -> dict:
               {'gptq': cfg.gptq.to_dict()} if any(r.get('algo') == 'gptq' for r in cfg.runs) else {})
 
 
+def float_settings(cfg: ml_collections.ConfigDict) -> dict:
+  """What decides the pretrained float model (not where the data lies, nor logging/saving)."""
+  data = {k: v for k, v in cfg.data.to_dict().items() if not k.startswith('eval') and k != 'data_dir'}
+  pre = {k: v for k, v in cfg.pretrain.to_dict().items()
+         if k not in ('checkpoint_dir', 'checkpoint_every', 'log_every')}
+  return blockwise.as_settings({'seed': cfg.seed, 'data': data, 'model': cfg.model.to_dict(), 'pretrain': pre})
+
+
+def float_dir(cfg: ml_collections.ConfigDict, workdir: str) -> str:
+  """Where the float model's checkpoints go: WORKDIR/checkpoints/float, or the shared
+  `pretrain.checkpoint_dir` when it is new or was made with these float settings, else its
+  subdirectory float_<settings digest>: studies that agree share one model, others never mix."""
+  if not cfg.pretrain.checkpoint_dir:
+    return os.path.join(workdir, 'checkpoints', 'float')
+  shared, settings = os.path.abspath(cfg.pretrain.checkpoint_dir), float_settings(cfg)
+  recorded = report.read_json(os.path.join(shared, blockwise.SETTINGS_FILE), None)
+  used = recorded is not None or any(n.isdigit() for n in (os.listdir(shared) if os.path.isdir(shared) else ()))
+  if recorded is not None and recorded.get('float') == settings or not used:
+    return shared
+  key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+  return os.path.join(shared, f'float_{key}')
+
+
 def check_workdir(workdir: str, cfg: ml_collections.ConfigDict) -> None:
   """Records the config in a new workdir; in a used one, raises ValueError naming the first
   setting that differs from the one its checkpoints were made with (new runs may be added)."""
   path = os.path.join(workdir, 'config.json')
   now = json.loads(json.dumps(_fingerprint(cfg)))  # tuples -> lists, as stored
   if os.path.exists(path):
-    with open(path) as f:
-      before = json.load(f)
-    old, new = (traverse_util.flatten_dict(x, sep='.') for x in (before, now))
-    shared_runs = set(before['runs']) & set(now['runs'])
-    for key in sorted(old.keys() | new.keys()):
-      if key.startswith('runs.') and key.split('.')[1] not in shared_runs:
-        continue
-      if old.get(key) != new.get(key):
-        raise ValueError(f'workdir {workdir} holds checkpoints made with {key}={old.get(key)!r}, '
-                         f'but the config says {new.get(key)!r}; use a new --workdir')
+    before = report.read_json(path)
+    shared = set(before['runs']) & set(now['runs'])  # runs may be added
+    old, new = ({**x, 'runs': {k: v for k, v in x['runs'].items() if k in shared}} for x in (before, now))
+    key = blockwise.first_difference(old, new)
+    if key is not None:
+      raise ValueError(f'workdir {workdir} holds checkpoints made with {key}={blockwise.lookup(old, key)!r}, '
+                       f'but the config says {blockwise.lookup(new, key)!r}; use a new --workdir')
     now['runs'] = {**before['runs'], **now['runs']}
   report.write_json(path, now)
 
@@ -90,11 +110,6 @@ def save_parent(directory: str, variables, mcfg: nn.TransformerConfig, tokenizer
   """Writes a run's stored parent once (a resumed study keeps the one it wrote)."""
   if jax.process_index() == 0 and not parents.is_parent(directory):
     parents.save(directory, variables, mcfg, tokenizer, run=run)
-
-
-def is_baseline(run: dict) -> bool:
-  """A one-precision run (configs.baseline names them 'baseline_int<r>')."""
-  return run['name'].startswith('baseline_')
 
 
 def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -181,9 +196,9 @@ def setup(cfg: ml_collections.ConfigDict) -> Env:
 
 def pretrain(cfg: ml_collections.ConfigDict, env: Env, workdir: str, writer) -> dict:
   """The float model (shared between studies with `pretrain.checkpoint_dir`)."""
-  float_dir = os.path.abspath(cfg.pretrain.checkpoint_dir or os.path.join(workdir, 'checkpoints', 'float'))
   params, _ = qat.train(env.model, env.init, losses.parse_objective('float'), env.batch_fn,
-                        qat.Options.from_config(cfg.pretrain), float_dir, writer, 'float', env.mesh, env.rules)
+                        qat.Options.from_config(cfg.pretrain), float_dir(cfg, workdir), writer, 'float',
+                        env.mesh, env.rules, settings={'float': float_settings(cfg)})
   return params
 
 
@@ -202,7 +217,8 @@ def make_run(cfg: ml_collections.ConfigDict, env: Env, r: dict, float_params, wo
   else:
     opts = qat.Options.from_config(cfg.qat, spec, steps=round(cfg.qat.steps * r.get('budget', 1.0)))
     weights, _ = qat.train(env.model, float_params, objective, env.qat_batch_fn, opts, ckpt_dir, writer,
-                           r['name'], env.mesh, env.rules)
+                           r['name'], env.mesh, env.rules,
+                           settings={'float': float_settings(cfg), 'data_seed': cfg.qat.data_seed})
     stored = parents.make_parent(env.mcfg, weights, spec) if r['objective'] != 'float' else None
   if stored is not None:
     save_parent(os.path.join(workdir, 'parents', r['name']), stored, env.mcfg, env.data.tokenizer, dict(r))
@@ -215,7 +231,7 @@ def evaluate(cfg: ml_collections.ConfigDict, env: Env, models: dict) -> list[tup
   eval_fn = evals.make_eval_fn(env.model)
   q = cfg.qat.quant
   runs = {name: r for name, (_, r) in models.items() if r is not None}
-  others = [r for r in runs.values() if not is_baseline(r) and r['objective'] != 'float']
+  others = [r for r in runs.values() if configs.is_sliced(r)]
   rows = []
   def row(dtype, method, name, key, spec, base=None):
     r = runs.get(name)

@@ -4,6 +4,7 @@ every released model by name in `nn.presets`), attention types, special token id
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import enum
 
 
@@ -49,6 +50,15 @@ class TransformerConfig:
   # Trained with BOS opening every sequence (released Gemma checkpoints: without it the NLL is
   # about 1 nat worse): evaluation windows and calibration rows then start with BOS.
   bos_per_sequence: bool = False
+
+  def __post_init__(self):
+    for key in ('num_layers', 'num_embed', 'embed_dim', 'hidden_dim', 'num_heads', 'head_dim', 'num_kv_heads'):
+      value = getattr(self, key)
+      if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f'TransformerConfig.{key} must be a positive integer, got {value!r}')
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f'num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}')
+    self.attention_types  # pylint: disable=pointless-statement  (names a bad attention_pattern)
 
   @property
   def attention_types(self) -> tuple[AttentionType, ...]:

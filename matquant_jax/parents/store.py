@@ -48,7 +48,7 @@ import safetensors
 import safetensors.numpy
 
 from matquant_jax import nn
-from matquant_jax.core import quant
+from matquant_jax.core import files, quant
 from matquant_jax.parents.make import resident
 from matquant_jax.text import tokenization
 
@@ -268,11 +268,7 @@ def read_manifest(directory: str) -> dict:
     raise FileNotFoundError(f'parent directory {directory} does not exist')
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{directory} is not a stored parent: {MANIFEST} is missing')
-  with open(path) as f:
-    try:
-      manifest = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f'{path} is not valid JSON ({e})') from None
+  manifest = files.read_json(path)
   if manifest.get('format') != FORMAT:
     raise ValueError(f'{path}: format {manifest.get("format")!r}, expected {FORMAT!r} '
                      '(a foreign directory?)')
@@ -285,8 +281,7 @@ def read_config(directory: str) -> nn.TransformerConfig:
   path = os.path.join(directory, CONFIG)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{directory}: {CONFIG} is missing')
-  with open(path) as f:
-    fields = json.load(f)
+  fields = files.read_json(path)
   known = {f.name for f in dataclasses.fields(nn.TransformerConfig)}
   unknown = sorted(set(fields) - known)
   if unknown:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from typing import Protocol, Sequence
 
+from matquant_jax.core import files
+
 
 class Tokenizer(Protocol):
   bos_id: int | None
@@ -81,9 +83,7 @@ def from_directory(directory: str) -> Tokenizer | None:
   special = {}
   cfg = os.path.join(directory, 'config.json')
   if os.path.exists(cfg):
-    import json  # pylint: disable=g-import-not-at-top
-    with open(cfg) as f:
-      hf = json.load(f)
+    hf = files.read_json(cfg)
     special = {'bos_id': hf.get('bos_token_id'), 'eos_id': hf.get('eos_token_id')}
     if isinstance(special['eos_id'], list):
       special['eos_id'] = special['eos_id'][0]
