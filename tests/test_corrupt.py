@@ -354,3 +354,11 @@ def test_a_bad_config_value_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match=match):
       study.run_study(c, str(workdir))
     assert not workdir.exists(), field
+
+
+def test_a_parent_without_a_tokenizer_is_named_by_the_sampler(valid):
+  from matquant_jax.text import sampler  # pylint: disable=g-import-not-at-top
+  model, variables, tokenizer = parents.load(str(valid / 'a'))  # saved without one
+  assert tokenizer is None
+  with pytest.raises(ValueError, match='the Sampler needs a tokenizer'):
+    sampler.Sampler(model, variables, tokenizer)

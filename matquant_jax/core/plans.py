@@ -9,7 +9,6 @@ Evaluation, the sampler and the packed export take the tuple `load` returns.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
 
@@ -33,10 +32,7 @@ def check(layer_bits: Sequence[int | None], num_layers: int, max_bits: int = 8,
 
 def save(path: str, layer_bits: Sequence[int | None], **info) -> None:
   """Writes a plan file (atomically); `info` adds descriptive keys."""
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump({'format': FORMAT, 'version': VERSION, 'layer_bits': list(layer_bits), **info}, f, indent=1)
-  os.replace(tmp, path)
+  files.write_json(path, {'format': FORMAT, 'version': VERSION, 'layer_bits': list(layer_bits), **info})
 
 
 def load(path: str, num_layers: int, max_bits: int = 8) -> tuple[int | None, ...]:

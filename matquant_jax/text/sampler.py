@@ -122,6 +122,10 @@ class Sampler:
                extra_precision: bool = False):
     self.model = model
     self.variables = nn.as_variables(variables)
+    if tokenizer is None:  # e.g. a parent saved without one: mq.load returns None
+      raise ValueError('the Sampler needs a tokenizer, and none was given (a stored parent saved '
+                       'without one?): pass one, e.g. mq.text.tokenization.from_directory(DIR), or '
+                       'save the parent with its tokenizer')
     self.tokenizer = tokenization.wrap(tokenizer)
     self.cache_size = cache_size
     self.extra_precision = extra_precision
