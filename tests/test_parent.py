@@ -176,3 +176,29 @@ def test_non_finite_weights_are_refused_by_name(stored):
   bad['layer_1']['mlp']['linear'] = jnp.asarray(w)
   with pytest.raises(ValueError, match=r'layer_1/mlp/linear: 3 of \d+ weights are NaN or infinite'):
     parents.make_parent(CFG, bad, QuantSpec(8))
+
+
+def test_kept_outliers_travel_with_the_parent(stored, tmp_path, token_data):
+  """Saved, loaded, held resident and exported packed, every width keeps them; bits per weight
+  counts 48 bits each; GGUF, which cannot carry them, refuses."""
+  model, params, _ = stored
+  spec = QuantSpec(8, group_size=16)
+  p = parents.make_parent(CFG, params, spec, outliers=0.01)
+  leaves = [v for v in nn.flat_leaves(p['params']).values() if nn.is_quantized(v)]
+  assert all(v.num_outliers == round(0.01 * math.prod(v.shape)) for v in leaves)
+  parents.save(str(tmp_path / 'o'), p, CFG, token_data.tokenizer)
+  _, loaded, _ = parents.load(str(tmp_path / 'o'))
+  assert _equal(loaded, p)
+  parents.export(str(tmp_path / 'e4'), p, CFG, None, 4)
+  _, packed, _ = parents.load(str(tmp_path / 'e4'))
+  for bits, variables in [(4, loaded), (4, parents.resident(loaded, 4)), (2, parents.resident(loaded, 4)), (None, packed)]:
+    want = model.apply(p, TOKENS, spec=QuantSpec(bits or 4)).logits
+    got = model.apply(variables, TOKENS, spec=QuantSpec(bits) if bits else None).logits
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+  without = model.apply(parents.make_parent(CFG, params, spec), TOKENS, spec=QuantSpec(4)).logits
+  assert not np.allclose(np.asarray(without), np.asarray(model.apply(p, TOKENS, spec=QuantSpec(4)).logits))
+  extra = 48 * sum(v.num_outliers for v in leaves) / sum(math.prod(v.shape) for v in leaves)
+  assert nn.bits_per_weight(p, QuantSpec(4), CFG) == pytest.approx(4 + extra)
+  assert parents.file_bytes(str(tmp_path / 'o'))['outliers'] == 6 * sum(v.num_outliers for v in leaves)
+  with pytest.raises(ValueError, match='outliers outside its grid, which no GGUF block type can carry'):
+    ckpts.export_gguf(str(tmp_path / 'x.gguf'), p, CFG, token_data.tokenizer, 4)

@@ -196,3 +196,29 @@ def test_low_precision_inputs_are_calibrated_in_float32():
     want = quant.QuantizedArray.from_float(wb, 8, (0,)).dequantize(bits).astype(jnp.bfloat16)
     np.testing.assert_array_equal(np.asarray(quant.fake_quant(wb, bits, reduce_axes=(0,)), np.float32),
                                   np.asarray(want, np.float32))
+
+
+@pytest.mark.parametrize('bits', [8, 4, 2])
+def test_kept_outliers_leave_the_statistics_and_come_back_at_every_width(bits):
+  """numpy reference: min-max over the non-outliers of each channel, every weight quantized and
+  sliced, then the outliers written back in float16."""
+  w = np.random.default_rng(5).normal(size=(64, 12)).astype(np.float32)
+  w[7, 3], w[20, 9], w[0, 0] = 25.0, -18.0, 9.0  # the three largest magnitudes
+  qa = quant.QuantizedArray.from_float(jnp.asarray(w), 8, (0,), outliers=3 / w.size)
+  index = np.sort(np.ravel_multi_index(([7, 20, 0], [3, 9, 0]), w.shape))
+  np.testing.assert_array_equal(np.asarray(qa.outlier_index), index)
+  mask = np.zeros(w.size, bool)
+  mask[index] = True
+  mask = mask.reshape(w.shape)
+  mx, mn = np.where(mask, -np.inf, w).max(0, keepdims=True), np.where(mask, np.inf, w).min(0, keepdims=True)
+  alpha = (mx - mn) / np.float32(255)
+  z = np.round(-mn / alpha)
+  q = np.clip(np.round(w / alpha + z), 0, 255).astype(int)
+  want = alpha * (np.vectorize(lambda v: ref_slice(int(v), bits))(q) - z)
+  want[mask] = w[mask].astype(np.float16)
+  np.testing.assert_allclose(np.asarray(qa.dequantize(bits)), want, atol=2e-6)
+  assert qa.outlier_bits() == 48 * 3 / w.size
+  np.testing.assert_array_equal(np.asarray(jax.jit(lambda a: a.dequantize(bits))(qa)), np.asarray(qa.dequantize(bits)))
+  for bad in (-0.1, 1.0, float('nan'), True):
+    with pytest.raises(ValueError, match='outliers must be a fraction'):
+      quant.QuantizedArray.from_float(w, 8, (0,), outliers=bad)

@@ -334,6 +334,9 @@ def slice_tensors(flat: dict, spec, config: nn.TransformerConfig, arch: str, ext
       for t in trees.values():
         t[p] = np.asarray(leaf, np.float32)
       continue
+    if leaf.outlier_index is not None:
+      raise ValueError(f'{p} keeps {leaf.outlier_index.shape[0]} outliers outside its grid, which no GGUF '
+                       'block type can carry; export a parent made without outliers (outliers=0)')
     layer, _, suffix = p.partition('/')
     r = spec.bits_for(int(layer[6:]), config.num_layers) or leaf.parent_bits
     ep = extra_precision and r < leaf.parent_bits

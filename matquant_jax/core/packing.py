@@ -76,11 +76,14 @@ class ResidentArray:
   parent_bits: int = dataclasses.field(metadata=dict(static=True), default=8)
   shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True), default=())
   max_bits: int = dataclasses.field(metadata=dict(static=True), default=4)
+  outlier_index: jax.Array | None = None  # the parent's kept outliers, restored at every width
+  outlier_value: jax.Array | None = None
 
   @classmethod
   def from_parent(cls, parent: quant.QuantizedArray, bits: int) -> 'ResidentArray':
     packed = pack(np.asarray(parent.codes), bits, parent.parent_bits)
-    return cls(jnp.asarray(packed), parent.scale, parent.zero_point, parent.parent_bits, parent.shape, bits)
+    return cls(jnp.asarray(packed), parent.scale, parent.zero_point, parent.parent_bits, parent.shape, bits,
+               parent.outlier_index, parent.outlier_value)
 
   @property
   def codes(self) -> jax.Array:
@@ -89,7 +92,8 @@ class ResidentArray:
 
   def as_parent(self) -> quant.QuantizedArray:
     """A `QuantizedArray` with these codes (exact at widths <= max_bits only)."""
-    return quant.QuantizedArray(self.codes, self.scale, self.zero_point, self.parent_bits, self.shape)
+    return quant.QuantizedArray(self.codes, self.scale, self.zero_point, self.parent_bits, self.shape,
+                                self.outlier_index, self.outlier_value)
 
   def dequantize(self, bits: int | None = None, extra_precision: bool = False,
                  dtype=jnp.float32) -> jax.Array:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Sequence
 
 import jax
@@ -141,6 +142,18 @@ def _sliced_float(codes: jax.Array, bits: int, parent_bits: int, extra_precision
   return s.astype(jnp.float32) * float(2**shift)
 
 
+def regrid_float(codes: jax.Array, bits: int, parent_bits: int = 8) -> jax.Array:
+  """The range-keeping slice, on the parent's scale (float32): s = round(q (2^r - 1) / (2^c - 1))
+  (half up), returned as s (2^c - 1) / (2^r - 1). Dequantized with the parent's scale and zero
+  point it is the r-bit grid spanning the parent's whole range (0 and 2^c - 1 stay the ends),
+  which the MSB slice's 2^r levels 2^(c-r) codes apart (the top one clamped) do not. Storage-free
+  like the MSB slice, but its codes are not the top bits: an r-bit server recomputes them."""
+  check_bits(bits, parent_bits)
+  top, r_top = float(2**parent_bits - 1), float(2**bits - 1)
+  q = codes.astype(jnp.float32)
+  return jnp.floor(q * r_top / top + 0.5) * (top / r_top)
+
+
 def _norm_axes(reduce_axes: Sequence[int], ndim: int) -> tuple[int, ...]:
   axes = tuple(sorted(a % ndim for a in reduce_axes))
   if len(set(axes)) != len(axes) or not axes:
@@ -183,7 +196,7 @@ def stats_shape(shape: Sequence[int], reduce_axes: Sequence[int], group_size: in
 
 
 def calibrate(w, bits: int, reduce_axes: Sequence[int], gamma=None, beta=None,
-              stats_grad: bool = False, symmetric: bool = False):
+              stats_grad: bool = False, symmetric: bool = False, exclude=None):
   """Asymmetric min-max scale and rounded zero point over `reduce_axes`.
 
   With OmniQuant clipping factors gamma, beta in (0, 1) (broadcastable to the
@@ -195,9 +208,14 @@ def calibrate(w, bits: int, reduce_axes: Sequence[int], gamma=None, beta=None,
 
   symmetric=True: z = 2^(c-1) and alpha = gamma max|w| / (2^(c-1) - 1) (beta unused), so
   every slice is symmetric too: GGUF's Q8_0 / Q4_0 hold the int8 / int4 slices exactly.
+  exclude: a boolean mask like w of weights left out of the statistics (kept outliers).
   """
   axes = _norm_axes(reduce_axes, jnp.ndim(w))
   ws = w if stats_grad else jax.lax.stop_gradient(w)
+  if exclude is not None:  # a group of outliers only gets the range [0, 0]
+    lo = jnp.where(exclude, jnp.inf, ws)
+    lo = jnp.where(jnp.all(exclude, axis=axes, keepdims=True), 0.0, lo)
+    ws = jnp.where(exclude, jnp.min(lo, axis=axes, keepdims=True), ws)  # min: moves no max or min
   if symmetric:
     if bits < 2:
       raise ValueError(f'a symmetric grid needs at least 2 bits, got {bits}')
@@ -249,30 +267,78 @@ def fake_quant(w, bits: int, *, parent_bits: int = 8, reduce_axes: Sequence[int]
   return dequantize(q, scale, zero).reshape(shape).astype(dtype)
 
 
+OUTLIER_DTYPE = jnp.float16  # a kept outlier: int32 flat index + float16 value = 48 bits
+OUTLIER_BITS = 48
+
+
+def outlier_indices(w, fraction: float) -> np.ndarray:
+  """Flat indices (int32, sorted) of the round(fraction * size) largest-magnitude weights of w:
+  the super weights and outliers kept out of the grid (Yu et al. 2024; SpQR)."""
+  if not (isinstance(fraction, (int, float, np.floating)) and 0 <= fraction < 1) or isinstance(fraction, bool):
+    raise ValueError(f'outliers must be a fraction in [0, 1) of each weight, got {fraction!r}')
+  a = np.abs(np.asarray(w, np.float32)).ravel()
+  k = int(round(float(fraction) * a.size))
+  if k == 0:
+    return np.zeros((0,), np.int32)
+  return np.sort(np.argpartition(-a, k - 1)[:k]).astype(np.int32)
+
+
+def outlier_bits(qa) -> float:
+  """A parent's kept outliers in bits per weight (OUTLIER_BITS each; 0 without outliers)."""
+  k = 0 if qa.outlier_index is None else int(qa.outlier_index.shape[0])
+  return OUTLIER_BITS * k / math.prod(qa.shape)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QuantizedArray:
-  """An int-c parent: uint8 codes plus per-channel (or per-group) scale and zero point.
+  """An int-c parent: uint8 codes plus per-channel (or per-group) scale and zero point, and
+  optionally kept outliers restored at every width.
 
   `codes` has the grouped shape when group_size is set; `shape` is the
-  original weight shape.
+  original weight shape. outlier_index (int32 [k], flat into `shape`) and outlier_value
+  (float16 [k]): weights left out of the grid and its statistics; None when there are none.
   """
   codes: jax.Array
   scale: jax.Array
   zero_point: jax.Array
   parent_bits: int = dataclasses.field(metadata=dict(static=True), default=8)
   shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True), default=())
+  outlier_index: jax.Array | None = None
+  outlier_value: jax.Array | None = None
 
   @classmethod
   def from_float(cls, w, parent_bits: int = 8, reduce_axes: Sequence[int] = (0,),
                  group_size: int | None = None, gamma=None, beta=None,
-                 symmetric: bool = False) -> 'QuantizedArray':
-    """Calibrates and quantizes a float weight into a stored parent."""
+                 symmetric: bool = False, outliers: float = 0.0) -> 'QuantizedArray':
+    """Calibrates and quantizes a float weight into a stored parent; `outliers` (a fraction of
+    its weights, largest magnitude first) are kept in float16 outside the grid."""
     check_bits(parent_bits, parent_bits)
-    wg, axes = group(jnp.asarray(w, jnp.float32), reduce_axes, group_size)
-    scale, zero = calibrate(wg, parent_bits, axes, gamma, beta, symmetric=symmetric)
+    w = jnp.asarray(w, jnp.float32)
+    index = outlier_indices(w, outliers) if outliers else np.zeros((0,), np.int32)
+    exclude = None
+    if index.size:
+      exclude, _ = group(jnp.zeros(w.size, bool).at[index].set(True).reshape(w.shape), reduce_axes, group_size)
+    wg, axes = group(w, reduce_axes, group_size)
+    scale, zero = calibrate(wg, parent_bits, axes, gamma, beta, symmetric=symmetric, exclude=exclude)
     codes = quantize(wg, scale, zero, parent_bits).astype(jnp.uint8)
-    return cls(codes, scale, zero, parent_bits, tuple(jnp.shape(w)))
+    if not index.size:
+      return cls(codes, scale, zero, parent_bits, tuple(jnp.shape(w)))
+    value = w.reshape(-1)[index].astype(OUTLIER_DTYPE)
+    return cls(codes, scale, zero, parent_bits, tuple(jnp.shape(w)), jnp.asarray(index), value)
+
+  @property
+  def num_outliers(self) -> int:
+    return 0 if self.outlier_index is None else int(self.outlier_index.shape[0])
+
+  def outlier_bits(self) -> float:
+    return outlier_bits(self)
+
+  def restore_outliers(self, w: jax.Array) -> jax.Array:
+    """w (this array's shape) with the kept outliers written back, as at every width."""
+    if self.outlier_index is None:
+      return w
+    return w.reshape(-1).at[self.outlier_index].set(self.outlier_value.astype(w.dtype)).reshape(w.shape)
 
   def sliced_codes(self, bits: int, extra_precision: bool = False) -> jax.Array:
     """Integer codes S(q, bits) on the parent grid (int32)."""
@@ -283,7 +349,7 @@ class QuantizedArray:
     """The float weight at `bits` (default: the parent), in the original shape."""
     q = _sliced_float(self.codes, bits or self.parent_bits, self.parent_bits, extra_precision)
     w = dequantize(q, self.scale, self.zero_point)
-    return w.reshape(self.shape).astype(dtype)
+    return self.restore_outliers(w.reshape(self.shape)).astype(dtype)
 
   @property
   def group_size(self) -> int | None:

@@ -115,5 +115,7 @@ def bits_per_weight(variables, spec: QuantSpec | None, config: TransformerConfig
         b = w.average_bits(bits, extra_precision=True)
       else:
         b = float(bits)
+      if bits is not None and is_quantized(w):  # kept outliers: index + value each
+        b += quant.outlier_bits(w)
       total, count = total + b * size, count + size
   return total / count

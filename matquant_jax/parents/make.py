@@ -26,7 +26,7 @@ def by_weight(qtree: Tree) -> dict[str, dict]:
 
 
 def make_parent(config: nn.TransformerConfig, params: Tree, spec: QuantSpec,
-                transforms: Tree | None = None) -> dict[str, Tree]:
+                transforms: Tree | None = None, outliers: float = 0.0) -> dict[str, Tree]:
   """A stored parent, {'params', 'quant'} variables, from float weights at `spec`.
 
   Every quantized weight (spec.targets) becomes a `QuantizedArray` of Q(W s)
@@ -36,6 +36,8 @@ def make_parent(config: nn.TransformerConfig, params: Tree, spec: QuantSpec,
   keeps what cannot be folded into W: shift delta, scale s (for the input)
   and the bias delta W. Evaluation, slicing and Mix'n'Match use the result
   through `model.apply(variables, tokens, spec=...).logits`.
+  outliers: the fraction of each quantized weight (largest |W s| first) kept in float16 outside
+  the grid and its statistics, restored at every width (`QuantizedArray.outlier_index`).
   """
   flat_p = traverse_util.flatten_dict(params, sep='/')
   by_name = by_weight(transforms or {})
@@ -52,7 +54,7 @@ def make_parent(config: nn.TransformerConfig, params: Tree, spec: QuantSpec,
       ws = qeinsum.quantized_weight(w, info.reduce_axes, None, None, aux)  # W * s
       gamma, beta = qeinsum.clipping_factors(aux)
       flat_p[name] = quant.QuantizedArray.from_float(
-          ws, spec.parent_bits, info.reduce_axes, spec.group_size, gamma, beta, spec.symmetric)
+          ws, spec.parent_bits, info.reduce_axes, spec.group_size, gamma, beta, spec.symmetric, outliers)
       if 'shift' in aux:
         flat_q[name] = {'shift': aux['shift'], 'smooth': aux['smooth'],
                         'bias': qeinsum.shift_bias(info.eqn, aux['shift'], w)}

@@ -3,7 +3,8 @@
     <dir>/manifest.json       format, version, family, widths, the quantized paths, the run
     <dir>/config.json         the TransformerConfig fields
     <dir>/weights.safetensors 'params/<path>' float weights (stored dtype);
-                              'params/<path>/{codes,scale,zero_point}' per quantized weight;
+                              'params/<path>/{codes,scale,zero_point}' per quantized weight
+                              (+ outlier_index int32, outlier_value float16 when kept);
                               'quant/<path>/<leaf>' OmniQuant's shift, smooth and bias
     <dir>/tokenizer.model or tokenizer.json
 
@@ -53,8 +54,8 @@ from matquant_jax.parents.make import resident
 from matquant_jax.text import tokenization
 
 
-FORMAT, VERSION = 'matquant-parent', 2
-READS = (1, 2)  # version 1 parents (before per-tensor digests) still load
+FORMAT, VERSION = 'matquant-parent', 3  # 3: kept outliers
+READS = (1, 2, 3)  # version 1 parents (before per-tensor digests) still load
 _TMP = '.tmp_parent_'
 
 
@@ -137,6 +138,10 @@ def _tensors(variables, layer_bits: Sequence[int] | None, float_dtype):
       tensors[f'{name}/codes'] = np.asarray(codes, np.uint8)
       tensors[f'{name}/scale'] = np.asarray(scale, np.float32)
       tensors[f'{name}/zero_point'] = np.asarray(zero, np.float32)
+      if leaf.outlier_index is not None:  # restored at every width, the packed one too
+        tensors[f'{name}/outlier_index'] = np.asarray(leaf.outlier_index, np.int32)
+        tensors[f'{name}/outlier_value'] = np.asarray(leaf.outlier_value, np.float16)
+        entry['outliers'] = int(leaf.outlier_index.shape[0])
       quantized[path] = entry
   return tensors, quantized
 
@@ -360,8 +365,13 @@ def load(directory: str, resident_bits: int | None = None, *, verify: bool = Tru
     stats = quant.stats_shape(e['shape'], nn.weight_info(config, path).reduce_axes, e['group_size'])
     scale, zero = take(f'params/{path}/scale', stats), take(f'params/{path}/zero_point', stats)
     _check_values(weights, path, e['bits'], codes, scale, zero)
+    kept = (None, None)
+    if e.get('outliers'):
+      kept = (take(f'params/{path}/outlier_index', (e['outliers'],)), take(f'params/{path}/outlier_value', (e['outliers'],)))
+      _check_outliers(weights, path, e['shape'], *kept)
+      kept = tuple(jnp.asarray(a) for a in kept)
     params[path] = quant.QuantizedArray(jnp.asarray(codes, jnp.uint8), jnp.asarray(scale),
-                                        jnp.asarray(zero), e['bits'], tuple(e['shape']))
+                                        jnp.asarray(zero), e['bits'], tuple(e['shape']), *kept)
   unknown = sorted(set(quantized) - set(params))
   if unknown:
     raise ValueError(f'{directory}: the manifest names quantized weights the model does not have: {unknown}')
@@ -414,6 +424,15 @@ def _check_values(path: str, name: str, bits, codes, scale, zero) -> None:
     raise ValueError(f'{path}: weight {name!r} has a zero point that is not finite')
 
 
+def _check_outliers(path: str, name: str, shape, index, value) -> None:
+  if index.dtype != np.int32 or value.dtype != np.float16:
+    raise ValueError(f'{path}: outliers of {name!r} are {index.dtype}/{value.dtype}, expected int32/float16')
+  if index.size and (int(index.min()) < 0 or int(index.max()) >= math.prod(shape) or np.any(np.diff(index) <= 0)):
+    raise ValueError(f'{path}: outlier indices of {name!r} are not distinct, sorted and inside its {tuple(shape)} weight')
+  if not np.all(np.isfinite(value)):
+    raise ValueError(f'{path}: weight {name!r} has a kept outlier that is not finite')
+
+
 def weight_bytes(variables) -> dict[str, int]:
   """Resident bytes of `variables`: 'quantized' (codes, scales, zero points), 'other', 'total'."""
   q = o = 0
@@ -426,15 +445,16 @@ def weight_bytes(variables) -> dict[str, int]:
 
 
 def file_bytes(directory: str) -> dict[str, int]:
-  """Bytes on disk of a stored directory: 'codes', 'scales' (scale + zero point), 'other'
+  """Bytes on disk of a stored directory: 'codes', 'scales' (scale + zero point), 'outliers', 'other'
   tensors, and 'total' (every file, headers and tokenizer included)."""
   quantized = {f'params/{p}' for p in read_manifest(directory)['quantized']}
-  out = {'codes': 0, 'scales': 0, 'other': 0}
+  out = {'codes': 0, 'scales': 0, 'outliers': 0, 'other': 0}
   with safetensors.safe_open(os.path.join(directory, WEIGHTS), 'numpy') as f:  # header only
     for name in f.keys():
       t = f.get_slice(name)
       base, _, leaf = name.rpartition('/')
-      kind = 'other' if base not in quantized else 'codes' if leaf == 'codes' else 'scales'
+      kind = ('other' if base not in quantized else 'codes' if leaf == 'codes'
+              else 'outliers' if leaf.startswith('outlier_') else 'scales')
       out[kind] += math.prod(t.get_shape()) * _ITEMSIZE[t.get_dtype()]
   out['total'] = sum(os.path.getsize(os.path.join(directory, p)) for p in os.listdir(directory))
   return out
