@@ -42,6 +42,32 @@ def test_identity_hessian_is_round_to_nearest(group_size):
     np.testing.assert_array_equal(np.asarray(qa.codes), np.asarray(rtn.codes))
 
 
+def test_kept_outliers_in_gptq_are_exact_and_feed_nothing_back():
+  """Identity Hessian: round-to-nearest over the non-outliers, the kept weights as they were;
+  a correlated Hessian: the kept weights carry GPTQ's updates and lower the output error."""
+  w, x = _layer(3)
+  w[5, 7], w[40, 2] = 9.0, -8.0
+  obj, spec = losses.parse_objective('4', None, 4), QuantSpec(4, parent_bits=4)
+  opts = gptq.Options(damp=0.0, outliers=2 / w.size)
+  qa = gptq.quantize_weight(w, jnp.eye(64), LINEAR, obj, spec, opts)
+  rtn = quant.QuantizedArray.from_float(w, 4, (0,), outliers=2 / w.size)
+  np.testing.assert_array_equal(np.asarray(qa.codes), np.asarray(rtn.codes))
+  np.testing.assert_array_equal(np.asarray(qa.outlier_index), [5 * 48 + 7, 40 * 48 + 2])
+  np.testing.assert_array_equal(np.asarray(qa.outlier_value), np.float16([9.0, -8.0]))
+  h = jnp.asarray(x.T @ x)
+  kept = gptq.quantize_weight(w, h, LINEAR, obj, spec, gptq.Options(outliers=2 / w.size))
+  plain = gptq.quantize_weight(w, h, LINEAR, obj, spec, gptq.Options())
+  err = lambda q: np.linalg.norm(x @ w - x @ np.asarray(q.dequantize()))
+  assert err(kept) < 0.97 * err(plain), (err(kept), err(plain))  # measured 189 vs 202 (two channels of 48)
+  assert not np.array_equal(np.asarray(kept.outlier_value), np.float16([9.0, -8.0]))  # updated by GPTQ
+
+
+def test_balanced_width_weights_by_hand():
+  np.testing.assert_allclose(gptq.width_weights((8, 4, 2), (1.0, 1.0, 1.0), 8, False), [1 / 3] * 3)
+  raw = np.array([1.0, 1 / 256, 1 / 4096])  # lambda / 4^(8 - r)
+  np.testing.assert_allclose(gptq.width_weights((8, 4, 2), (1.0, 1.0, 1.0), 8, True), raw / raw.sum(), rtol=1e-6)
+
+
 def test_matquant_code_choice_equals_brute_force():
   rng = np.random.default_rng(2)
   w = rng.normal(size=7).astype(np.float32)

@@ -12,7 +12,9 @@ The code of a column is searched exhaustively over the parent's 2^c codes:
 argmin_q sum_r lambda_r (w - deq(S(q, r)))^2 with the objective's widths and
 lambdas (MatQuant mode), or over the 2^r codes of an r-bit grid (the GPTQ
 baseline at r, `'r'` with parent_bits r); the residual fed back is the
-lambda-weighted mean of the widths' errors. With several widths, each width has
+lambda-weighted mean of the widths' errors (with `Options.balance`, each width's error is measured in
+units of its own step first, so lambda weighs the widths as it says; `Options.outliers` keeps the
+largest weights in float16 outside the grid, with no error to feed back). With several widths, each width has
 its own activation stream (its quantized prefix) and H = sum_r lambda_r H_r / sum
 lambda. Scales and zero points are min-max of the original weights, per output
 channel or per group, fixed before the column loop (GPTQ's static groups), so
@@ -51,11 +53,17 @@ ORDER = {'attn/qkv_einsum/w': 0, 'attn/q_einsum/w': 0, 'attn/kv_einsum/w': 0,
 class Options:
   """damp: added to diag H, as a fraction of its mean. block_size: columns per lazy
   batch update. act_order: quantize columns by decreasing diag H. batch_size:
-  calibration sequences per forward pass (memory only)."""
+  calibration sequences per forward pass (memory only). balance: each width's squared
+  error in units of its own step (divided by 4^(c-r)), so lambda weighs widths as it says
+  (raw, int2's error is 4096x int8's and lambda (1, 1, 1) optimises int2 alone). outliers:
+  the fraction of each weight (largest |w|) kept in float16 outside the grid: their error is
+  zero (nothing fed back) and they keep the value GPTQ's updates gave them."""
   damp: float = 0.01
   block_size: int = 128
   act_order: bool = False
   batch_size: int = 8
+  balance: bool = False
+  outliers: float = 0.0
 
   def __post_init__(self):
     if not 0 <= self.damp < 1:
@@ -102,38 +110,55 @@ def choose_codes(w, scale, zero, table, lambdas):
   return q.astype(jnp.int32), jnp.einsum('r,ro->o', lambdas, picked) / jnp.sum(lambdas)
 
 
+def width_weights(widths, lambdas, parent_bits: int, balance: bool) -> np.ndarray:
+  """The objective's per-width weights in `choose_codes`: lambda, or with `balance` lambda /
+  4^(c-r) (each width's squared error in units of its own step), normalised to sum 1."""
+  w = np.asarray(lambdas, np.float64)
+  if balance:
+    w = w / 4.0 ** (parent_bits - np.asarray(widths, np.float64))
+  return (w / w.sum()).astype(np.float32)
+
+
 @functools.partial(jax.jit, static_argnames=('block_size', 'act_order'))
 def quantize_matrix(W, H, scale, zero, table, lambdas, damp: float, block_size: int = 128,
-                    act_order: bool = False):
-  """GPTQ codes [in, out] (int32, on the parent grid) for W [in, out] with Hessian H [in, in].
+                    act_order: bool = False, keep=None):
+  """GPTQ codes [in, out] (int32, on the parent grid) for W [in, out] with Hessian H [in, in],
+  and the weights as updated when each was reached [in, out] (the values of kept outliers).
 
   scale, zero: [in, out] (each column's statistics; per-channel ones repeat over in).
+  keep: bool [in, out], weights kept exactly (no error, nothing fed back), or None.
   """
+  keep = jnp.zeros(W.shape, bool) if keep is None else keep
   n = W.shape[0]
   diag = jnp.diag(H)
   dead = diag == 0
   H = H + jnp.diag(jnp.where(dead, 1.0, 0.0))
   W = jnp.where(dead[:, None], 0.0, W)
   perm = jnp.argsort(-jnp.diag(H)) if act_order else jnp.arange(n)
-  W, scale, zero, H = W[perm], scale[perm], zero[perm], H[perm][:, perm]
+  W, scale, zero, H, keep = W[perm], scale[perm], zero[perm], H[perm][:, perm], keep[perm]
   H = H + damp * jnp.mean(jnp.diag(H)) * jnp.eye(n, dtype=H.dtype)
   Hinv = jnp.linalg.cholesky(jnp.linalg.inv(H)).T  # upper U with U^T U = H^-1
   codes = jnp.zeros(W.shape, jnp.int32)
+  reached = jnp.zeros_like(W)
   for b0 in range(0, n, block_size):
     b1 = min(b0 + block_size, n)
     H1 = Hinv[b0:b1, b0:b1]
 
     def column(i, carry, b0=b0, H1=H1):
-      W1, Q1, E1 = carry
+      W1, Q1, E1, V1 = carry
       q, err = choose_codes(W1[i], scale[b0 + i], zero[b0 + i], table, lambdas)
+      err = jnp.where(keep[b0 + i], 0.0, err)
       e = err / H1[i, i]
+      V1 = V1.at[i].set(W1[i])
       W1 = W1 - H1[i][:, None] * e[None, :]  # rows below i (H1 is upper triangular)
-      return W1, Q1.at[i].set(q), E1.at[i].set(e)
+      return W1, Q1.at[i].set(q), E1.at[i].set(e), V1
 
-    W1, Q1, E1 = jax.lax.fori_loop(0, b1 - b0, column, (W[b0:b1], codes[b0:b1], jnp.zeros_like(W[b0:b1])))
-    codes = codes.at[b0:b1].set(Q1)
+    W1, Q1, E1, V1 = jax.lax.fori_loop(0, b1 - b0, column, (W[b0:b1], codes[b0:b1], jnp.zeros_like(W[b0:b1]),
+                                                            reached[b0:b1]))
+    codes, reached = codes.at[b0:b1].set(Q1), reached.at[b0:b1].set(V1)
     W = W.at[b1:].add(-Hinv[b0:b1, b1:].T @ E1)
-  return codes[jnp.argsort(perm)]
+  inv = jnp.argsort(perm)
+  return codes[inv], reached[inv]
 
 
 def quantize_weight(w, x_hessian, info: nn.WeightInfo, objective: losses.Objective, spec: QuantSpec,
@@ -141,16 +166,23 @@ def quantize_weight(w, x_hessian, info: nn.WeightInfo, objective: losses.Objecti
   """A stored parent of float weight w (its einsum `info`) from its input Hessian."""
   w = jnp.asarray(w, jnp.float32)
   stats = quant.QuantizedArray.from_float(w, spec.parent_bits, info.reduce_axes, spec.group_size,
-                                         symmetric=spec.symmetric)
+                                         symmetric=spec.symmetric, outliers=opts.outliers)
   full = lambda s: jnp.broadcast_to(s, stats.codes.shape).reshape(w.shape)
   scale, zero = (as_matrix(full(s), info.reduce_axes) for s in (stats.scale, stats.zero_point))
   table = jnp.asarray(code_table(objective.widths, spec.parent_bits, spec.extra_precision))
-  lambdas = jnp.asarray(objective.lambdas, jnp.float32)
-  codes = quantize_matrix(as_matrix(w, info.reduce_axes), x_hessian, scale, zero, table, lambdas,
-                          opts.damp, opts.block_size, opts.act_order)
+  lambdas = jnp.asarray(width_weights(objective.widths, objective.lambdas, spec.parent_bits, opts.balance))
+  keep = None
+  if stats.outlier_index is not None:
+    keep = as_matrix(jnp.zeros(w.size, bool).at[stats.outlier_index].set(True).reshape(w.shape), info.reduce_axes)
+  codes, reached = quantize_matrix(as_matrix(w, info.reduce_axes), x_hessian, scale, zero, table, lambdas,
+                                   opts.damp, opts.block_size, opts.act_order, keep)
   codes = from_matrix(codes, w.shape, info.reduce_axes)
   grouped, _ = quant.group(codes, info.reduce_axes, spec.group_size)
-  return dataclasses.replace(stats, codes=grouped.astype(jnp.uint8))
+  out = dataclasses.replace(stats, codes=grouped.astype(jnp.uint8))
+  if keep is None:
+    return out
+  value = from_matrix(reached, w.shape, info.reduce_axes).reshape(-1)[stats.outlier_index]
+  return dataclasses.replace(out, outlier_value=value.astype(quant.OUTLIER_DTYPE))
 
 
 @functools.partial(jax.jit, static_argnames=('block', 'dims'))
