@@ -64,6 +64,8 @@ _EP = flags.DEFINE_bool('ep_rows', True, 'Also evaluate the Extra Precision slic
 _MIX = flags.DEFINE_bool('mixnmatch', True, 'Evaluate the pyramid Mix\'n\'Match rows.')
 _EXTRA = flags.DEFINE_bool('extra_precision', False, 'Calibrate MatQuant for Extra Precision slices (no '
                             'clamp at the top, the paper\'s E.P. MatQuant) and evaluate those.')
+_GRID = flags.DEFINE_enum('slice_grid', 'msb', ['msb', 'regrid'], 'The slice every parent is calibrated '
+                          'for and evaluated with (QuantSpec.slice_grid; regrid: the range-keeping re-grid).')
 _METHODS = flags.DEFINE_list('methods', None, 'Evaluate only the rows whose method starts with one of '
                              'these (e.g. MatQuant); default: every row.')
 
@@ -100,6 +102,10 @@ def main(argv):
   tag = recipe.replace(', ', '_').replace(' ', '')
   algo = _ALGO.value
   label = {'omniquant': 'OmniQuant', 'gptq': 'GPTQ'}[algo]
+  if _GRID.value != 'msb' and (_EP.value or _EXTRA.value):
+    raise app.UsageError('the re-grid has no extra-precision bucket: use --ep_rows=false and no --extra_precision')
+  if _GRID.value != 'msb':
+    tag, recipe = f'{tag}_{_GRID.value}', f'{recipe}, {_GRID.value}'
   if algo == 'gptq':
     tag = f'gptq_{tag}' + ('_actorder' if _ACT_ORDER.value else '') + ('_balanced' if _BALANCE.value else '')
     recipe += (', act-order' if _ACT_ORDER.value else '') + (', balanced' if _BALANCE.value else '')
@@ -123,7 +129,8 @@ def main(argv):
       (f'baseline_int{b}', b, (1.0,), int(b), 2 if b == '2' else 1) for b in _BASELINES.value]
   made = {}
   for name, objective, lambdas, parent_bits, budget in calibrations:
-    spec = QuantSpec(parent_bits, parent_bits=parent_bits, group_size=group, extra_precision=name == mat and ep)
+    spec = QuantSpec(parent_bits, parent_bits=parent_bits, group_size=group, extra_precision=name == mat and ep,
+                     slice_grid=_GRID.value)
     opts = dataclasses.replace(base_opts, epochs=base_opts.epochs * budget)
     t = time.perf_counter()
     obj = losses.parse_objective(objective, lambdas, parent_bits)
@@ -143,7 +150,7 @@ def main(argv):
   items = evals.shakespeare_next_line(_DATA_DIR.value, _TASK_N.value)
   mix = plans.pyramid(cfg.num_layers)  # SmolLM2's 30 layers: 10 x int2, 10 x int4, 10 x int8
   float_model = nn.Transformer(dataclasses.replace(cfg, dtype=_FLOAT.value))
-  spec = lambda b, **kw: QuantSpec(b, group_size=group, **kw)
+  spec = lambda b, **kw: QuantSpec(b, group_size=group, slice_grid=_GRID.value, **kw)
   short_dtype = {'bfloat16': 'bf16', 'float32': 'float32'}[_FLOAT.value]
   rows = [(short_dtype, f'{short_dtype} activations, float weights', float_model, params, None, 'float', 'float')]
   mat_label = f'E.P. MatQuant ({label}, {recipe})' if ep else f'MatQuant ({label}, {recipe})'

@@ -202,3 +202,17 @@ def test_kept_outliers_travel_with_the_parent(stored, tmp_path, token_data):
   assert parents.file_bytes(str(tmp_path / 'o'))['outliers'] == 6 * sum(v.num_outliers for v in leaves)
   with pytest.raises(ValueError, match='outliers outside its grid, which no GGUF block type can carry'):
     ckpts.export_gguf(str(tmp_path / 'x.gguf'), p, CFG, token_data.tokenizer, 4)
+
+
+def test_regrid_spec_runs_fake_quant_and_stored_parents_alike_and_refuses_resident(stored):
+  model, params, _ = stored
+  spec = QuantSpec(2, slice_grid='regrid')
+  parent = parents.make_parent(CFG, params, QuantSpec(8))
+  a = model.apply({'params': params}, TOKENS, spec=spec).logits  # fake-quant of the float weights
+  b = model.apply(parent, TOKENS, spec=spec).logits
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+  assert not np.allclose(np.asarray(b), np.asarray(model.apply(parent, TOKENS, spec=QuantSpec(2)).logits))
+  with pytest.raises(ValueError, match="keeps only the codes' top bits"):
+    model.apply(parents.resident(parent, 4), TOKENS, spec=QuantSpec(2, slice_grid='regrid'))
+  with pytest.raises(ValueError, match='slice_grid must be one of'):
+    QuantSpec(2, slice_grid='lsb')

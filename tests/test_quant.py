@@ -222,3 +222,22 @@ def test_kept_outliers_leave_the_statistics_and_come_back_at_every_width(bits):
   for bad in (-0.1, 1.0, float('nan'), True):
     with pytest.raises(ValueError, match='outliers must be a fraction'):
       quant.QuantizedArray.from_float(w, 8, (0,), outliers=bad)
+
+
+@pytest.mark.parametrize('bits', [6, 4, 3, 2])
+def test_regrid_slice_by_the_integer_formula(bits):
+  """round_half_up(q (2^r - 1) / 255) in plain integers, returned on the parent's scale; the
+  ends 0 and 255 stay, and the STE gradient is the identity (it clamps nothing)."""
+  top, rt = 255, 2**bits - 1
+  q = np.arange(256)
+  s = (2 * q * rt + top) // (2 * top)
+  got = np.asarray(quant.regrid_float(jnp.asarray(q, jnp.uint8), bits))
+  np.testing.assert_allclose(got, s * top / rt, rtol=1e-6)
+  assert got[0] == 0 and got[-1] == pytest.approx(255)
+  g = jax.grad(lambda x: jnp.sum(quant.slice_ste(x, bits, grid='regrid')))(jnp.asarray(q, jnp.float32))
+  np.testing.assert_array_equal(np.asarray(g), np.ones(256))
+  qa = quant.QuantizedArray.from_float(np.random.default_rng(0).normal(size=(64, 8)), 8, (0,))
+  np.testing.assert_allclose(np.asarray(qa.dequantize(bits, grid='regrid')),
+                             np.asarray(qa.scale * (got[np.asarray(qa.codes)] - qa.zero_point)), rtol=1e-6)
+  with pytest.raises(ValueError, match='no extra bucket'):
+    quant.slice_ste(jnp.asarray(q, jnp.float32), bits, extra_precision=True, grid='regrid')

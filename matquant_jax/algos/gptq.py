@@ -92,9 +92,13 @@ def from_matrix(m: jax.Array, shape, reduce_axes) -> jax.Array:
   return jnp.transpose(m.reshape([shape[a] for a in perm]), np.argsort(perm))
 
 
-def code_table(widths, parent_bits: int, extra_precision: bool = False) -> np.ndarray:
-  """[R, 2^c]: the value on the parent grid that each candidate code q takes at each width."""
+def code_table(widths, parent_bits: int, extra_precision: bool = False, grid: str = 'msb') -> np.ndarray:
+  """[R, 2^c]: the value on the parent grid that each candidate code q takes at each width
+  (the MSB slice, or the re-grid's float value)."""
   q = np.arange(2**parent_bits)
+  if grid == 'regrid':
+    quant.check_grid(grid, extra_precision)
+    return np.stack([np.asarray(quant.regrid_float(jnp.asarray(q), r, parent_bits)) for r in widths]).astype(np.float32)
   return np.stack([quant.slice_codes(q, r, parent_bits, extra_precision) for r in widths]).astype(np.float32)
 
 
@@ -169,7 +173,7 @@ def quantize_weight(w, x_hessian, info: nn.WeightInfo, objective: losses.Objecti
                                          symmetric=spec.symmetric, outliers=opts.outliers)
   full = lambda s: jnp.broadcast_to(s, stats.codes.shape).reshape(w.shape)
   scale, zero = (as_matrix(full(s), info.reduce_axes) for s in (stats.scale, stats.zero_point))
-  table = jnp.asarray(code_table(objective.widths, spec.parent_bits, spec.extra_precision))
+  table = jnp.asarray(code_table(objective.widths, spec.parent_bits, spec.extra_precision, spec.slice_grid))
   lambdas = jnp.asarray(width_weights(objective.widths, objective.lambdas, spec.parent_bits, opts.balance))
   keep = None
   if stats.outlier_index is not None:
@@ -208,11 +212,11 @@ def _hessians(block, lp, dims: dict[str, int], xs, tokens, batch_size):
   return total
 
 
-def _at_width(lp, done: dict, r: int, extra_precision: bool):
+def _at_width(lp, done: dict, r: int, extra_precision: bool, grid: str = 'msb'):
   """Block params with the already quantized weights replaced by their float value at width r."""
   flat = traverse_util.flatten_dict(lp, sep='/')
   for path, qa in done.items():
-    flat[path] = qa.dequantize(min(r, qa.parent_bits), extra_precision)
+    flat[path] = qa.dequantize(min(r, qa.parent_bits), extra_precision, grid=grid)
   return traverse_util.unflatten_dict(flat, sep='/')
 
 
@@ -237,7 +241,7 @@ def calibrate(config: nn.TransformerConfig, params: Tree, tokens: np.ndarray,
     lp = params[key]
     if bits is not None:
       block_q = {p: traverse_util.flatten_dict(parent['params'][key], sep='/')[p] for p in infos}
-      lp = _at_width(lp, block_q, bits, ep)
+      lp = _at_width(lp, block_q, bits, ep, spec.slice_grid)
     return lambda x, t: _block_forward(block, lp, x, t)
 
   def calibrate_block(i, key, block, parent, streams, target, bar):
@@ -249,7 +253,7 @@ def calibrate(config: nn.TransformerConfig, params: Tree, tokens: np.ndarray,
       dims = {p: math.prod(np.shape(flat_lp[p])[a] for a in infos[p].reduce_axes) for p in paths}
       hess = {p: 0.0 for p in paths}
       for r in widths:
-        h = _hessians(block, _at_width(lp, done, r, ep), dims, streams[r], tokens, bs)
+        h = _hessians(block, _at_width(lp, done, r, ep, spec.slice_grid), dims, streams[r], tokens, bs)
         for p in paths:
           hess[p] = hess[p] + lam[r] / sum(objective.lambdas) * h[p]
       for p in paths:

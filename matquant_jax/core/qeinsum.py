@@ -33,6 +33,8 @@ class QuantSpec:
     'identity' (`quant.slice_ste`); no effect on the forward pass.
   symmetric: zero point fixed at 2^(c-1) (`quant.calibrate`), for formats without an
     offset (GGUF Q8_0 / Q4_0); the paper's grids are asymmetric (the default).
+  slice_grid: 'msb' (the paper's slice, the default) or 'regrid' (the range-keeping re-grid,
+    `quant.regrid_float`: not nested in the code's top bits, so no resident or packed slices).
   """
   bits: int | tuple[int | None, ...]
   _: dataclasses.KW_ONLY
@@ -42,6 +44,7 @@ class QuantSpec:
   targets: tuple[str, ...] = ('ffn',)
   slice_grad: str = 'clamp'
   symmetric: bool = False
+  slice_grid: str = 'msb'
 
   def __post_init__(self):
     if isinstance(self.bits, list):
@@ -55,6 +58,7 @@ class QuantSpec:
     unknown = set(self.targets) - set(TARGETS)
     if unknown:
       raise ValueError(f'unknown quantization targets {sorted(unknown)}; choose from {TARGETS}')
+    quant.check_grid(self.slice_grid, self.extra_precision)
     if self.slice_grad not in quant.SLICE_GRADS:
       raise ValueError(f'slice_grad must be one of {quant.SLICE_GRADS}, got {self.slice_grad!r}')
 
@@ -97,13 +101,16 @@ def quantized_weight(w, reduce_axes: Sequence[int], bits: int | None,
   at a maximum width (`packing.ResidentArray`: None means that width).
   """
   aux = aux or {}
+  grid = spec.slice_grid if spec is not None else 'msb'
   if isinstance(w, packing.ResidentArray):  # unpacked inside the step; refused above max_bits
+    if grid != 'msb':
+      raise ValueError(f"a resident parent keeps only the codes' top bits; slice_grid={grid!r} needs the full parent")
     return w.dequantize(bits, spec is not None and spec.extra_precision)
   if isinstance(w, quant.QuantizedArray):
     if bits is not None and bits > w.parent_bits:
       raise ValueError(f'bits={bits}, but the stored weight has {w.parent_bits} bits')
     ep = spec is not None and spec.extra_precision
-    return w.dequantize(w.parent_bits if bits is None else bits, ep)
+    return w.dequantize(w.parent_bits if bits is None else bits, ep, grid=grid)
   if 'smooth' in aux:
     w = w.astype(jnp.float32) * _along(aux['smooth'], w.ndim, reduce_axes)
   if spec is None or bits is None:
@@ -113,7 +120,7 @@ def quantized_weight(w, reduce_axes: Sequence[int], bits: int | None,
                           reduce_axes=reduce_axes, extra_precision=spec.extra_precision,
                           group_size=spec.group_size, gamma=gamma, beta=beta,
                           stats_grad='smooth' in aux, slice_grad=spec.slice_grad,
-                          symmetric=spec.symmetric).astype(w.dtype)
+                          symmetric=spec.symmetric, slice_grid=spec.slice_grid).astype(w.dtype)
 
 
 def einsum(eqn: str, x: jax.Array, w, *, reduce_axes: Sequence[int],

@@ -61,10 +61,23 @@ def round_ste(x: jax.Array) -> jax.Array:
 round_ste.defvjp(lambda x: (jnp.round(x), None), lambda _, g: (g,))
 
 
-def _slice_float(q, bits: int, parent_bits: int, extra_precision: bool):
-  """S(q, r) on float-valued codes (exact for integers below 2**24)."""
+SLICE_GRIDS = ('msb', 'regrid')  # the paper's MSB slice; the range-keeping re-grid (`regrid_float`)
+
+
+def check_grid(grid: str, extra_precision: bool = False) -> None:
+  if grid not in SLICE_GRIDS:
+    raise ValueError(f'slice_grid must be one of {SLICE_GRIDS}, got {grid!r}')
+  if grid == 'regrid' and extra_precision:
+    raise ValueError("extra precision is an MSB-slice option; slice_grid='regrid' has no extra bucket")
+
+
+def _slice_float(q, bits: int, parent_bits: int, extra_precision: bool, grid: str = 'msb'):
+  """S(q, r) on float-valued codes (exact for integers below 2**24), or the re-grid."""
   if bits == parent_bits:
     return q
+  if grid == 'regrid':
+    top, r_top = float(2**parent_bits - 1), float(2**bits - 1)
+    return jnp.floor(q * r_top / top + 0.5) * (top / r_top)
   step = float(2 ** (parent_bits - bits))
   s = jnp.floor(q / step + 0.5)  # round half up
   if not extra_precision:
@@ -75,39 +88,42 @@ def _slice_float(q, bits: int, parent_bits: int, extra_precision: bool):
 SLICE_GRADS = ('clamp', 'identity')
 
 
-def _slice_fwd(q, bits, parent_bits, extra_precision, grad):
-  s = _slice_float(q, bits, parent_bits, extra_precision)
-  if grad == 'identity' or extra_precision or bits == parent_bits:
+def _slice_fwd(q, bits, parent_bits, extra_precision, grad, grid):
+  s = _slice_float(q, bits, parent_bits, extra_precision, grid)
+  if grad == 'identity' or extra_precision or bits == parent_bits or grid == 'regrid':  # no clamp
     return s, None
   step = float(2 ** (parent_bits - bits))
   return s, jnp.floor(q / step + 0.5) <= 2**bits - 1  # False where the slice clamped
 
 
-def _slice_bwd(bits, parent_bits, extra_precision, grad, inside, g):
-  del bits, parent_bits, extra_precision, grad
+def _slice_bwd(bits, parent_bits, extra_precision, grad, grid, inside, g):
+  del bits, parent_bits, extra_precision, grad, grid
   return (g if inside is None else g * inside.astype(g.dtype),)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
-def _slice_ste(q, bits, parent_bits, extra_precision, grad):
-  return _slice_float(q, bits, parent_bits, extra_precision)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
+def _slice_ste(q, bits, parent_bits, extra_precision, grad, grid):
+  return _slice_float(q, bits, parent_bits, extra_precision, grid)
 
 
 _slice_ste.defvjp(lambda q, *a: _slice_fwd(q, *a), _slice_bwd)
 
 
 def slice_ste(q: jax.Array, bits: int, parent_bits: int = 8, extra_precision: bool = False,
-              grad: str = 'clamp') -> jax.Array:
+              grad: str = 'clamp', grid: str = 'msb') -> jax.Array:
   """The Matryoshka slice S(q, r) on float codes, straight-through.
 
   grad='clamp': identity gradient except for codes the slice clamps into its
   top bucket (int2: 224..255 -> 192), which get zero, as `round_clip_ste` does
   for the parent's clamp. grad='identity': the gradient passes everywhere.
+  grid='regrid': the range-keeping re-grid (`regrid_float`); it clamps nothing, so its
+  gradient is the identity.
   """
   check_bits(bits, parent_bits)
+  check_grid(grid, extra_precision)
   if grad not in SLICE_GRADS:
     raise ValueError(f'slice gradient must be one of {SLICE_GRADS}, got {grad!r}')
-  return _slice_ste(q, bits, parent_bits, extra_precision, grad)
+  return _slice_ste(q, bits, parent_bits, extra_precision, grad, grid)
 
 
 def slice_codes(q, bits: int, parent_bits: int = 8, extra_precision: bool = False):
@@ -129,13 +145,17 @@ def slice_codes(q, bits: int, parent_bits: int = 8, extra_precision: bool = Fals
   return s << shift
 
 
-def _sliced_float(codes: jax.Array, bits: int, parent_bits: int, extra_precision: bool) -> jax.Array:
+def _sliced_float(codes: jax.Array, bits: int, parent_bits: int, extra_precision: bool,
+                  grid: str = 'msb') -> jax.Array:
   """`slice_codes` as float32, computed in the codes' own (uint8) integer type: the
   decode step runs this over every weight, so it is kept to a few byte-wide ops."""
   check_bits(bits, parent_bits)
+  check_grid(grid, extra_precision)
   shift = parent_bits - bits
   if shift == 0:
     return codes.astype(jnp.float32)
+  if grid == 'regrid':
+    return regrid_float(codes, bits, parent_bits)
   s = (codes >> shift) + ((codes >> (shift - 1)) & 1)  # <= 2^bits, fits the code type
   if not extra_precision:
     s = jnp.minimum(s, 2**bits - 1)
@@ -149,9 +169,7 @@ def regrid_float(codes: jax.Array, bits: int, parent_bits: int = 8) -> jax.Array
   which the MSB slice's 2^r levels 2^(c-r) codes apart (the top one clamped) do not. Storage-free
   like the MSB slice, but its codes are not the top bits: an r-bit server recomputes them."""
   check_bits(bits, parent_bits)
-  top, r_top = float(2**parent_bits - 1), float(2**bits - 1)
-  q = codes.astype(jnp.float32)
-  return jnp.floor(q * r_top / top + 0.5) * (top / r_top)
+  return _slice_float(codes.astype(jnp.float32), bits, parent_bits, False, 'regrid')
 
 
 def _norm_axes(reduce_axes: Sequence[int], ndim: int) -> tuple[int, ...]:
@@ -248,14 +266,14 @@ def dequantize(q, scale, zero_point):
 def fake_quant(w, bits: int, *, parent_bits: int = 8, reduce_axes: Sequence[int] = (0,),
                extra_precision: bool = False, group_size: int | None = None,
                gamma=None, beta=None, stats_grad: bool = False, slice_grad: str = 'clamp',
-               symmetric: bool = False):
+               symmetric: bool = False, slice_grid: str = 'msb'):
   """Quantize w to a parent_bits parent, slice to `bits`, dequantize.
 
   Statistics are taken over `reduce_axes` (the contraction axes: one scale per
   output channel), optionally in groups of `group_size` along the one
   contraction axis. The gradient w.r.t. w is the identity wherever the code is
   not clipped (always, without clipping factors), plus, with `stats_grad`, the
-  path through the min/max statistics. `slice_grad`: see `slice_ste`.
+  path through the min/max statistics. `slice_grad`, `slice_grid`: see `slice_ste`.
   """
   check_bits(bits, parent_bits)
   shape, dtype = jnp.shape(w), jnp.asarray(w).dtype
@@ -263,7 +281,8 @@ def fake_quant(w, bits: int, *, parent_bits: int = 8, reduce_axes: Sequence[int]
   # +-6e4 overflows (max - min) / 255, and bfloat16 rounding moves codes by half a level
   wg, axes = group(jnp.asarray(w).astype(jnp.float32), reduce_axes, group_size)
   scale, zero = calibrate(wg, parent_bits, axes, gamma, beta, stats_grad, symmetric)
-  q = slice_ste(quantize(wg, scale, zero, parent_bits), bits, parent_bits, extra_precision, slice_grad)
+  q = slice_ste(quantize(wg, scale, zero, parent_bits), bits, parent_bits, extra_precision, slice_grad,
+                slice_grid)
   return dequantize(q, scale, zero).reshape(shape).astype(dtype)
 
 
@@ -345,9 +364,9 @@ class QuantizedArray:
     return slice_codes(self.codes, bits, self.parent_bits, extra_precision)
 
   def dequantize(self, bits: int | None = None, extra_precision: bool = False,
-                 dtype=jnp.float32) -> jax.Array:
-    """The float weight at `bits` (default: the parent), in the original shape."""
-    q = _sliced_float(self.codes, bits or self.parent_bits, self.parent_bits, extra_precision)
+                 dtype=jnp.float32, grid: str = 'msb') -> jax.Array:
+    """The float weight at `bits` (default: the parent) on the slice `grid`, in the original shape."""
+    q = _sliced_float(self.codes, bits or self.parent_bits, self.parent_bits, extra_precision, grid)
     w = dequantize(q, self.scale, self.zero_point)
     return self.restore_outliers(w.reshape(self.shape)).astype(dtype)
 

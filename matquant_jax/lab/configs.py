@@ -16,14 +16,16 @@ from matquant_jax.nn import sharding
 
 def quant_spec(bits: int | None, quant: ml_collections.ConfigDict | None) -> QuantSpec | None:
   """The QuantSpec for `bits` (an int, a per-layer tuple, or None for float) from a config's
-  quantizer subtree (parent_bits, extra_precision, group_size, targets, slice_grad, symmetric)."""
+  quantizer subtree (parent_bits, extra_precision, group_size, targets, slice_grad, symmetric,
+  slice_grid)."""
   if bits is None:
     return None
   q = quant or {}
   return QuantSpec(bits=bits, parent_bits=q.get('parent_bits', 8),
                    extra_precision=q.get('extra_precision', False),
                    group_size=q.get('group_size') or None, targets=tuple(q.get('targets', ('ffn',))),
-                   slice_grad=q.get('slice_grad', 'clamp'), symmetric=q.get('symmetric', False))
+                   slice_grad=q.get('slice_grad', 'clamp'), symmetric=q.get('symmetric', False),
+                   slice_grid=q.get('slice_grid', 'msb'))
 
 
 RUN_FIELDS = {'name', 'label', 'objective', 'lambdas', 'parent_bits', 'extra_precision', 'algo', 'budget'}
@@ -101,10 +103,12 @@ def base_config() -> ml_collections.ConfigDict:
   # by ~0.035 nats (docs/results.md). quant.slice_grad: the slice's straight-through gradient
   # ('clamp' or 'identity'), for QAT and OmniQuant; quant.symmetric: zero point fixed at 2^(c-1)
   # (every base; exports to GGUF Q8_0/Q4_0 exactly), off for the paper's results; quant.group_size:
-  # weights per scale along the contraction axes, 0 for one per output channel (the paper's).
+  # weights per scale along the contraction axes, 0 for one per output channel (the paper's);
+  # quant.slice_grid: 'msb' (the paper's slice) or 'regrid' (QuantSpec.slice_grid).
   c.qat = dict(steps=250, trainable='ffn', checkpoint_every=250, log_every=10,
                optimizer=optimizer(3e-5, 25), data_seed=0,
-               quant=dict(group_size=0, targets=('ffn',), slice_grad='clamp', symmetric=False))
+               quant=dict(group_size=0, targets=('ffn',), slice_grad='clamp', symmetric=False,
+                          slice_grid='msb'))
   # OmniQuant calibration (the paper: 128 x 2048 C4 tokens, batch 4, 10M tokens seen, about 40
   # passes over the calibration set, so 40 epochs here). Learning rates per parameter group as in
   # OmniQuant's code; the rest of the fields: omniquant.Options.
