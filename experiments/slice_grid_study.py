@@ -24,6 +24,9 @@ Grids, all from one min-max int8 parent except `native`:
   regrid   the range-keeping slice round(q (2^r - 1) / 255) (`quant.regrid_float`): storage-free,
            but not the top bits of the code
   sym-msb  the MSB slice of a symmetric int8 parent (GGUF Q8_0 / Q4_0 hold its slices)
+  anchored the zero-anchored slice (study only): z_r = round(z / 2^(c-r)),
+           s = clamp(round((q - z) / 2^(c-r)) + z_r, 0, 2^r - 1), w = alpha 2^(c-r) (s - z_r):
+           the parent's step 2^(c-r) wide, with w = 0 exactly on the grid, as a native grid has it
 """
 
 import os
@@ -55,7 +58,8 @@ _PPL_BATCHES = flags.DEFINE_integer('ppl_batches', 2, 'Perplexity batches of 8 x
 _DATA_DIR = flags.DEFINE_string('data_dir', pipeline.default_data_dir(), 'TFDS data directory.')
 
 GRID_LABELS = {'native': 'one-width min-max', 'msb': 'MSB slice', 'ep': 'E.P. slice',
-               'regrid': 'range-keeping re-grid', 'sym-msb': 'symmetric MSB slice'}
+               'regrid': 'range-keeping re-grid', 'sym-msb': 'symmetric MSB slice',
+               'anchored': 'zero-anchored slice'}
 
 
 def granularity(group: int | None) -> str:
@@ -76,6 +80,11 @@ def weight_at(w: jax.Array, axes, group: int | None, grid: str, bits: int, outli
   if grid == 'regrid':
     d = quant.dequantize(quant.regrid_float(qa.codes, bits, 8), qa.scale, qa.zero_point)
     return qa.restore_outliers(d.reshape(qa.shape)), bits + extra
+  if grid == 'anchored':
+    step = float(2 ** (8 - bits))
+    z_r = jnp.floor(qa.zero_point / step + 0.5)
+    s = jnp.clip(jnp.floor((qa.codes.astype(jnp.float32) - qa.zero_point) / step + 0.5) + z_r, 0, 2**bits - 1)
+    return qa.restore_outliers((qa.scale * step * (s - z_r)).reshape(qa.shape)), bits + extra
   ep = grid == 'ep'
   return qa.dequantize(bits, ep), qa.average_bits(bits, ep) + extra
 
