@@ -7,8 +7,8 @@ slice grid reproduces them best, and what kept outliers buy, before any calibrat
 
 Stages (each writes its file as it finishes; a rerun skips finished rows):
 1. lattice: every GGUF tensor's type and block size, and, measured on the loaded float weights,
-   the share of 32-weight blocks along the input axis with at most 16 / 32 distinct values (a
-   Q4_x / Q5_x lattice) -> WORKDIR/lattice.md.
+   the share of 32-weight blocks along the input axis whose values lie on a uniform lattice of
+   at most 16 / 32 / 256 levels (Q4_x / Q5_x / Q8_0) -> WORKDIR/lattice.md.
 2. weights: relative weight MSE (sum (w_hat - w)^2 / sum w^2) of every FFN and attention weight
    per grid, granularity, width and kept-outlier fraction; and the same on synthetic Gaussian,
    Laplace and Student-t(3) weights [576, 2000] -> WORKDIR/weights.md, weights.json (seconds).
@@ -103,21 +103,36 @@ def lattice_table(model_name: str, config: nn.TransformerConfig, params) -> str:
     counts = {k: types.count(k) for k in sorted(set(types))}
     blocks = sorted({gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[k]][0] for k in counts})
     lines.append(f'| {role} | {", ".join(f"{k} x{n}" for k, n in counts.items())} | {blocks} |')
-  lines += ['', 'Measured on the loaded float weights (input axis in blocks of 32): share of blocks '
-            'holding at most 16 / 32 distinct values (a 4-bit / 5-bit lattice at block 32)\n',
-            '| weight | blocks | <= 16 values | <= 32 values | median distinct |', '|---|---|---|---|---|']
+  lines += ['', 'Measured on the loaded float weights, input axis in blocks of 32: the share of blocks '
+            'whose values lie on a uniform lattice (w = w_min + k d) of at most 16 / 32 / 256 levels\n',
+            '| weight | blocks | 16 levels | 32 levels | 256 levels |', '|---|---|---|---|---|']
   for path, info in nn.targeted_weights(config, ('ffn', 'attn')).items():
-    distinct = []
+    levels = []
     for key, _ in nn.blocks(config):
       w = np.asarray(nn.flat_leaves(params[key])[path], np.float32)
       axes = list(info.reduce_axes)
       k = int(np.prod([w.shape[a] for a in axes]))
       rows = np.moveaxis(w, axes, list(range(w.ndim - len(axes), w.ndim))).reshape(-1, k)
-      blocks = np.sort(rows[:, : k - k % 32].reshape(-1, 32), axis=1)
-      distinct.append(1 + np.count_nonzero(np.diff(blocks, axis=1), axis=1))
-    d = np.concatenate(distinct)
-    lines.append(f'| {path} | {d.size} | {np.mean(d <= 16):.1%} | {np.mean(d <= 32):.1%} | {int(np.median(d))} |')
+      levels.append(lattice_levels(rows[:, : k - k % 32].reshape(-1, 32)))
+    n = np.concatenate(levels)
+    lines.append(f'| {path} | {n.size} | {np.mean(n <= 16):.1%} | {np.mean(n <= 32):.1%} | {np.mean(n <= 256):.1%} |')
   return '\n'.join(lines) + '\n'
+
+
+def lattice_levels(blocks: np.ndarray) -> np.ndarray:
+  """Per block [n, 32]: the levels of the smallest uniform lattice w_min + k d (d the smallest gap,
+  or a half, third or quarter of it) that holds every value; a huge number when none does."""
+  s = np.sort(blocks, axis=1).astype(np.float64)
+  gaps = np.diff(s, axis=1)
+  tol = 1e-6 * np.maximum(np.abs(s).max(axis=1), 1e-30)
+  d = np.where(gaps > tol[:, None], gaps, np.inf).min(axis=1)
+  d = np.where(np.isfinite(d), d, 1.0)  # a constant block: one level
+  out = np.full(len(s), np.iinfo(np.int64).max)
+  for div in (1, 2, 3, 4):
+    k = (s - s[:, :1]) / (d[:, None] / div)
+    on = np.all(np.abs(k - np.round(k)) < 1e-3, axis=1)
+    out = np.where(on & (out == np.iinfo(np.int64).max), np.round(k[:, -1]).astype(np.int64) + 1, out)
+  return out
 
 
 def weight_rows(weights: dict[str, tuple[list, tuple]], groups, outliers, grids, bits) -> list[dict]:
