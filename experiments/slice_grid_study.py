@@ -256,7 +256,7 @@ def main(argv):
             if not (b == 8 and grid not in ('native', 'sym-msb'))]  # int8: the min-max parent itself
     if ('float32', 'float weights', 'float') not in done:
       nll = evals.log_perplexity(model, variables, tokenizer, texts, None, max_batches=_PPL_BATCHES.value)
-      results['rows'].append(report.Row('float32', 'float weights', nll, 32.0, base='float', model=_MODEL.value,
+      results['rows'].append(report.Row('float32', 'float weights', nll, 32.0, run='float', base='float', model=_MODEL.value,
                                         granularity='float').__dict__)
       save()
     bar = tqdm.tqdm(todo, desc='log pplx', mininterval=2.0)
