@@ -144,7 +144,8 @@ def main(argv):
     results.setdefault('calibration_s', {}).setdefault(f'{tag}_{name}', time.perf_counter() - t)
     study.save_parent(os.path.join(workdir, 'parents', f'{tag}_{name}'), made[name], cfg, tokenizer,
                       {'name': name, 'objective': objective, 'lambdas': lambdas, 'recipe': recipe,
-                       'algo': algo, 'epochs': opts.epochs, 'samples': _SAMPLES.value})
+                       'algo': algo, 'epochs': opts.epochs, 'samples': _SAMPLES.value,
+                       'slice_grid': _GRID.value})
   save()
 
   items = evals.shakespeare_next_line(_DATA_DIR.value, _TASK_N.value)
