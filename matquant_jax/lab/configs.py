@@ -81,6 +81,12 @@ def gptq_table_runs(lambdas=(1.0, 1.0, 1.0)) -> list[dict]:
       run('matquant', 'MatQuant', '8,4,2', lambdas, algo='gptq')]
 
 
+def run_spec(cfg: ml_collections.ConfigDict, r: dict, bits=None) -> QuantSpec:
+  """The QuantSpec of run `r` at `bits` (default: its parent), from the config's quantizer."""
+  return quant_spec(r['parent_bits'] if bits is None else bits,
+                    dict(cfg.qat.quant, parent_bits=r['parent_bits'], extra_precision=r['extra_precision']))
+
+
 def is_sliced(run: dict) -> bool:
   """A run evaluated at every eval width: not a one-precision baseline ('baseline_int<r>'), not float."""
   return not run['name'].startswith('baseline_') and run['objective'] != 'float'
@@ -189,13 +195,12 @@ def check_values(cfg: ml_collections.ConfigDict) -> None:
   q = cfg.qat.quant
   for r in cfg.runs:
     where = f'runs[{r["name"]!r}]'
-    spec = named(where, lambda: quant_spec(r['parent_bits'], dict(q, parent_bits=r['parent_bits'],
-                                                                  extra_precision=r['extra_precision'])))
+    spec = named(where, lambda: run_spec(cfg, r))
     named(where, lambda: losses.parse_objective(r['objective'], r['lambdas'], r['parent_bits']))
     if r.get('algo', 'qat') == 'qat':
       named(f'qat ({where})', lambda: qat.Options.from_config(cfg.qat, spec, steps=round(cfg.qat.steps * r.get('budget', 1.0))))
     for b in cfg.eval.bits if is_sliced(r) else ():
-      named(f'eval.bits ({where})', lambda: quant_spec(b, dict(q, parent_bits=r['parent_bits'])))
+      named(f'eval.bits ({where})', lambda: run_spec(cfg, r, b))
   for b in cfg.eval.bits:
     named('eval.bits', lambda: quant_spec(b, dict(q, parent_bits=b)))
   mixed = any(r['name'] == 'baseline_int8' or is_sliced(r) for r in cfg.runs)  # study.evaluate's plan rows

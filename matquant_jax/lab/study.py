@@ -99,11 +99,7 @@ def run_gptq(cfg: ml_collections.ConfigDict, mcfg: nn.TransformerConfig, float_p
                         ckpt_dir, name)
 
 
-def run_spec(cfg: ml_collections.ConfigDict, r: dict, bits=None) -> QuantSpec:
-  """The QuantSpec of run `r` at `bits` (default: its parent), from the config's quantizer."""
-  q = cfg.qat.quant
-  return configs.quant_spec(r['parent_bits'] if bits is None else bits,
-                          dict(q, parent_bits=r['parent_bits'], extra_precision=r['extra_precision']))
+run_spec = configs.run_spec
 
 
 def save_parent(directory: str, variables, mcfg: nn.TransformerConfig, tokenizer, run: dict) -> None:
