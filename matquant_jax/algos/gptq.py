@@ -143,26 +143,24 @@ def quantize_matrix(W, H, scale, zero, table, lambdas, damp: float, block_size: 
   H = H + damp * jnp.mean(jnp.diag(H)) * jnp.eye(n, dtype=H.dtype)
   Hinv = jnp.linalg.cholesky(jnp.linalg.inv(H)).T  # upper U with U^T U = H^-1
   codes = jnp.zeros(W.shape, jnp.int32)
-  reached = jnp.zeros_like(W)
   for b0 in range(0, n, block_size):
     b1 = min(b0 + block_size, n)
     H1 = Hinv[b0:b1, b0:b1]
 
     def column(i, carry, b0=b0, H1=H1):
-      W1, Q1, E1, V1 = carry
+      W1, Q1, E1 = carry
       q, err = choose_codes(W1[i], scale[b0 + i], zero[b0 + i], table, lambdas)
       err = jnp.where(keep[b0 + i], 0.0, err)
       e = err / H1[i, i]
-      V1 = V1.at[i].set(W1[i])
       W1 = W1 - H1[i][:, None] * e[None, :]  # rows below i (H1 is upper triangular)
-      return W1, Q1.at[i].set(q), E1.at[i].set(e), V1
+      return W1, Q1.at[i].set(q), E1.at[i].set(e)
 
-    W1, Q1, E1, V1 = jax.lax.fori_loop(0, b1 - b0, column, (W[b0:b1], codes[b0:b1], jnp.zeros_like(W[b0:b1]),
-                                                            reached[b0:b1]))
-    codes, reached = codes.at[b0:b1].set(Q1), reached.at[b0:b1].set(V1)
+    W1, Q1, E1 = jax.lax.fori_loop(0, b1 - b0, column, (W[b0:b1], codes[b0:b1], jnp.zeros_like(W[b0:b1])))
+    codes = codes.at[b0:b1].set(Q1)
+    W = W.at[b0:b1].set(W1)  # a row is never updated after its turn: W ends as each weight was reached
     W = W.at[b1:].add(-Hinv[b0:b1, b1:].T @ E1)
   inv = jnp.argsort(perm)
-  return codes[inv], reached[inv]
+  return codes[inv], W[inv]
 
 
 def quantize_weight(w, x_hessian, info: nn.WeightInfo, objective: losses.Objective, spec: QuantSpec,
