@@ -6,9 +6,8 @@ import dataclasses
 import os
 import re
 
-import numpy as np
 
-from matquant_jax.ckpts.layouts import GGUF_GEMMA2_NORMS, GGUF_GEMMA3, GGUF_GEMMA3_NORMS, GGUF_LLAMA, check_params, gemma_params, llama_params, unpermute_rope
+from matquant_jax.ckpts.layouts import GGUF_GEMMA2_NORMS, GGUF_GEMMA3, GGUF_GEMMA3_NORMS, GGUF_LLAMA, check_params, gemma_params, llama_params, tensor_reader, unpermute_rope
 from matquant_jax import nn
 from matquant_jax.nn import gemma3, llama
 from matquant_jax.text import tokenization
@@ -58,16 +57,10 @@ def load_gguf(path: str, dtype: str = 'float32'):
   if 'tokenizer.ggml.add_bos_token' in reader.fields:  # trained with BOS opening each sequence
     config = dataclasses.replace(config, bos_per_sequence=bool(field('tokenizer.ggml.add_bos_token')))
 
-  read = set()
+  decoded, read = tensor_reader(path, tensors, lambda t: gguf.dequantize(t.data, t.tensor_type))
 
   def get(name):
-    if name not in tensors:
-      raise ValueError(f'{path}: tensor {name!r} is missing')
-    t = tensors[name]
-    read.add(name)
-    w = np.asarray(gguf.dequantize(t.data, t.tensor_type), np.float32)
-    if not np.all(np.isfinite(w)):
-      raise ValueError(f'{path}: tensor {name!r} holds {int(np.sum(~np.isfinite(w)))} NaN or infinite values')
+    w = decoded(name)
     if arch == 'llama' and re.fullmatch(r'blk\.\d+\.attn_q\.weight', name):
       w = unpermute_rope(w, config.num_heads)
     elif arch == 'llama' and re.fullmatch(r'blk\.\d+\.attn_k\.weight', name):

@@ -13,7 +13,7 @@ import safetensors.numpy
 
 from matquant_jax import nn
 from matquant_jax.core import files
-from matquant_jax.ckpts.layouts import HF_GEMMA3_NORMS, HF_GEMMA_NORMS, HF_LLAMA, check_params, checkpoint_tensors, gemma_params, llama_params
+from matquant_jax.ckpts.layouts import HF_GEMMA3_NORMS, HF_GEMMA_NORMS, HF_LLAMA, check_params, checkpoint_tensors, gemma_params, llama_params, tensor_reader
 from matquant_jax.nn import gemma3, llama
 from matquant_jax.text import tokenization
 
@@ -42,19 +42,6 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata=Non
 
 # Stored but deliberately not read: rotary caches some exporters write (recomputed here).
 IGNORED = re.compile(r'.*\.rotary_emb\.inv_freq')
-
-
-def _getter(tensors: Mapping[str, np.ndarray], source: str, read: set | None = None):
-  def get(name):
-    if name not in tensors:
-      raise ValueError(f'{source}: tensor {name!r} is missing')
-    w = np.asarray(tensors[name], np.float32)
-    if not np.all(np.isfinite(w)):
-      raise ValueError(f'{source}: tensor {name!r} holds {int(np.sum(~np.isfinite(w)))} NaN or infinite values')
-    if read is not None:
-      read.add(name)
-    return w
-  return get
 
 
 def read_shards(directory: str) -> dict[str, np.ndarray]:
@@ -99,8 +86,8 @@ def load_hf(directory: str, dtype: str = 'float32'):
   if not os.path.exists(cfg_path):
     raise FileNotFoundError(f'{directory}: no config.json (not a Hugging Face model directory)')
   hf = files.read_json(cfg_path)
-  tensors, read = read_shards(directory), set()
-  get = _getter(tensors, directory, read)
+  tensors = read_shards(directory)
+  get, read = tensor_reader(directory, tensors)
   arch = (hf.get('architectures') or [hf.get('model_type', '?')])[0]
   if arch in ('LlamaForCausalLM', 'MistralForCausalLM'):
     config = llama.from_hf_config(hf, dtype)

@@ -33,6 +33,23 @@ def check_params(params: Params, config: nn.TransformerConfig, source: str = 'ch
       {k: jnp.asarray(v, jnp.float32) for k, v in got.items()}, sep='/')
 
 
+def tensor_reader(source: str, tensors: Mapping[str, Any], decode=lambda t: t):
+  """(get, read): get(name) is tensor `name` decoded to float32, a missing one or one holding
+  NaN/Inf an error naming `source` and the tensor; `read` collects the names got, so a loader
+  can refuse what it did not read."""
+  read = set()
+
+  def get(name):
+    if name not in tensors:
+      raise ValueError(f'{source}: tensor {name!r} is missing')
+    read.add(name)
+    w = np.asarray(decode(tensors[name]), np.float32)
+    if not np.all(np.isfinite(w)):
+      raise ValueError(f'{source}: tensor {name!r} holds {int(np.sum(~np.isfinite(w)))} NaN or infinite values')
+    return w
+  return get, read
+
+
 def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
   """Undoes llama.cpp's row permutation of Q/K ([heads * head_dim, in], interleaved RoPE) so
   half-split RoPE applies: within each head, rows (0, 2, 4, ..., 1, 3, 5, ...)."""
