@@ -53,7 +53,9 @@ _BITS = flags.DEFINE_list('bits', ['8', '6', '4', '3', '2'], 'Widths to evaluate
 _FLOAT = flags.DEFINE_enum('float_dtype', 'bfloat16', ['bfloat16', 'float32'],
                            'Activations of the float row (bf16 is slow on CPU).')
 _ALGO = flags.DEFINE_enum('algo', 'omniquant', ['omniquant', 'gptq'], 'The base algorithm.')
-_LAMBDAS = flags.DEFINE_list('lambdas', None, 'MatQuant [8,4,2] lambdas (default: 0.1,0.1,1 for '
+_WIDTHS = flags.DEFINE_string('widths', '8,4,2', 'The MatQuant objective\'s widths (MatGPTQ also uses 8,4,3); '
+                              'the parent is int8.')
+_LAMBDAS = flags.DEFINE_list('lambdas', None, 'MatQuant lambdas, one per --widths entry (default: 0.1,0.1,1 for '
                              'OmniQuant, 1,1,1 for GPTQ as in MatGPTQ).')
 _ACT_ORDER = flags.DEFINE_bool('act_order', False, 'GPTQ: columns by decreasing Hessian diagonal.')
 _BALANCE = flags.DEFINE_bool('balance', False, 'GPTQ: each width\'s error in units of its own step '
@@ -125,7 +127,9 @@ def main(argv):
                                             skip_tokens=_SKIP.value)
   ep = _EXTRA.value
   mat = 'matquant_ep' if ep else 'matquant'
-  calibrations = [(mat, '8,4,2', mat_lambdas, 8, 1)] + [
+  if _WIDTHS.value != '8,4,2':
+    tag, recipe = f'{tag}_w{_WIDTHS.value.replace(",", "")}', f'{recipe}, [{_WIDTHS.value}]'
+  calibrations = [(mat, _WIDTHS.value, mat_lambdas, 8, 1)] + [
       (f'baseline_int{b}', b, (1.0,), int(b), 2 if b == '2' else 1) for b in _BASELINES.value]
   made = {}
   for name, objective, lambdas, parent_bits, budget in calibrations:

@@ -62,6 +62,15 @@ def test_kept_outliers_in_gptq_are_exact_and_feed_nothing_back():
   assert not np.array_equal(np.asarray(kept.outlier_value), np.float16([9.0, -8.0]))  # updated by GPTQ
 
 
+def test_gptq_parent_records_the_slice_grid_it_chose_codes_for():
+  w, x = _layer(4)
+  obj = losses.parse_objective('8,4,2', (1.0, 1.0, 0.1), 8)
+  h = jnp.asarray(x.T @ x)
+  for grid in ('msb', 'regrid'):
+    qa = gptq.quantize_weight(w, h, LINEAR, obj, QuantSpec(8, slice_grid=grid), gptq.Options())
+    assert qa.slice_grid == grid
+
+
 def test_balanced_width_weights_by_hand():
   np.testing.assert_allclose(gptq.width_weights((8, 4, 2), (1.0, 1.0, 1.0), 8, False), [1 / 3] * 3)
   raw = np.array([1.0, 1 / 256, 1 / 4096])  # lambda / 4^(8 - r)

@@ -207,12 +207,55 @@ def test_kept_outliers_travel_with_the_parent(stored, tmp_path, token_data):
 def test_regrid_spec_runs_fake_quant_and_stored_parents_alike_and_refuses_resident(stored):
   model, params, _ = stored
   spec = QuantSpec(2, slice_grid='regrid')
-  parent = parents.make_parent(CFG, params, QuantSpec(8))
+  parent = parents.make_parent(CFG, params, QuantSpec(8, slice_grid='regrid'))
   a = model.apply({'params': params}, TOKENS, spec=spec).logits  # fake-quant of the float weights
   b = model.apply(parent, TOKENS, spec=spec).logits
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
-  assert not np.allclose(np.asarray(b), np.asarray(model.apply(parent, TOKENS, spec=QuantSpec(2)).logits))
+  msb = parents.make_parent(CFG, params, QuantSpec(8))
+  assert not np.allclose(np.asarray(b), np.asarray(model.apply(msb, TOKENS, spec=QuantSpec(2)).logits))
   with pytest.raises(ValueError, match="keeps only the codes' top bits"):
-    model.apply(parents.resident(parent, 4), TOKENS, spec=QuantSpec(2, slice_grid='regrid'))
+    model.apply(parents.resident(msb, 4), TOKENS, spec=QuantSpec(2, slice_grid='regrid'))
   with pytest.raises(ValueError, match='slice_grid must be one of'):
     QuantSpec(2, slice_grid='lsb')
+
+
+def test_a_parent_made_for_the_regrid_is_served_and_exported_on_it_only(stored, tmp_path, token_data):
+  """The slice grid travels with the parent (array, manifest, resolve_spec); every path that would
+  silently serve another grid's int4 (a spec on the MSB slice, resident, packed or GGUF slices) refuses."""
+  model, params, _ = stored
+  p = parents.make_parent(CFG, params, QuantSpec(8, slice_grid='regrid'))
+  assert {v.slice_grid for v in jax.tree.leaves(p, is_leaf=nn.is_quantized) if nn.is_quantized(v)} == {'regrid'}
+  parents.save(str(tmp_path / 'r'), p, CFG, token_data.tokenizer)
+  manifest = json.load(open(tmp_path / 'r' / 'manifest.json'))
+  assert {e['slice_grid'] for e in manifest['quantized'].values()} == {'regrid'}
+  _, loaded, _ = parents.load(str(tmp_path / 'r'))
+  assert _equal(loaded, p)
+  spec = nn.resolve_spec(4, loaded, CFG)  # what the Sampler, export and log_perplexity get from bits=4
+  assert spec.slice_grid == 'regrid'
+  want = model.apply(p, TOKENS, spec=QuantSpec(4, slice_grid='regrid')).logits
+  np.testing.assert_array_equal(np.asarray(model.apply(loaded, TOKENS, spec=spec).logits), np.asarray(want))
+  with pytest.raises(ValueError, match=r"made for slice_grid='regrid', and its int4 on slice_grid='msb'.*"
+                                       r"QuantSpec\(4, slice_grid='regrid'\)"):
+    model.apply(loaded, TOKENS, spec=QuantSpec(4))
+  model.apply(loaded, TOKENS, spec=QuantSpec(8))  # the full width is the same on every grid
+  top_bits = "keeping the top bits of a code gives its MSB slice only"
+  with pytest.raises(ValueError, match='holding it resident at 4 bits.*' + top_bits):
+    parents.resident(loaded, 4)
+  with pytest.raises(ValueError, match='a packed int4 export.*' + top_bits):
+    parents.export(str(tmp_path / 'e4'), loaded, CFG, None, 4)
+  assert not os.path.exists(tmp_path / 'e4')
+  with pytest.raises(ValueError, match='a GGUF int4 slice.*' + top_bits):
+    ckpts.export_gguf(str(tmp_path / 'x.gguf'), loaded, CFG, token_data.tokenizer, 4)
+  parents.export(str(tmp_path / 'e8'), loaded, CFG, None, 8)  # the full width exports
+  assert {e['slice_grid'] for e in json.load(open(tmp_path / 'e8' / 'manifest.json'))['quantized'].values()} == {'regrid'}
+  # a version-3 parent carries no per-weight grid; the run metadata its maker recorded is read
+  parents.save(str(tmp_path / 'v3'), p, CFG, None, run={'slice_grid': 'regrid'})
+  m = json.load(open(tmp_path / 'v3' / 'manifest.json'))
+  m['version'] = 3
+  for e in m['quantized'].values():
+    del e['slice_grid']
+  json.dump(m, open(tmp_path / 'v3' / 'manifest.json', 'w'))
+  assert nn.resolve_spec(2, parents.load(str(tmp_path / 'v3'))[1], CFG).slice_grid == 'regrid'
+  mixed = {'params': {**p['params'], 'layer_0': parents.make_parent(CFG, params, QuantSpec(8))['params']['layer_0']}}
+  with pytest.raises(ValueError, match=r"made for different slice grids \['msb', 'regrid'\]"):
+    nn.resolve_spec(4, mixed, CFG)

@@ -168,7 +168,8 @@ def quantize_weight(w, x_hessian, info: nn.WeightInfo, objective: losses.Objecti
   """A stored parent of float weight w (its einsum `info`) from its input Hessian."""
   w = jnp.asarray(w, jnp.float32)
   stats = quant.QuantizedArray.from_float(w, spec.parent_bits, info.reduce_axes, spec.group_size,
-                                         symmetric=spec.symmetric, outliers=opts.outliers)
+                                         symmetric=spec.symmetric, outliers=opts.outliers,
+                                         slice_grid=spec.slice_grid)
   full = lambda s: jnp.broadcast_to(s, stats.codes.shape).reshape(w.shape)
   scale, zero = (as_matrix(full(s), info.reduce_axes) for s in (stats.scale, stats.zero_point))
   table = jnp.asarray(code_table(objective.widths, spec.parent_bits, spec.extra_precision, spec.slice_grid))

@@ -339,6 +339,7 @@ def slice_tensors(flat: dict, spec, config: nn.TransformerConfig, arch: str, ext
                        'block type can carry; export a parent made without outliers (outliers=0)')
     layer, _, suffix = p.partition('/')
     r = spec.bits_for(int(layer[6:]), config.num_layers) or leaf.parent_bits
+    quant.check_slice_grid(leaf, 'msb', r, f'{p}: a GGUF int{r} slice', quant.TOP_BITS_FIX)
     ep = extra_precision and r < leaf.parent_bits
     trees['w'][p] = np.asarray(leaf.dequantize(r, ep))
     trees['s'][p], trees['alpha'][p], trees['zero'][p] = _slice_arrays(leaf, r, ep)

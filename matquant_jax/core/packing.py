@@ -81,6 +81,7 @@ class ResidentArray:
 
   @classmethod
   def from_parent(cls, parent: quant.QuantizedArray, bits: int) -> 'ResidentArray':
+    quant.check_slice_grid(parent, 'msb', bits, f'holding it resident at {bits} bits', quant.TOP_BITS_FIX)
     packed = pack(np.asarray(parent.codes), bits, parent.parent_bits)
     return cls(jnp.asarray(packed), parent.scale, parent.zero_point, parent.parent_bits, parent.shape, bits,
                parent.outlier_index, parent.outlier_value)

@@ -110,6 +110,7 @@ def quantized_weight(w, reduce_axes: Sequence[int], bits: int | None,
     if bits is not None and bits > w.parent_bits:
       raise ValueError(f'bits={bits}, but the stored weight has {w.parent_bits} bits')
     ep = spec is not None and spec.extra_precision
+    quant.check_slice_grid(w, grid, bits, 'a stored parent')
     return w.dequantize(w.parent_bits if bits is None else bits, ep, grid=grid)
   if 'smooth' in aux:
     w = w.astype(jnp.float32) * _along(aux['smooth'], w.ndim, reduce_axes)

@@ -71,6 +71,21 @@ def check_grid(grid: str, extra_precision: bool = False) -> None:
     raise ValueError("extra precision is an MSB-slice option; slice_grid='regrid' has no extra bucket")
 
 
+TOP_BITS_FIX = ('keeping the top bits of a code gives its MSB slice only; serve this parent whole '
+                'with QuantSpec(..., slice_grid={grid!r}), or export its full width')
+
+
+def check_slice_grid(qa, grid: str, bits: int | None, where: str, fix: str | None = None) -> None:
+  """Refuses qa's narrower width `bits` on another slice grid than the one qa was made for
+  (the codes were chosen, or trained, for that grid's values)."""
+  made = getattr(qa, 'slice_grid', 'msb')
+  if bits is None or bits >= qa.parent_bits or grid == made:
+    return
+  fix = (fix or 'pass QuantSpec({bits}, slice_grid={grid!r})').format(bits=bits, grid=made)
+  raise ValueError(f"{where}: this parent was made for slice_grid={made!r}, and its int{bits} on "
+                   f"slice_grid={grid!r} is not the model it was made as; {fix}")
+
+
 def _slice_float(q, bits: int, parent_bits: int, extra_precision: bool, grid: str = 'msb'):
   """S(q, r) on float-valued codes (exact for integers below 2**24), or the re-grid."""
   if bits == parent_bits:
@@ -317,6 +332,9 @@ class QuantizedArray:
   `codes` has the grouped shape when group_size is set; `shape` is the
   original weight shape. outlier_index (int32 [k], flat into `shape`) and outlier_value
   (float16 [k]): weights left out of the grid and its statistics; None when there are none.
+  slice_grid: the slice its codes were made for ('msb', the paper's; 'regrid'): the narrower
+  widths are only right on that grid, and only the MSB slice survives keeping the top bits
+  (resident, packed and GGUF exports), so those refuse another (`check_slice_grid`).
   """
   codes: jax.Array
   scale: jax.Array
@@ -325,13 +343,18 @@ class QuantizedArray:
   shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True), default=())
   outlier_index: jax.Array | None = None
   outlier_value: jax.Array | None = None
+  slice_grid: str = dataclasses.field(metadata=dict(static=True), default='msb')
+
+  def __post_init__(self):
+    check_grid(self.slice_grid)
 
   @classmethod
   def from_float(cls, w, parent_bits: int = 8, reduce_axes: Sequence[int] = (0,),
                  group_size: int | None = None, gamma=None, beta=None,
-                 symmetric: bool = False, outliers: float = 0.0) -> 'QuantizedArray':
+                 symmetric: bool = False, outliers: float = 0.0, slice_grid: str = 'msb') -> 'QuantizedArray':
     """Calibrates and quantizes a float weight into a stored parent; `outliers` (a fraction of
-    its weights, largest magnitude first) are kept in float16 outside the grid."""
+    its weights, largest magnitude first) are kept in float16 outside the grid; `slice_grid`: the
+    slice it is made for."""
     check_bits(parent_bits, parent_bits)
     w = jnp.asarray(w, jnp.float32)
     index = outlier_indices(w, outliers) if outliers else np.zeros((0,), np.int32)
@@ -342,9 +365,9 @@ class QuantizedArray:
     scale, zero = calibrate(wg, parent_bits, axes, gamma, beta, symmetric=symmetric, exclude=exclude)
     codes = quantize(wg, scale, zero, parent_bits).astype(jnp.uint8)
     if not index.size:
-      return cls(codes, scale, zero, parent_bits, tuple(jnp.shape(w)))
+      return cls(codes, scale, zero, parent_bits, tuple(jnp.shape(w)), slice_grid=slice_grid)
     value = w.reshape(-1)[index].astype(OUTLIER_DTYPE)
-    return cls(codes, scale, zero, parent_bits, tuple(jnp.shape(w)), jnp.asarray(index), value)
+    return cls(codes, scale, zero, parent_bits, tuple(jnp.shape(w)), jnp.asarray(index), value, slice_grid)
 
   @property
   def num_outliers(self) -> int:

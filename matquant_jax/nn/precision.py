@@ -63,7 +63,7 @@ def resolve_spec(bits, variables, config: TransformerConfig, *,
 
   bits: None (float weights stay float, a stored parent runs at its own width), an int,
   a per-layer tuple, a plan file (`plans.save`) or a `QuantSpec` (returned as given).
-  With stored parents in `variables`, their bits and quantized targets win; with float
+  With stored parents in `variables`, their bits, quantized targets and slice grid win; with float
   weights the spec is min-max at `quant.MAX_PARENT_BITS` on the FFN.
   """
   if bits is None or isinstance(bits, QuantSpec):
@@ -85,7 +85,12 @@ def resolve_spec(bits, variables, config: TransformerConfig, *,
               else f'float weights (sliced from a {widest}-bit parent)')
     raise ValueError(f'bits={bits!r}: {source} give widths 1..{widest}')
   targets = quantized_targets(variables, config) or ('ffn',)
-  return QuantSpec(bits, parent_bits=parent_bits, extra_precision=extra_precision, targets=targets)
+  grids = sorted({getattr(leaf, 'slice_grid', 'msb') for leaf in flat_leaves(variables).values() if is_quantized(leaf)})
+  if len(grids) > 1:
+    raise ValueError(f'the stored weights were made for different slice grids {grids}; '
+                     'a model is served on one (pass a QuantSpec to choose)')
+  return QuantSpec(bits, parent_bits=parent_bits, extra_precision=extra_precision, targets=targets,
+                   slice_grid=grids[0] if grids else 'msb')
 
 
 def bits_per_weight(variables, spec: QuantSpec | None, config: TransformerConfig,

@@ -38,6 +38,8 @@ def make_parent(config: nn.TransformerConfig, params: Tree, spec: QuantSpec,
   through `model.apply(variables, tokens, spec=...).logits`.
   outliers: the fraction of each quantized weight (largest |W s| first) kept in float16 outside
   the grid and its statistics, restored at every width (`QuantizedArray.outlier_index`).
+  The parent is made for spec.slice_grid (`QuantizedArray.slice_grid`): trained or calibrated
+  for it, its narrower widths are served on that grid only.
   """
   flat_p = traverse_util.flatten_dict(params, sep='/')
   by_name = by_weight(transforms or {})
@@ -54,7 +56,8 @@ def make_parent(config: nn.TransformerConfig, params: Tree, spec: QuantSpec,
       ws = qeinsum.quantized_weight(w, info.reduce_axes, None, None, aux)  # W * s
       gamma, beta = qeinsum.clipping_factors(aux)
       flat_p[name] = quant.QuantizedArray.from_float(
-          ws, spec.parent_bits, info.reduce_axes, spec.group_size, gamma, beta, spec.symmetric, outliers)
+          ws, spec.parent_bits, info.reduce_axes, spec.group_size, gamma, beta, spec.symmetric, outliers,
+          spec.slice_grid)
       if 'shift' in aux:
         flat_q[name] = {'shift': aux['shift'], 'smooth': aux['smooth'],
                         'bias': qeinsum.shift_bias(info.eqn, aux['shift'], w)}

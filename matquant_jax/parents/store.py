@@ -18,6 +18,10 @@ further rounds twice, so it is not the 8-bit parent's narrower slice.) `load`
 returns (model, variables, tokenizer); a missing, truncated or foreign entry is
 an error naming it.
 
+Each quantized weight records the slice grid it was made for (version 4,
+`QuantizedArray.slice_grid`); a packed export below the parent's width keeps the
+top bits, the MSB slice, and refuses a parent made for another grid.
+
 Integrity (version 2): the manifest records every tensor's dtype, shape and
 SHA-256 and the tokenizer file's SHA-256; `load` verifies them (`verify=False`
 skips the digests, for speed) and always checks what must hold: finite,
@@ -54,8 +58,8 @@ from matquant_jax.parents.make import resident
 from matquant_jax.text import tokenization
 
 
-FORMAT, VERSION = 'matquant-parent', 3  # 3: kept outliers
-READS = (1, 2, 3)  # version 1 parents (before per-tensor digests) still load
+FORMAT, VERSION = 'matquant-parent', 4  # 3: kept outliers; 4: each weight's slice grid
+READS = (1, 2, 3, 4)  # version 1 parents (before per-tensor digests) still load
 _TMP = '.tmp_parent_'
 
 
@@ -124,12 +128,14 @@ def _tensors(variables, layer_bits: Sequence[int] | None, float_dtype):
         raise ValueError(f'{name} is held resident for widths up to {leaf.max_bits} (parents.resident); '
                          'save or export the full parent, then hold it resident after loading')
       entry = {'shape': list(leaf.shape), 'codes_shape': list(leaf.codes.shape),
-               'bits': leaf.parent_bits, 'group_size': leaf.group_size, 'packed': False}
+               'bits': leaf.parent_bits, 'group_size': leaf.group_size, 'packed': False,
+               'slice_grid': leaf.slice_grid}
       codes, scale, zero = np.asarray(leaf.codes), np.asarray(leaf.scale), np.asarray(leaf.zero_point)
       if layer_bits is not None:
         r = layer_bits[_layer_of(path)]
         if r > leaf.parent_bits:
           raise ValueError(f'{path}: width {r} is wider than its stored {leaf.parent_bits}-bit parent')
+        quant.check_slice_grid(leaf, 'msb', r, f'{path}: a packed int{r} export', quant.TOP_BITS_FIX)
         shift = leaf.parent_bits - r
         codes = np.asarray(leaf.sliced_codes(r), np.int32) >> shift  # 0 .. 2^r - 1
         scale, zero = scale * np.float32(2**shift), zero / np.float32(2**shift)
@@ -343,6 +349,8 @@ def load(directory: str, resident_bits: int | None = None, *, verify: bool = Tru
     return a
 
   quantized = manifest['quantized']
+  # before version 4 only the run metadata (when its maker recorded it) says which slice a parent is for
+  made_for = (manifest.get('run') or {}).get('slice_grid', 'msb')
   params = {}
   for path, want in nn.param_shapes(config).items():
     if path not in quantized:
@@ -370,8 +378,12 @@ def load(directory: str, resident_bits: int | None = None, *, verify: bool = Tru
       kept = (take(f'params/{path}/outlier_index', (e['outliers'],)), take(f'params/{path}/outlier_value', (e['outliers'],)))
       _check_outliers(weights, path, e['shape'], *kept)
       kept = tuple(jnp.asarray(a) for a in kept)
+    grid = e.get('slice_grid', made_for)
+    if grid not in quant.SLICE_GRIDS:
+      raise ValueError(f'{directory}: quantized weight {path!r} has slice_grid {grid!r}; '
+                       f'this code knows {quant.SLICE_GRIDS}')
     params[path] = quant.QuantizedArray(jnp.asarray(codes, jnp.uint8), jnp.asarray(scale),
-                                        jnp.asarray(zero), e['bits'], tuple(e['shape']), *kept)
+                                        jnp.asarray(zero), e['bits'], tuple(e['shape']), *kept, grid)
   unknown = sorted(set(quantized) - set(params))
   if unknown:
     raise ValueError(f'{directory}: the manifest names quantized weights the model does not have: {unknown}')
