@@ -62,6 +62,8 @@ _BALANCE = flags.DEFINE_bool('balance', False, 'GPTQ: each width\'s error in uni
                              '(gptq.Options.balance), so lambda weighs the widths as it says.')
 _OUTLIERS = flags.DEFINE_float('outliers', 0.0, 'GPTQ: the fraction of each weight kept in float16 '
                                'outside the grid (gptq.Options.outliers; 48 bits each, counted).')
+_FEEDBACK = flags.DEFINE_enum('feedback', 'mean', list(gptq.FEEDBACK), 'GPTQ: the residual fed back '
+                              '(gptq.Options.feedback; per_width: each width its own target and Hessian).')
 _EP = flags.DEFINE_bool('ep_rows', True, 'Also evaluate the Extra Precision slices (int4/3/2).')
 _MIX = flags.DEFINE_bool('mixnmatch', True, 'Evaluate the pyramid Mix\'n\'Match rows.')
 _EXTRA = flags.DEFINE_bool('extra_precision', False, 'Calibrate MatQuant for Extra Precision slices (no '
@@ -111,11 +113,13 @@ def main(argv):
   if algo == 'gptq':
     tag = f'gptq_{tag}' + ('_actorder' if _ACT_ORDER.value else '') + ('_balanced' if _BALANCE.value else '')
     recipe += (', act-order' if _ACT_ORDER.value else '') + (', balanced' if _BALANCE.value else '')
+    if _FEEDBACK.value != 'mean':
+      tag, recipe = f'{tag}_{_FEEDBACK.value}', f'{recipe}, {_FEEDBACK.value.replace("_", "-")} feedback'
     if _OUTLIERS.value:
       tag += f'_outliers{_OUTLIERS.value:g}'
       recipe += f', outliers {_OUTLIERS.value:.2%}'
-  elif _OUTLIERS.value or _BALANCE.value:
-    raise app.UsageError('--outliers and --balance are GPTQ options here (--algo=gptq)')
+  elif _OUTLIERS.value or _BALANCE.value or _FEEDBACK.value != 'mean':
+    raise app.UsageError('--outliers, --balance and --feedback are GPTQ options here (--algo=gptq)')
   mat_lambdas = tuple(map(float, _LAMBDAS.value)) if _LAMBDAS.value else (
       (0.1, 0.1, 1.0) if algo == 'omniquant' else (1.0, 1.0, 1.0))
   train_texts = pipeline.load_split_texts('shakespeare_plays', _DATA_DIR.value, 'train')
@@ -140,7 +144,8 @@ def main(argv):
     obj = losses.parse_objective(objective, lambdas, parent_bits)
     ckpt = os.path.join(workdir, 'checkpoints', f'{tag}_{name}')
     if algo == 'gptq':
-      gopts = gptq.Options(act_order=_ACT_ORDER.value, balance=_BALANCE.value, outliers=_OUTLIERS.value)
+      gopts = gptq.Options(act_order=_ACT_ORDER.value, balance=_BALANCE.value, outliers=_OUTLIERS.value,
+                           feedback=_FEEDBACK.value)
       made[name] = gptq.calibrate(cfg, params, calib, obj, spec, gopts, ckpt, desc=f'{short} {tag} {name}')
     else:
       qtree = omniquant.calibrate(cfg, params, calib, obj, spec, opts, ckpt, desc=f'{short} {tag} {name}')

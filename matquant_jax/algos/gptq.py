@@ -16,7 +16,9 @@ lambda-weighted mean of the widths' errors (with `Options.balance`, each width's
 units of its own step first, so lambda weighs the widths as it says; `Options.outliers` keeps the
 largest weights in float16 outside the grid, with no error to feed back). With several widths, each width has
 its own activation stream (its quantized prefix) and H = sum_r lambda_r H_r / sum
-lambda. Scales and zero points are min-max of the original weights, per output
+lambda. With `Options.feedback='per_width'` each width instead keeps its own target weights and
+Hessian H_r: a code minimises sum_r lambda_r (its GPTQ loss at width r), and each width's own
+residual is fed back to its own target, so int8 does not carry int2's compensation. Scales and zero points are min-max of the original weights, per output
 channel or per group, fixed before the column loop (GPTQ's static groups), so
 act-order and groups combine. Inside a block, weights are quantized in GPTQ's
 true-sequential order (q/k/v, then the attention output, then gate/up, then
@@ -49,6 +51,9 @@ ORDER = {'attn/qkv_einsum/w': 0, 'attn/q_einsum/w': 0, 'attn/kv_einsum/w': 0,
          'attn/attn_vec_einsum/w': 1, 'mlp/gating_einsum': 2, 'mlp/linear': 3}
 
 
+FEEDBACK = ('mean', 'per_width')
+
+
 @dataclasses.dataclass(frozen=True)
 class Options:
   """damp: added to diag H, as a fraction of its mean. block_size: columns per lazy
@@ -57,15 +62,20 @@ class Options:
   error in units of its own step (divided by 4^(c-r)), so lambda weighs widths as it says
   (raw, int2's error is 4096x int8's and lambda (1, 1, 1) optimises int2 alone). outliers:
   the fraction of each weight (largest |w|) kept in float16 outside the grid: their error is
-  zero (nothing fed back) and they keep the value GPTQ's updates gave them."""
+  zero (nothing fed back) and they keep the value GPTQ's updates gave them. feedback: 'mean'
+  (one target for every width, the lambda-weighted mean residual fed back, as MatGPTQ) or
+  'per_width' (each width its own target and Hessian, its own residual fed back; `quantize_matrix`)."""
   damp: float = 0.01
   block_size: int = 128
   act_order: bool = False
   batch_size: int = 8
   balance: bool = False
   outliers: float = 0.0
+  feedback: str = 'mean'
 
   def __post_init__(self):
+    if self.feedback not in FEEDBACK:
+      raise ValueError(f'gptq feedback must be one of {FEEDBACK}, got {self.feedback!r}')
     if not 0 <= self.damp < 1:
       raise ValueError(f'gptq damp must be in [0, 1), got {self.damp}')
     if self.block_size < 1 or self.batch_size < 1:
@@ -102,15 +112,21 @@ def code_table(widths, parent_bits: int, extra_precision: bool = False, grid: st
   return np.stack([quant.slice_codes(q, r, parent_bits, extra_precision) for r in widths]).astype(np.float32)
 
 
-def choose_codes(w, scale, zero, table, lambdas):
-  """Per output channel, argmin_q sum_r lambda_r (w - scale (table[r, q] - zero))^2.
+def choose_codes(w, scale, zero, table, lambdas, d=None):
+  """Per output channel, argmin_q sum_r lambda_r (w_r - scale (table[r, q] - zero))^2 / d_r^2.
 
-  w, scale, zero: [out]; returns (codes [out] int32, lambda-weighted mean residual [out]).
+  w: [out] (one target for every width) or [R, out] (each width's own target, with d [R]: its
+  inverse Hessian's diagonal at this column, so each term is that width's GPTQ loss); scale,
+  zero: [out]. Returns (codes [out] int32, the lambda-weighted mean residual [out]) for one
+  target, (codes, each width's residual [R, out]) for per-width targets.
   """
   deq = scale[None, :, None] * (table[:, None, :] - zero[None, :, None])  # [R, out, C]
-  err = w[None, :, None] - deq
-  q = jnp.argmin(jnp.einsum('r,roc->oc', lambdas, err**2), axis=-1)
+  err = (w if w.ndim == 2 else w[None])[:, :, None] - deq
+  weights = lambdas if d is None else lambdas / d**2
+  q = jnp.argmin(jnp.einsum('r,roc->oc', weights, err**2), axis=-1)
   picked = jnp.take_along_axis(err, q[None, :, None], axis=-1)[..., 0]  # [R, out]
+  if w.ndim == 2:
+    return q.astype(jnp.int32), picked
   return q.astype(jnp.int32), jnp.einsum('r,ro->o', lambdas, picked) / jnp.sum(lambdas)
 
 
@@ -126,46 +142,59 @@ def width_weights(widths, lambdas, parent_bits: int, balance: bool) -> np.ndarra
 @functools.partial(jax.jit, static_argnames=('block_size', 'act_order'))
 def quantize_matrix(W, H, scale, zero, table, lambdas, damp: float, block_size: int = 128,
                     act_order: bool = False, keep=None):
-  """GPTQ codes [in, out] (int32, on the parent grid) for W [in, out] with Hessian H [in, in],
-  and the weights as updated when each was reached [in, out] (the values of kept outliers).
+  """GPTQ codes [in, out] (int32, on the parent grid) for W [in, out], and the weights as updated
+  when each was reached ([in, out], or [R, in, out] with per-width feedback: kept outliers' values).
 
+  H: [in, in], one Hessian: the residual fed back is the lambda-weighted mean of the widths'
+  errors (one target for every width, as MatGPTQ); or [R, in, in], one per width (its own
+  quantized prefix): each width keeps its own target, updated by its own error through its own
+  inverse Hessian, and a code weighs the widths' GPTQ losses (per-width feedback).
   scale, zero: [in, out] (each column's statistics; per-channel ones repeat over in).
   keep: bool [in, out], weights kept exactly (no error, nothing fed back), or None.
   """
+  per_width = H.ndim == 3
+  H = H if per_width else H[None]  # [S, in, in]: S streams of targets
   keep = jnp.zeros(W.shape, bool) if keep is None else keep
   n = W.shape[0]
-  diag = jnp.diag(H)
-  dead = diag == 0
-  H = H + jnp.diag(jnp.where(dead, 1.0, 0.0))
+  diag = jnp.diagonal(H, axis1=1, axis2=2)  # [S, in]
+  dead = jnp.all(diag == 0, axis=0)
+  H = H + jnp.diag(jnp.where(dead, 1.0, 0.0))[None]
   W = jnp.where(dead[:, None], 0.0, W)
-  perm = jnp.argsort(-jnp.diag(H)) if act_order else jnp.arange(n)
-  W, scale, zero, H, keep = W[perm], scale[perm], zero[perm], H[perm][:, perm], keep[perm]
-  H = H + damp * jnp.mean(jnp.diag(H)) * jnp.eye(n, dtype=H.dtype)
-  Hinv = jnp.linalg.cholesky(jnp.linalg.inv(H)).T  # upper U with U^T U = H^-1
-  codes = jnp.zeros(W.shape, jnp.int32)
+  perm = jnp.argsort(-jnp.sum(diag, axis=0)) if act_order else jnp.arange(n)
+  W, scale, zero, H, keep = W[perm], scale[perm], zero[perm], H[:, perm][:, :, perm], keep[perm]
+  damping = damp * jnp.mean(jnp.diagonal(H, axis1=1, axis2=2), axis=1)
+  H = H + damping[:, None, None] * jnp.eye(n, dtype=H.dtype)
+  Hinv = jax.vmap(lambda h: jnp.linalg.cholesky(jnp.linalg.inv(h)).T)(H)  # upper U, U^T U = H^-1
+  W = jnp.broadcast_to(W, (H.shape[0],) + W.shape)
+  codes = jnp.zeros(W.shape[1:], jnp.int32)
   for b0 in range(0, n, block_size):
     b1 = min(b0 + block_size, n)
-    H1 = Hinv[b0:b1, b0:b1]
+    H1 = Hinv[:, b0:b1, b0:b1]
 
     def column(i, carry, b0=b0, H1=H1):
       W1, Q1, E1 = carry
-      q, err = choose_codes(W1[i], scale[b0 + i], zero[b0 + i], table, lambdas)
-      err = jnp.where(keep[b0 + i], 0.0, err)
-      e = err / H1[i, i]
-      W1 = W1 - H1[i][:, None] * e[None, :]  # rows below i (H1 is upper triangular)
-      return W1, Q1.at[i].set(q), E1.at[i].set(e)
+      d = H1[:, i, i]  # [S]
+      if per_width:
+        q, err = choose_codes(W1[:, i], scale[b0 + i], zero[b0 + i], table, lambdas, d)
+      else:
+        q, err = choose_codes(W1[0, i], scale[b0 + i], zero[b0 + i], table, lambdas)
+        err = err[None]
+      e = jnp.where(keep[b0 + i][None], 0.0, err) / d[:, None]
+      W1 = W1 - H1[:, i][:, :, None] * e[:, None, :]  # rows below i (H1 is upper triangular)
+      return W1, Q1.at[i].set(q), E1.at[:, i].set(e)
 
-    W1, Q1, E1 = jax.lax.fori_loop(0, b1 - b0, column, (W[b0:b1], codes[b0:b1], jnp.zeros_like(W[b0:b1])))
+    W1, Q1, E1 = jax.lax.fori_loop(0, b1 - b0, column, (W[:, b0:b1], codes[b0:b1], jnp.zeros_like(W[:, b0:b1])))
     codes = codes.at[b0:b1].set(Q1)
-    W = W.at[b0:b1].set(W1)  # a row is never updated after its turn: W ends as each weight was reached
-    W = W.at[b1:].add(-Hinv[b0:b1, b1:].T @ E1)
+    W = W.at[:, b0:b1].set(W1)  # a row is never updated after its turn: W ends as each weight was reached
+    W = W.at[:, b1:].add(-jnp.einsum('sbk,sbo->sko', Hinv[:, b0:b1, b1:], E1))
   inv = jnp.argsort(perm)
-  return codes[inv], W[inv]
+  return codes[inv], (W[:, inv] if per_width else W[0, inv])
 
 
 def quantize_weight(w, x_hessian, info: nn.WeightInfo, objective: losses.Objective, spec: QuantSpec,
                     opts: Options) -> quant.QuantizedArray:
-  """A stored parent of float weight w (its einsum `info`) from its input Hessian."""
+  """A stored parent of float weight w (its einsum `info`) from its input Hessian ([in, in], or
+  one per objective width [R, in, in] for per-width feedback, `quantize_matrix`)."""
   w = jnp.asarray(w, jnp.float32)
   stats = quant.QuantizedArray.from_float(w, spec.parent_bits, info.reduce_axes, spec.group_size,
                                          symmetric=spec.symmetric, outliers=opts.outliers,
@@ -179,6 +208,8 @@ def quantize_weight(w, x_hessian, info: nn.WeightInfo, objective: losses.Objecti
     keep = as_matrix(jnp.zeros(w.size, bool).at[stats.outlier_index].set(True).reshape(w.shape), info.reduce_axes)
   codes, reached = quantize_matrix(as_matrix(w, info.reduce_axes), x_hessian, scale, zero, table, lambdas,
                                    opts.damp, opts.block_size, opts.act_order, keep)
+  if reached.ndim == 3:  # per-width targets: the kept outliers take the widest width's
+    reached = reached[int(np.argmax(objective.widths))]
   codes = from_matrix(codes, w.shape, info.reduce_axes)
   grouped, _ = quant.group(codes, info.reduce_axes, spec.group_size)
   out = dataclasses.replace(stats, codes=grouped.astype(jnp.uint8))
@@ -254,7 +285,10 @@ def calibrate(config: nn.TransformerConfig, params: Tree, tokens: np.ndarray,
       for r in widths:
         h = _hessians(block, _at_width(lp, done, r, ep, spec.slice_grid), dims, streams[r], tokens, bs)
         for p in paths:
-          hess[p] = hess[p] + lam[r] / sum(objective.lambdas) * h[p]
+          if opts.feedback == 'per_width':  # stacked in the objective's width order
+            hess[p] = h[p][None] if r == widths[0] else jnp.concatenate([hess[p], h[p][None]])
+          else:
+            hess[p] = hess[p] + lam[r] / sum(objective.lambdas) * h[p]
       for p in paths:
         done[p] = quantize_weight(flat_lp[p], hess[p], infos[p], objective, spec, opts)
         bar.update()
