@@ -60,8 +60,8 @@ _LAMBDAS = flags.DEFINE_list('lambdas', None, 'MatQuant lambdas, one per --width
 _ACT_ORDER = flags.DEFINE_bool('act_order', False, 'GPTQ: columns by decreasing Hessian diagonal.')
 _BALANCE = flags.DEFINE_bool('balance', False, 'GPTQ: each width\'s error in units of its own step '
                              '(gptq.Options.balance), so lambda weighs the widths as it says.')
-_OUTLIERS = flags.DEFINE_float('outliers', 0.0, 'GPTQ: the fraction of each weight kept in float16 '
-                               'outside the grid (gptq.Options.outliers; 48 bits each, counted).')
+_OUTLIERS = flags.DEFINE_float('outliers', 0.0, 'The fraction of each weight kept in float16 outside the '
+                               'grid (QuantSpec.outliers, every base; 48 bits each, counted).')
 _FEEDBACK = flags.DEFINE_enum('feedback', 'mean', list(gptq.FEEDBACK), 'GPTQ: the residual fed back '
                               '(gptq.Options.feedback; per_width: each width its own target and Hessian).')
 _EP = flags.DEFINE_bool('ep_rows', True, 'Also evaluate the Extra Precision slices (int4/3/2).')
@@ -115,11 +115,11 @@ def main(argv):
     recipe += (', act-order' if _ACT_ORDER.value else '') + (', balanced' if _BALANCE.value else '')
     if _FEEDBACK.value != 'mean':
       tag, recipe = f'{tag}_{_FEEDBACK.value}', f'{recipe}, {_FEEDBACK.value.replace("_", "-")} feedback'
-    if _OUTLIERS.value:
-      tag += f'_outliers{_OUTLIERS.value:g}'
-      recipe += f', outliers {_OUTLIERS.value:.2%}'
-  elif _OUTLIERS.value or _BALANCE.value or _FEEDBACK.value != 'mean':
-    raise app.UsageError('--outliers, --balance and --feedback are GPTQ options here (--algo=gptq)')
+  elif _BALANCE.value or _FEEDBACK.value != 'mean':
+    raise app.UsageError('--balance and --feedback are GPTQ options here (--algo=gptq)')
+  if _OUTLIERS.value:
+    tag += f'_outliers{_OUTLIERS.value:g}'
+    recipe += f', outliers {_OUTLIERS.value:.2%}'
   mat_lambdas = tuple(map(float, _LAMBDAS.value)) if _LAMBDAS.value else (
       (0.1, 0.1, 1.0) if algo == 'omniquant' else (1.0, 1.0, 1.0))
   train_texts = pipeline.load_split_texts('shakespeare_plays', _DATA_DIR.value, 'train')
@@ -138,14 +138,13 @@ def main(argv):
   made = {}
   for name, objective, lambdas, parent_bits, budget in calibrations:
     spec = QuantSpec(parent_bits, parent_bits=parent_bits, group_size=group, extra_precision=name == mat and ep,
-                     slice_grid=_GRID.value)
+                     slice_grid=_GRID.value, outliers=_OUTLIERS.value)
     opts = dataclasses.replace(base_opts, epochs=base_opts.epochs * budget)
     t = time.perf_counter()
     obj = losses.parse_objective(objective, lambdas, parent_bits)
     ckpt = os.path.join(workdir, 'checkpoints', f'{tag}_{name}')
     if algo == 'gptq':
-      gopts = gptq.Options(act_order=_ACT_ORDER.value, balance=_BALANCE.value, outliers=_OUTLIERS.value,
-                           feedback=_FEEDBACK.value)
+      gopts = gptq.Options(act_order=_ACT_ORDER.value, balance=_BALANCE.value, feedback=_FEEDBACK.value)
       made[name] = gptq.calibrate(cfg, params, calib, obj, spec, gopts, ckpt, desc=f'{short} {tag} {name}')
     else:
       qtree = omniquant.calibrate(cfg, params, calib, obj, spec, opts, ckpt, desc=f'{short} {tag} {name}')

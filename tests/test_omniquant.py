@@ -138,6 +138,27 @@ def test_exported_parent_matches_fake_quant_and_round_trips(setup, calibrated, t
     model.apply(int4, tokens, spec=QuantSpec(8)).logits
 
 
+def test_kept_outliers_calibrate_and_fold_into_the_parent(setup):
+  """QuantSpec.outliers through OmniQuant: the calibration sees them kept, the parent keeps the same
+  ones (largest |W s|), and its slices are the fake-quant model's; a spec asking for others is refused."""
+  model, params, tokens = setup
+  spec = QuantSpec(8, outliers=0.002)
+  qtree = omniquant.calibrate(CFG, params, tokens, losses.parse_objective('8,2', (0.1, 1.0)), spec,
+                              dataclasses.replace(OPTS, epochs=1))
+  parent = parents.make_parent(CFG, params, spec, qtree)
+  qa = parent['params']['layer_1']['mlp']['linear']
+  assert qa.num_outliers == round(0.002 * qa.codes.size) > 0
+  live = {'params': params, 'quant': qtree}
+  for bits in (8, 2):
+    a = model.apply(live, tokens, spec=QuantSpec(bits, outliers=0.002)).logits
+    b = model.apply(parent, tokens, spec=QuantSpec(bits, outliers=0.002)).logits
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
+  assert nn.bits_per_weight(live, QuantSpec(2, outliers=0.002), CFG) == pytest.approx(
+      nn.bits_per_weight(parent, QuantSpec(2), CFG))
+  with pytest.raises(ValueError, match=r'asks for \d+ kept outliers, but this stored parent keeps'):
+    model.apply(parent, tokens, spec=QuantSpec(2, outliers=0.01))
+
+
 class _StopAfterFirstBlock:
   """A summary writer that raises once the second block reports (block 1 is saved by then)."""
 

@@ -219,6 +219,18 @@ def test_regrid_spec_runs_fake_quant_and_stored_parents_alike_and_refuses_reside
     QuantSpec(2, slice_grid='lsb')
 
 
+def test_a_qat_spec_with_outliers_gives_the_parent_it_trained(stored):
+  """QAT trains float weights under QuantSpec(outliers=f) and its parent is make_parent(params, spec):
+  the parent's slices are the model QAT saw (the same weights kept, at float16)."""
+  model, params, _ = stored
+  spec = QuantSpec(8, outliers=0.01)
+  parent = parents.make_parent(CFG, params, spec)
+  for bits in (4, 2):
+    a = model.apply({'params': params}, TOKENS, spec=QuantSpec(bits, outliers=0.01)).logits
+    np.testing.assert_array_equal(np.asarray(model.apply(parent, TOKENS, spec=QuantSpec(bits)).logits), np.asarray(a))
+  assert parents.make_parent(CFG, params, spec, outliers=0.0)['params']['layer_0']['mlp']['linear'].num_outliers == 0
+
+
 def test_a_parent_made_for_the_regrid_is_served_and_exported_on_it_only(stored, tmp_path, token_data):
   """The slice grid travels with the parent (array, manifest, resolve_spec); every path that would
   silently serve another grid's int4 (a spec on the MSB slice, resident, packed or GGUF slices) refuses."""

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from matquant_jax.core import quant
+from matquant_jax.core import QuantSpec, quant
 
 
 def ref_slice(q: int, r: int, c: int = 8, clamp: bool = True) -> int:
@@ -222,6 +222,13 @@ def test_kept_outliers_leave_the_statistics_and_come_back_at_every_width(bits):
   for bad in (-0.1, 1.0, float('nan'), True):
     with pytest.raises(ValueError, match='outliers must be a fraction'):
       quant.QuantizedArray.from_float(w, 8, (0,), outliers=bad)
+  # fake-quant (QAT, OmniQuant) keeps the same weights, the same way, with the identity gradient there
+  fq = lambda x: quant.fake_quant(x, bits, reduce_axes=(0,), outliers=3 / w.size)
+  np.testing.assert_allclose(np.asarray(fq(jnp.asarray(w))), want, atol=2e-6)
+  g = np.asarray(jax.grad(lambda x: jnp.sum(fq(x) * jnp.arange(x.size).reshape(x.shape)))(jnp.asarray(w)))
+  np.testing.assert_array_equal(g[mask], np.arange(w.size).reshape(w.shape)[mask])
+  with pytest.raises(ValueError, match='outliers must be a fraction'):
+    QuantSpec(bits, outliers=1.5)
 
 
 @pytest.mark.parametrize('bits', [6, 4, 3, 2])

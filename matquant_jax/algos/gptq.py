@@ -196,8 +196,11 @@ def quantize_weight(w, x_hessian, info: nn.WeightInfo, objective: losses.Objecti
   """A stored parent of float weight w (its einsum `info`) from its input Hessian ([in, in], or
   one per objective width [R, in, in] for per-width feedback, `quantize_matrix`)."""
   w = jnp.asarray(w, jnp.float32)
+  if opts.outliers and spec.outliers and opts.outliers != spec.outliers:
+    raise ValueError(f'gptq.Options(outliers={opts.outliers}) and QuantSpec(outliers={spec.outliers}) '
+                     'disagree; set one')
   stats = quant.QuantizedArray.from_float(w, spec.parent_bits, info.reduce_axes, spec.group_size,
-                                         symmetric=spec.symmetric, outliers=opts.outliers,
+                                         symmetric=spec.symmetric, outliers=opts.outliers or spec.outliers,
                                          slice_grid=spec.slice_grid)
   full = lambda s: jnp.broadcast_to(s, stats.codes.shape).reshape(w.shape)
   scale, zero = (as_matrix(full(s), info.reduce_axes) for s in (stats.scale, stats.zero_point))

@@ -87,6 +87,10 @@ class ResidentArray:
                parent.outlier_index, parent.outlier_value)
 
   @property
+  def num_outliers(self) -> int:
+    return 0 if self.outlier_index is None else int(self.outlier_index.shape[0])
+
+  @property
   def codes(self) -> jax.Array:
     """The codes with every slice <= max_bits of the parent's (uint8, the grouped shape)."""
     return unpack(self.packed, self.max_bits, self.parent_bits)

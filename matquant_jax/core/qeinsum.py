@@ -7,6 +7,7 @@ layers, or one per layer (Mix'n'Match), always sliced from the same parent.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import Sequence
 
@@ -35,6 +36,9 @@ class QuantSpec:
     offset (GGUF Q8_0 / Q4_0); the paper's grids are asymmetric (the default).
   slice_grid: 'msb' (the paper's slice, the default) or 'regrid' (the range-keeping re-grid,
     `quant.regrid_float`: not nested in the code's top bits, so no resident or packed slices).
+  outliers: the fraction of each quantized weight (largest |w|) kept outside the grid in float16
+    (fake-quant and every base; `make_parent` keeps the same ones). A stored parent carries its
+    own: a nonzero fraction here must be the one it was made with.
   """
   bits: int | tuple[int | None, ...]
   _: dataclasses.KW_ONLY
@@ -45,6 +49,7 @@ class QuantSpec:
   slice_grad: str = 'clamp'
   symmetric: bool = False
   slice_grid: str = 'msb'
+  outliers: float = 0.0
 
   def __post_init__(self):
     if isinstance(self.bits, list):
@@ -59,6 +64,7 @@ class QuantSpec:
     if unknown:
       raise ValueError(f'unknown quantization targets {sorted(unknown)}; choose from {TARGETS}')
     quant.check_grid(self.slice_grid, self.extra_precision)
+    quant.num_outliers(self.outliers, 1)  # a fraction in [0, 1)
     if self.slice_grad not in quant.SLICE_GRADS:
       raise ValueError(f'slice_grad must be one of {quant.SLICE_GRADS}, got {self.slice_grad!r}')
 
@@ -102,6 +108,12 @@ def quantized_weight(w, reduce_axes: Sequence[int], bits: int | None,
   """
   aux = aux or {}
   grid = spec.slice_grid if spec is not None else 'msb'
+  if spec is not None and spec.outliers and isinstance(w, (packing.ResidentArray, quant.QuantizedArray)):
+    want = quant.num_outliers(spec.outliers, math.prod(w.shape))
+    if want != w.num_outliers:
+      raise ValueError(f'QuantSpec(outliers={spec.outliers}) asks for {want} kept outliers, but this stored '
+                       f'parent keeps {w.num_outliers}; a parent carries its own (pass outliers=0, or '
+                       f'make the parent with make_parent(..., outliers={spec.outliers}))')
   if isinstance(w, packing.ResidentArray):  # unpacked inside the step; refused above max_bits
     if grid != 'msb':
       raise ValueError(f"a resident parent keeps only the codes' top bits; slice_grid={grid!r} needs the full parent")
@@ -121,7 +133,8 @@ def quantized_weight(w, reduce_axes: Sequence[int], bits: int | None,
                           reduce_axes=reduce_axes, extra_precision=spec.extra_precision,
                           group_size=spec.group_size, gamma=gamma, beta=beta,
                           stats_grad='smooth' in aux, slice_grad=spec.slice_grad,
-                          symmetric=spec.symmetric, slice_grid=spec.slice_grid).astype(w.dtype)
+                          symmetric=spec.symmetric, slice_grid=spec.slice_grid,
+                          outliers=spec.outliers).astype(w.dtype)
 
 
 def einsum(eqn: str, x: jax.Array, w, *, reduce_axes: Sequence[int],

@@ -281,8 +281,9 @@ def dequantize(q, scale, zero_point):
 def fake_quant(w, bits: int, *, parent_bits: int = 8, reduce_axes: Sequence[int] = (0,),
                extra_precision: bool = False, group_size: int | None = None,
                gamma=None, beta=None, stats_grad: bool = False, slice_grad: str = 'clamp',
-               symmetric: bool = False, slice_grid: str = 'msb'):
-  """Quantize w to a parent_bits parent, slice to `bits`, dequantize.
+               symmetric: bool = False, slice_grid: str = 'msb', outliers: float = 0.0):
+  """Quantize w to a parent_bits parent, slice to `bits`, dequantize; `outliers` (a fraction, the
+  largest |w|) are left out of the statistics and pass through at float16, as a stored parent's.
 
   Statistics are taken over `reduce_axes` (the contraction axes: one scale per
   output channel), optionally in groups of `group_size` along the one
@@ -294,27 +295,48 @@ def fake_quant(w, bits: int, *, parent_bits: int = 8, reduce_axes: Sequence[int]
   shape, dtype = jnp.shape(w), jnp.asarray(w).dtype
   # statistics, scale and codes in float32 whatever the weight's dtype: a float16 range of
   # +-6e4 overflows (max - min) / 255, and bfloat16 rounding moves codes by half a level
-  wg, axes = group(jnp.asarray(w).astype(jnp.float32), reduce_axes, group_size)
-  scale, zero = calibrate(wg, parent_bits, axes, gamma, beta, stats_grad, symmetric)
+  w32 = jnp.asarray(w).astype(jnp.float32)
+  wg, axes = group(w32, reduce_axes, group_size)
+  mask = outlier_mask(w32, outliers) if outliers else None
+  exclude = None if mask is None else group(mask, reduce_axes, group_size)[0]
+  scale, zero = calibrate(wg, parent_bits, axes, gamma, beta, stats_grad, symmetric, exclude)
   q = slice_ste(quantize(wg, scale, zero, parent_bits), bits, parent_bits, extra_precision, slice_grad,
                 slice_grid)
-  return dequantize(q, scale, zero).reshape(shape).astype(dtype)
+  out = dequantize(q, scale, zero).reshape(shape)
+  if mask is not None:  # kept at float16 (identity gradient), as the stored parent keeps them
+    out = jnp.where(mask, w32 + jax.lax.stop_gradient(w32.astype(OUTLIER_DTYPE).astype(jnp.float32) - w32), out)
+  return out.astype(dtype)
 
 
 OUTLIER_DTYPE = jnp.float16  # a kept outlier: int32 flat index + float16 value = 48 bits
 OUTLIER_BITS = 48
 
 
+def num_outliers(fraction: float, size: int) -> int:
+  """round(fraction * size): how many weights of a `size`-weight tensor are kept outside the grid."""
+  if not (isinstance(fraction, (int, float, np.floating)) and 0 <= fraction < 1) or isinstance(fraction, bool):
+    raise ValueError(f'outliers must be a fraction in [0, 1) of each weight, got {fraction!r}')
+  return int(round(float(fraction) * size))
+
+
 def outlier_indices(w, fraction: float) -> np.ndarray:
   """Flat indices (int32, sorted) of the round(fraction * size) largest-magnitude weights of w:
   the super weights and outliers kept out of the grid (Yu et al. 2024; SpQR)."""
-  if not (isinstance(fraction, (int, float, np.floating)) and 0 <= fraction < 1) or isinstance(fraction, bool):
-    raise ValueError(f'outliers must be a fraction in [0, 1) of each weight, got {fraction!r}')
   a = np.abs(np.asarray(w, np.float32)).ravel()
-  k = int(round(float(fraction) * a.size))
+  k = num_outliers(fraction, a.size)
   if k == 0:
     return np.zeros((0,), np.int32)
   return np.sort(np.argpartition(-a, k - 1)[:k]).astype(np.int32)
+
+
+def outlier_mask(w, fraction: float):
+  """A bool mask like w of its round(fraction * size) largest |w| (traceable, for fake-quant:
+  the set `outlier_indices` picks, up to ties), or None when that is none."""
+  k = num_outliers(fraction, math.prod(jnp.shape(w)))
+  if k == 0:
+    return None
+  a = jnp.abs(jax.lax.stop_gradient(jnp.asarray(w))).reshape(-1)
+  return jnp.zeros(a.shape, bool).at[jax.lax.top_k(a, k)[1]].set(True).reshape(jnp.shape(w))
 
 
 def outlier_bits(qa) -> float:

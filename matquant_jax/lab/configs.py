@@ -17,7 +17,7 @@ from matquant_jax.nn import sharding
 def quant_spec(bits: int | None, quant: ml_collections.ConfigDict | None) -> QuantSpec | None:
   """The QuantSpec for `bits` (an int, a per-layer tuple, or None for float) from a config's
   quantizer subtree (parent_bits, extra_precision, group_size, targets, slice_grad, symmetric,
-  slice_grid)."""
+  slice_grid, outliers)."""
   if bits is None:
     return None
   q = quant or {}
@@ -25,7 +25,7 @@ def quant_spec(bits: int | None, quant: ml_collections.ConfigDict | None) -> Qua
                    extra_precision=q.get('extra_precision', False),
                    group_size=q.get('group_size') or None, targets=tuple(q.get('targets', ('ffn',))),
                    slice_grad=q.get('slice_grad', 'clamp'), symmetric=q.get('symmetric', False),
-                   slice_grid=q.get('slice_grid', 'msb'))
+                   slice_grid=q.get('slice_grid', 'msb'), outliers=q.get('outliers', 0.0))
 
 
 RUN_FIELDS = {'name', 'label', 'objective', 'lambdas', 'parent_bits', 'extra_precision', 'algo', 'budget'}
@@ -110,11 +110,12 @@ def base_config() -> ml_collections.ConfigDict:
   # ('clamp' or 'identity'), for QAT and OmniQuant; quant.symmetric: zero point fixed at 2^(c-1)
   # (every base; exports to GGUF Q8_0/Q4_0 exactly), off for the paper's results; quant.group_size:
   # weights per scale along the contraction axes, 0 for one per output channel (the paper's);
-  # quant.slice_grid: 'msb' (the paper's slice) or 'regrid' (QuantSpec.slice_grid).
+  # quant.slice_grid: 'msb' (the paper's slice) or 'regrid' (QuantSpec.slice_grid); quant.outliers:
+  # the fraction of each weight kept outside the grid in float16 (QuantSpec.outliers), 0 for the paper's.
   c.qat = dict(steps=250, trainable='ffn', checkpoint_every=250, log_every=10,
                optimizer=optimizer(3e-5, 25), data_seed=0,
                quant=dict(group_size=0, targets=('ffn',), slice_grad='clamp', symmetric=False,
-                          slice_grid='msb'))
+                          slice_grid='msb', outliers=0.0))
   # OmniQuant calibration (the paper: 128 x 2048 C4 tokens, batch 4, 10M tokens seen, about 40
   # passes over the calibration set, so 40 epochs here). Learning rates per parameter group as in
   # OmniQuant's code; the rest of the fields: omniquant.Options.

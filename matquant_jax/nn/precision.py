@@ -122,5 +122,7 @@ def bits_per_weight(variables, spec: QuantSpec | None, config: TransformerConfig
         b = float(bits)
       if bits is not None and is_quantized(w):  # kept outliers: index + value each
         b += quant.outlier_bits(w)
+      elif bits is not None and spec.outliers:  # fake-quant keeps the ones the parent would
+        b += quant.OUTLIER_BITS * quant.num_outliers(spec.outliers, size) / size
       total, count = total + b * size, count + size
   return total / count

@@ -26,7 +26,7 @@ def by_weight(qtree: Tree) -> dict[str, dict]:
 
 
 def make_parent(config: nn.TransformerConfig, params: Tree, spec: QuantSpec,
-                transforms: Tree | None = None, outliers: float = 0.0) -> dict[str, Tree]:
+                transforms: Tree | None = None, outliers: float | None = None) -> dict[str, Tree]:
   """A stored parent, {'params', 'quant'} variables, from float weights at `spec`.
 
   Every quantized weight (spec.targets) becomes a `QuantizedArray` of Q(W s)
@@ -37,10 +37,11 @@ def make_parent(config: nn.TransformerConfig, params: Tree, spec: QuantSpec,
   and the bias delta W. Evaluation, slicing and Mix'n'Match use the result
   through `model.apply(variables, tokens, spec=...).logits`.
   outliers: the fraction of each quantized weight (largest |W s| first) kept in float16 outside
-  the grid and its statistics, restored at every width (`QuantizedArray.outlier_index`).
-  The parent is made for spec.slice_grid (`QuantizedArray.slice_grid`): trained or calibrated
+  the grid and its statistics, restored at every width (`QuantizedArray.outlier_index`);
+  default spec.outliers (what QAT and OmniQuant trained with). The parent is made for spec.slice_grid (`QuantizedArray.slice_grid`): trained or calibrated
   for it, its narrower widths are served on that grid only.
   """
+  outliers = spec.outliers if outliers is None else outliers
   flat_p = traverse_util.flatten_dict(params, sep='/')
   by_name = by_weight(transforms or {})
   flat_q = {}
