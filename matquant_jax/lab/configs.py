@@ -124,9 +124,10 @@ def base_config() -> ml_collections.ConfigDict:
                      skip_tokens=0)
   # GPTQ (gptq.Options): calibration sequences as for OmniQuant; damping as a fraction of mean
   # diag H (the GPTQ default), lazy-batch block of 128 columns, act-order off by default;
-  # balance and outliers: gptq.Options (off: the recorded results).
+  # balance, outliers and feedback: gptq.Options (off / 'mean', MatGPTQ's: the recorded results;
+  # feedback='per_width' is better on SmolLM2, docs/results.md).
   c.gptq = dict(samples=128, seq_len=128, damp=0.01, block_size=128, act_order=False, batch_size=8,
-                balance=False, outliers=0.0)
+                balance=False, outliers=0.0, feedback='mean')
   c.runs = [float_same_tokens(), baseline(8), baseline(4), baseline(2),
             run('matquant', 'MatQuant', '8,4,2', (0.1, 0.1, 1.0))]
   # Device mesh (data, fsdp, tensor; -1 = the rest) and logical-to-mesh rules. Not part of a
