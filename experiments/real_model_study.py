@@ -4,6 +4,10 @@ OmniQuant or GPTQ.
   python experiments/real_model_study.py --workdir=runs/smollm2 [--model=gemma3-270m]
       [--group_size=32] [--skip_tokens=1] [--algo=gptq --baselines=8,6,4,3,2 --act_order]
       [--epochs=4] [--baselines=4,2] [--extra_precision] [--methods=MatQuant]
+      [--feedback=per_width] [--slice_grid=regrid] [--widths=8,4,3] [--outliers=0.0005]
+
+  The recipe at par on both models (docs/results.md, issue 23): --algo=gptq --group_size=64
+  --act_order --extra_precision --feedback=per_width --lambdas=1,1,0.05 --baselines=8,4,2
 
 1. Checks the loaded model against its independent numpy reference on held-out
    Shakespeare (SmolLM2's file is Q4_1 with Q8_0 embeddings, Gemma 3's Q4_K_M).
