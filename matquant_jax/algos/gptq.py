@@ -18,8 +18,8 @@ largest weights in float16 outside the grid, with no error to feed back). With s
 its own activation stream (its quantized prefix) and H = sum_r lambda_r H_r / sum
 lambda. With `Options.feedback='per_width'` each width instead keeps its own target weights and
 Hessian H_r: a code minimises sum_r lambda_r (its GPTQ loss at width r), and each width's own
-residual is fed back to its own target, so int8 does not carry int2's compensation. Scales and zero points are min-max of the original weights, per output
-channel or per group, fixed before the column loop (GPTQ's static groups), so
+residual is fed back to its own target, so int8 does not carry int2's compensation. Scales and
+zero points are min-max of the original weights, per output channel or per group, fixed before the column loop (GPTQ's static groups), so
 act-order and groups combine. Inside a block, weights are quantized in GPTQ's
 true-sequential order (q/k/v, then the attention output, then gate/up, then
 down), each group's inputs taken with the earlier groups already quantized.
@@ -284,14 +284,12 @@ def calibrate(config: nn.TransformerConfig, params: Tree, tokens: np.ndarray,
     for g in groups:
       paths = [p for p in infos if ORDER[p] == g]
       dims = {p: math.prod(np.shape(flat_lp[p])[a] for a in infos[p].reduce_axes) for p in paths}
-      hess = {p: 0.0 for p in paths}
-      for r in widths:
-        h = _hessians(block, _at_width(lp, done, r, ep, spec.slice_grid), dims, streams[r], tokens, bs)
-        for p in paths:
-          if opts.feedback == 'per_width':  # stacked in the objective's width order
-            hess[p] = h[p][None] if r == widths[0] else jnp.concatenate([hess[p], h[p][None]])
-          else:
-            hess[p] = hess[p] + lam[r] / sum(objective.lambdas) * h[p]
+      hs = [_hessians(block, _at_width(lp, done, r, ep, spec.slice_grid), dims, streams[r], tokens, bs)
+            for r in widths]  # one per width, each on its own quantized prefix
+      if opts.feedback == 'per_width':  # [R, in, in], in the objective's width order
+        hess = {p: jnp.stack([h[p] for h in hs]) for p in paths}
+      else:
+        hess = {p: sum(lam[r] / sum(objective.lambdas) * h[p] for r, h in zip(widths, hs)) for p in paths}
       for p in paths:
         done[p] = quantize_weight(flat_lp[p], hess[p], infos[p], objective, spec, opts)
         bar.update()

@@ -88,7 +88,7 @@ class ResidentArray:
 
   @property
   def num_outliers(self) -> int:
-    return 0 if self.outlier_index is None else int(self.outlier_index.shape[0])
+    return quant.kept_outliers(self)
 
   @property
   def codes(self) -> jax.Array:

@@ -339,10 +339,14 @@ def outlier_mask(w, fraction: float):
   return jnp.zeros(a.shape, bool).at[jax.lax.top_k(a, k)[1]].set(True).reshape(jnp.shape(w))
 
 
+def kept_outliers(qa) -> int:
+  """How many outliers a parent (or a resident one) keeps."""
+  return 0 if qa.outlier_index is None else int(qa.outlier_index.shape[0])
+
+
 def outlier_bits(qa) -> float:
   """A parent's kept outliers in bits per weight (OUTLIER_BITS each; 0 without outliers)."""
-  k = 0 if qa.outlier_index is None else int(qa.outlier_index.shape[0])
-  return OUTLIER_BITS * k / math.prod(qa.shape)
+  return OUTLIER_BITS * kept_outliers(qa) / math.prod(qa.shape)
 
 
 @jax.tree_util.register_dataclass
@@ -393,7 +397,7 @@ class QuantizedArray:
 
   @property
   def num_outliers(self) -> int:
-    return 0 if self.outlier_index is None else int(self.outlier_index.shape[0])
+    return kept_outliers(self)
 
   def outlier_bits(self) -> float:
     return outlier_bits(self)
