@@ -73,8 +73,8 @@ def resolve_spec(bits, variables, config: TransformerConfig, *,
   variables = as_variables(variables)
   stored = stored_bits(variables)
   widest = stored or quant.MAX_PARENT_BITS
-  parents = [leaf.parent_bits for leaf in flat_leaves(variables).values() if is_quantized(leaf)]
-  parent_bits = min(parents) if parents else quant.MAX_PARENT_BITS
+  stored_leaves = [leaf for leaf in flat_leaves(variables).values() if is_quantized(leaf)]
+  parent_bits = min(leaf.parent_bits for leaf in stored_leaves) if stored_leaves else quant.MAX_PARENT_BITS
   layers = config.num_layers
   if isinstance(bits, str):
     bits = plans.load(bits, layers, widest)
@@ -85,7 +85,7 @@ def resolve_spec(bits, variables, config: TransformerConfig, *,
               else f'float weights (sliced from a {widest}-bit parent)')
     raise ValueError(f'bits={bits!r}: {source} give widths 1..{widest}')
   targets = quantized_targets(variables, config) or ('ffn',)
-  grids = sorted({getattr(leaf, 'slice_grid', 'msb') for leaf in flat_leaves(variables).values() if is_quantized(leaf)})
+  grids = sorted({getattr(leaf, 'slice_grid', 'msb') for leaf in stored_leaves})
   if len(grids) > 1:
     raise ValueError(f'the stored weights were made for different slice grids {grids}; '
                      'a model is served on one (pass a QuantSpec to choose)')

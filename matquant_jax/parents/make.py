@@ -38,8 +38,8 @@ def make_parent(config: nn.TransformerConfig, params: Tree, spec: QuantSpec,
   through `model.apply(variables, tokens, spec=...).logits`.
   outliers: the fraction of each quantized weight (largest |W s| first) kept in float16 outside
   the grid and its statistics, restored at every width (`QuantizedArray.outlier_index`);
-  default spec.outliers (what QAT and OmniQuant trained with). The parent is made for spec.slice_grid (`QuantizedArray.slice_grid`): trained or calibrated
-  for it, its narrower widths are served on that grid only.
+  default spec.outliers (what QAT and OmniQuant trained with). The parent is made for
+  spec.slice_grid (`QuantizedArray.slice_grid`): its narrower widths are served on that grid only.
   """
   outliers = spec.outliers if outliers is None else outliers
   flat_p = traverse_util.flatten_dict(params, sep='/')
